@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Role: download, on a machine with PyPI and Debian access, what the offline GPU
+# machine lacks: Python wheels (Liger-Kernel, the optional benchmark contender)
+# into .whl/, and the C++ build dependencies of CMakeLists.txt (fmt, CLI11,
+# GoogleTest, as Debian .debs) into .whl/debs/; scripts/gpu-check.sh installs
+# the wheels into /tmp/site and unpacks the .debs into a private prefix there.
+#
+# Usage: bash scripts/fetch-gpu-wheels.sh            (idempotent; re-fetches nothing present)
+#        LIGER_VERSION=0.8.4 bash scripts/fetch-gpu-wheels.sh
+# Then carry ".whl" with the GPU call.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+
+# Latest Liger-Kernel at the time of writing; it needs torch>=2.1.2 and
+# triton>=2.3.1 only, so it runs on the GPU machine's torch 2.11 / triton 3.6.
+LIGER_VERSION="${LIGER_VERSION:-0.8.5}"
+WHEEL_DIR=".whl"
+MAX_BYTES=$((10 * 1024 * 1024))
+
+# Packages the GPU machine already has (see the device notes' package list):
+# a requirement naming one of these is not fetched.
+PRESENT_ON_GPU="torch triton transformers packaging numpy filelock jinja2 \
+typing-extensions sympy networkx fsspec peft accelerate safetensors \
+huggingface-hub tokenizers pyyaml regex requests tqdm setuptools"
+
+# name==version pairs to download (extend if a new Requires-Dist appears).
+WANTED=("liger-kernel==${LIGER_VERSION}")
+
+# Debian packages holding the CMake packages that CMakeLists.txt finds (fmt,
+# CLI11, GTest); unpacked with dpkg -x, so their own dependencies do not matter.
+DEBS=(libfmt-dev libfmt9 libcli11-dev libgtest-dev libgmock-dev)
+
+mkdir -p "$WHEEL_DIR"
+
+download() {
+  python3 -m pip download -q --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any \
+    -d "$WHEEL_DIR" "$1"
+}
+
+normalize() {  # PEP 503 name normalisation: lower case, runs of -_. become -
+  echo "$1" | tr '[:upper:]' '[:lower:]' | sed -E 's/[-_.]+/-/g'
+}
+
+for spec in "${WANTED[@]}"; do
+  name="${spec%%==*}"
+  version="${spec##*==}"
+  wheel_prefix="$(echo "$name" | tr '-' '_')-${version}-"
+  # Keep exactly one version of each package: two stop the install on the GPU.
+  for old in "$WHEEL_DIR"/"$(echo "$name" | tr '-' '_')"-*.whl; do
+    [[ -e "$old" ]] || continue
+    [[ "$(basename "$old")" == "$wheel_prefix"* ]] || { echo "removing stale $old"; rm -f "$old"; }
+  done
+  if ls "$WHEEL_DIR"/"$wheel_prefix"*.whl >/dev/null 2>&1; then
+    echo "have $spec"
+  else
+    echo "downloading $spec"
+    download "$spec"
+  fi
+done
+
+# Check every wheel's unconditional requirements against the GPU machine's set.
+missing=()
+for wheel in "$WHEEL_DIR"/*.whl; do
+  while IFS= read -r line; do
+    [[ -z "$line" ]] && continue
+    [[ "$line" == *"extra =="* ]] && continue
+    req="${line#Requires-Dist: }"
+    req_name="$(normalize "$(echo "$req" | sed -E 's/^([A-Za-z0-9_.-]+).*/\1/')")"
+    found=0
+    for present in $PRESENT_ON_GPU; do
+      [[ "$req_name" == "$(normalize "$present")" ]] && found=1
+    done
+    for have in "$WHEEL_DIR"/*.whl; do
+      have_name="$(normalize "$(basename "$have" | cut -d- -f1)")"
+      [[ "$req_name" == "$have_name" ]] && found=1
+    done
+    if [[ $found -eq 1 ]]; then
+      echo "  $(basename "$wheel"): requires $req (present)"
+    else
+      echo "  $(basename "$wheel"): requires $req (MISSING on the GPU machine)"
+      missing+=("$req")
+    fi
+  done < <(unzip -p "$wheel" '*.dist-info/METADATA' | grep '^Requires-Dist' || true)
+done
+
+# The C++ build dependencies, as .debs for x86-64 (the GPU machine's processor).
+deb_dir="$WHEEL_DIR/debs"
+mkdir -p "$deb_dir"
+apt_opts=()
+if [[ "$(dpkg --print-architecture)" != "amd64" ]]; then
+  mkdir -p /tmp/amd64-lists/partial
+  apt_opts=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64-lists)
+  apt-get "${apt_opts[@]}" update -qq
+fi
+for deb in "${DEBS[@]}"; do
+  if ls "$deb_dir/${deb}_"*.deb >/dev/null 2>&1; then
+    echo "have $deb"
+    continue
+  fi
+  echo "downloading $deb (.deb)"
+  if ! (cd "$deb_dir" && apt-get "${apt_opts[@]}" download -q "$deb" 2>/dev/null); then
+    apt-get "${apt_opts[@]}" update -qq
+    (cd "$deb_dir" && apt-get "${apt_opts[@]}" download -q "$deb")
+  fi
+done
+
+total_bytes=$(du -cb "$WHEEL_DIR"/*.whl "$deb_dir"/*.deb | tail -1 | cut -f1)
+echo "in $WHEEL_DIR ($total_bytes bytes):"
+(cd "$WHEEL_DIR" && ls -1 ./*.whl debs/*.deb)
+
+if (( ${#missing[@]} > 0 )); then
+  echo "ERROR: requirements not on the GPU machine and not fetched: ${missing[*]}" >&2
+  echo "       add them to WANTED in $0" >&2
+  exit 1
+fi
+if (( total_bytes > MAX_BYTES )); then
+  echo "ERROR: $WHEEL_DIR is larger than $MAX_BYTES bytes" >&2
+  exit 1
+fi
+echo "ok: carry \".whl\" with the GPU call"

@@ -1,0 +1,26 @@
+// Subcommands of the `unswag` CLI (each in its own file under src/cli/).
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <string>
+
+namespace unswag::cli {
+
+struct DemoOptions {
+  std::string device = "auto";  // auto | cpu | cuda
+  std::string activation = "swiglu";
+  int64_t layers = 4;
+  int64_t hidden = 256;
+  int64_t intermediate = 1024;
+  int64_t tokens = 2048;
+  int64_t steps = 150;
+  double lr = 1e-3;
+  uint64_t seed = 0;
+};
+void add_demo_options(CLI::App& cmd, DemoOptions& o);
+int run_demo(const DemoOptions& o);
+
+int run_tables();
+
+}  // namespace unswag::cli

@@ -1,0 +1,26 @@
+// The `unswag` command line: `unswag demo` (the default) trains a small MLP
+// with and without compressed activations and prints memory and gradient
+// agreement; `unswag tables` prints the few-bit derivative tables.
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+
+#include <exception>
+
+#include "cli/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"UnSwag: memory-lean transformer training (C++/CUDA on LibTorch)"};
+  app.require_subcommand(0, 1);
+  unswag::cli::DemoOptions demo;
+  auto* demo_cmd = app.add_subcommand("demo", "train a small MLP with plain and compressed activations (default)");
+  unswag::cli::add_demo_options(*demo_cmd, demo);
+  app.add_subcommand("tables", "print the few-bit derivative tables and their errors (docs/fewbit.md)");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (app.got_subcommand("tables")) return unswag::cli::run_tables();
+    return unswag::cli::run_demo(demo);
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "unswag: error: {}\n", e.what());
+    return 1;
+  }
+}

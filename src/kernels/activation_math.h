@@ -1,0 +1,103 @@
+// Scalar math of the activations UnSwag compresses: value and exact derivative,
+// shared by the CPU reference kernels, the CUDA kernels and the few-bit table
+// optimiser (which evaluates them in double). No torch, no CUDA headers needed.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define UNSWAG_HD __host__ __device__ __forceinline__
+#else
+#define UNSWAG_HD inline
+#endif
+
+namespace unswag::kernels {
+
+// The activation families. kReLU2 is relu(x)^2 (Primer); kGELUTanh is the
+// tanh approximation used by Gemma ("gelu_pytorch_tanh").
+enum class Act : int32_t { kReLU = 0, kReLU2 = 1, kGELU = 2, kGELUTanh = 3, kSiLU = 4 };
+
+// Overloads that resolve to the float or double libm function on host and device.
+UNSWAG_HD float m_exp(float x) { return expf(x); }
+UNSWAG_HD double m_exp(double x) { return exp(x); }
+UNSWAG_HD float m_erf(float x) { return erff(x); }
+UNSWAG_HD double m_erf(double x) { return erf(x); }
+UNSWAG_HD float m_erfc(float x) { return erfcf(x); }
+UNSWAG_HD double m_erfc(double x) { return erfc(x); }
+UNSWAG_HD float m_tanh(float x) { return tanhf(x); }
+UNSWAG_HD double m_tanh(double x) { return tanh(x); }
+
+template <typename F>
+UNSWAG_HD F sigmoid(F x) {
+  return F(1) / (F(1) + m_exp(-x));
+}
+
+// f(x). relu(x) = x < 0 ? 0 : x, as torch computes it: NaN propagates and
+// relu(-0) = -0.
+template <typename F>
+UNSWAG_HD F act_forward(Act act, F x) {
+  switch (act) {
+    case Act::kReLU:
+      return x < F(0) ? F(0) : x;
+    case Act::kReLU2: {
+      const F r = x < F(0) ? F(0) : x;
+      return r * r;
+    }
+    case Act::kGELU:
+      // x Phi(x) with Phi(x) = erfc(-x / sqrt 2) / 2: no cancellation in 1 + erf for x << 0.
+      return F(0.5) * x * m_erfc(x * F(-0.70710678118654752440));
+    case Act::kGELUTanh: {
+      // 0.5 x (1 + tanh(w)) = x sigmoid(2w), w = k (x + c x^3): no cancellation for x << 0.
+      const F k = F(0.79788456080286535588);  // sqrt(2/pi)
+      return x * sigmoid(F(2) * k * (x + F(0.044715) * x * x * x));
+    }
+    case Act::kSiLU:
+    default:
+      return x * sigmoid(x);
+  }
+}
+
+// f'(x), the exact derivative.
+//   GELU:      Phi(x) + x phi(x)
+//   GELU-tanh: s + 2 x s (1 - s) k (1 + 3 c x^2),  s = sigmoid(2 k (x + c x^3))
+//              (= 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2) with t = tanh(k (x + c x^3)))
+//   SiLU:      s (1 + x (1 - s)),  s = sigmoid(x)
+template <typename F>
+UNSWAG_HD F act_derivative(Act act, F x) {
+  switch (act) {
+    case Act::kReLU:
+      return x > F(0) ? F(1) : F(0);
+    case Act::kReLU2:
+      return x > F(0) ? F(2) * x : F(0);
+    case Act::kGELU: {
+      const F cdf = F(0.5) * m_erfc(x * F(-0.70710678118654752440));
+      const F pdf = F(0.39894228040143267794) * m_exp(F(-0.5) * x * x);
+      return cdf + x * pdf;
+    }
+    case Act::kGELUTanh: {
+      const F k = F(0.79788456080286535588);
+      const F c = F(0.044715);
+      const F sg = sigmoid(F(2) * k * (x + c * x * x * x));
+      return sg + x * F(2) * sg * (F(1) - sg) * k * (F(1) + F(3) * c * x * x);
+    }
+    case Act::kSiLU:
+    default: {
+      const F s = sigmoid(x);
+      return s * (F(1) + x * (F(1) - s));
+    }
+  }
+}
+
+inline const char* act_name(Act act) {
+  switch (act) {
+    case Act::kReLU: return "relu";
+    case Act::kReLU2: return "relu2";
+    case Act::kGELU: return "gelu";
+    case Act::kGELUTanh: return "gelu_tanh";
+    case Act::kSiLU: return "silu";
+  }
+  return "unknown";
+}
+
+}  // namespace unswag::kernels

@@ -1,0 +1,355 @@
+// CUDA kernels for compressed activations and the fused-MLP elementwise cores;
+// same results and code layout as the CPU reference (elementwise_cpu.cpp).
+//
+// Work split: a warp handles a tile of 256 consecutive elements, each lane 8 of
+// them (one 16-byte access for 16-bit types, two for fp32). Four lanes cover one
+// 32-element code group: each builds an 8-bit fragment per bit plane and two
+// xor-shuffles assemble the 32-bit words, which lanes 0..k-1 of the quad store.
+// Eight lanes cover one 64-element int8 group: three xor-shuffles give its absmax.
+// Loops run over whole tiles so every lane of a warp reaches every shuffle.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+#include "elementwise.h"
+
+namespace unswag::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kPerLane = 8;
+constexpr int64_t kTile = 32 * kPerLane;
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("unswag: CUDA launch of ") + what + " failed: " + cudaGetErrorString(err));
+}
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Loads 8 elements starting at i (vectorised when aligned and fully in range).
+template <typename T, bool kAligned>
+__device__ __forceinline__ void load8(const T* __restrict__ p, int64_t i, int64_t n, float (&v)[8]) {
+  if (kAligned && i + 8 <= n) {
+    if constexpr (sizeof(T) == 2) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(p + i);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = to_f(e[j]);
+    } else {
+      const float4 a = *reinterpret_cast<const float4*>(p + i);
+      const float4 b = *reinterpret_cast<const float4*>(p + i + 4);
+      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+      v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = i + j < n ? to_f(p[i + j]) : 0.f;
+  }
+}
+
+template <typename T, bool kAligned>
+__device__ __forceinline__ void store8(T* __restrict__ p, int64_t i, int64_t n, const float (&v)[8]) {
+  if (kAligned && i + 8 <= n) {
+    if constexpr (sizeof(T) == 2) {
+      uint4 raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) e[j] = from_f<T>(v[j]);
+      *reinterpret_cast<uint4*>(p + i) = raw;
+    } else {
+      *reinterpret_cast<float4*>(p + i) = make_float4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<float4*>(p + i + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (i + j < n) p[i + j] = from_f<T>(v[j]);
+  }
+}
+
+__device__ __forceinline__ uint32_t encode(const FewbitTable& t, float x) {
+  const int nb = (1 << t.bits) - 1;
+  uint32_t c = 0;
+  for (int b = 0; b < nb; ++b) c += !(x <= t.boundaries[b]) ? 1u : 0u;
+  return c;
+}
+
+// Quantises 8 values held by each of 8 lanes (one int8 group); returns the scale.
+__device__ __forceinline__ float quantize8(const float (&v)[8], int8_t (&q)[8]) {
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+  const float s = amax / 127.f;
+  const float inv = s > 0.f ? 1.f / s : 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) q[j] = int8_t(fmaxf(-127.f, fminf(127.f, rintf(v[j] * inv))));
+  return s;
+}
+
+__device__ __forceinline__ void store_q8(int8_t* __restrict__ q, float* __restrict__ scale, int64_t i, int64_t n,
+                                         const int8_t (&v)[8], float s, int lane) {
+  if (i + 8 <= n) {
+    *reinterpret_cast<uint2*>(q + i) = *reinterpret_cast<const uint2*>(v);  // int8 buffers are 8-byte aligned
+  } else {
+    for (int j = 0; j < 8; ++j)
+      if (i + j < n) q[i + j] = v[j];
+  }
+  if ((lane & 7) == 0 && i < n) scale[i / kInt8Group] = s;
+}
+
+__device__ __forceinline__ void load_q8(const int8_t* __restrict__ q, const float* __restrict__ scale, int64_t i,
+                                        int64_t n, float (&v)[8]) {
+  const float s = i < n ? scale[i / kInt8Group] : 0.f;
+  if (i + 8 <= n) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(q + i);
+    const int8_t* e = reinterpret_cast<const int8_t*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = float(e[j]) * s;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = i + j < n ? float(q[i + j]) * s : 0.f;
+  }
+}
+
+// Iterates warp-uniformly over 256-element tiles; body(i, lane) with i the
+// lane's first element. Every lane of a warp runs the same iterations.
+template <typename Body>
+__device__ __forceinline__ void for_each_tile(int64_t n, Body&& body) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t tile = warp; tile * kTile < n; tile += warps) body(tile * kTile + int64_t(lane) * kPerLane, lane);
+}
+
+template <typename T, bool kAligned>
+__global__ void __launch_bounds__(kThreads) fewbit_forward_kernel(FewbitForwardParams p) {
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int k = p.table.bits;
+  for_each_tile(p.n, [&](int64_t i, int lane) {
+    float v[8];
+    load8<T, kAligned>(x, i, p.n, v);
+    uint32_t frag[kMaxFewbitBits] = {0, 0, 0, 0};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t c = i + j < p.n ? encode(p.table, v[j]) : 0u;
+#pragma unroll
+      for (int b = 0; b < kMaxFewbitBits; ++b) frag[b] |= ((c >> b) & 1u) << j;
+      v[j] = act_forward(p.act, v[j]);
+    }
+    if (y) store8<T, kAligned>(y, i, p.n, v);
+    // Assemble the 32-bit word of each plane across the 4 lanes of this code group.
+    const int quad = lane & 3;
+    uint32_t word[kMaxFewbitBits];
+#pragma unroll
+    for (int b = 0; b < kMaxFewbitBits; ++b) {
+      uint32_t w = frag[b] << (8 * quad);
+      w |= __shfl_xor_sync(0xffffffffu, w, 1);
+      w |= __shfl_xor_sync(0xffffffffu, w, 2);
+      word[b] = w;
+    }
+    const int64_t group = i / kCodeGroup;
+    if (quad < k && group * kCodeGroup < p.n) {
+      uint32_t w = word[0];
+#pragma unroll
+      for (int b = 1; b < kMaxFewbitBits; ++b) w = quad == b ? word[b] : w;
+      p.codes[group * k + quad] = w;
+    }
+  });
+}
+
+template <typename T, bool kAligned>
+__global__ void __launch_bounds__(kThreads) fewbit_backward_kernel(FewbitBackwardParams p) {
+  const T* __restrict__ dy = static_cast<const T*>(p.grad_y);
+  T* __restrict__ dx = static_cast<T*>(p.grad_x);
+  const int k = p.table.bits;
+  for_each_tile(p.n, [&](int64_t i, int lane) {
+    if (i < p.n) {
+      const int64_t group = i / kCodeGroup;
+      const int shift = 8 * (lane & 3);
+      uint32_t frag[kMaxFewbitBits] = {0, 0, 0, 0};
+#pragma unroll
+      for (int b = 0; b < kMaxFewbitBits; ++b)
+        if (b < k) frag[b] = (__ldg(p.codes + group * k + b) >> shift) & 0xffu;
+      float v[8];
+      load8<T, kAligned>(dy, i, p.n, v);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        uint32_t c = 0;
+#pragma unroll
+        for (int b = 0; b < kMaxFewbitBits; ++b) c |= ((frag[b] >> j) & 1u) << b;
+        const float d = p.table.values[c];
+        v[j] = d == 0.f ? 0.f : v[j] * d;
+      }
+      store8<T, kAligned>(dx, i, p.n, v);
+    }
+  });
+}
+
+template <typename T, bool kAligned>
+__global__ void __launch_bounds__(kThreads) gated_forward_kernel(GatedForwardParams p) {
+  const T* __restrict__ gate = static_cast<const T*>(p.gate);
+  const T* __restrict__ up = static_cast<const T*>(p.up);
+  T* __restrict__ h = static_cast<T*>(p.h);
+  for_each_tile(p.n, [&](int64_t i, int lane) {
+    float g[8], u[8], o[8];
+    load8<T, kAligned>(gate, i, p.n, g);
+    load8<T, kAligned>(up, i, p.n, u);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = act_forward(p.act, g[j]) * u[j];
+    store8<T, kAligned>(h, i, p.n, o);
+    if (p.gate_q) {
+      int8_t q[8];
+      const float sg = quantize8(g, q);
+      store_q8(p.gate_q, p.gate_scale, i, p.n, q, sg, lane);
+      const float su = quantize8(u, q);
+      store_q8(p.up_q, p.up_scale, i, p.n, q, su, lane);
+    }
+  });
+}
+
+template <typename T, bool kAligned>
+__global__ void __launch_bounds__(kThreads) gated_backward_kernel(GatedBackwardParams p) {
+  const T* __restrict__ gate = static_cast<const T*>(p.gate);
+  const T* __restrict__ up = static_cast<const T*>(p.up);
+  const T* __restrict__ dh = static_cast<const T*>(p.grad_h);
+  T* __restrict__ h = static_cast<T*>(p.h);
+  T* __restrict__ dg = static_cast<T*>(p.grad_gate);
+  T* __restrict__ du = static_cast<T*>(p.grad_up);
+  for_each_tile(p.n, [&](int64_t i, int lane) {
+    if (i < p.n) {
+      float g[8], u[8], d[8], ho[8], dgo[8], duo[8];
+      if (gate) load8<T, kAligned>(gate, i, p.n, g); else load_q8(p.gate_q, p.gate_scale, i, p.n, g);
+      if (up) load8<T, kAligned>(up, i, p.n, u); else load_q8(p.up_q, p.up_scale, i, p.n, u);
+      load8<T, kAligned>(dh, i, p.n, d);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float a = act_forward(p.act, g[j]);
+        ho[j] = a * u[j];
+        duo[j] = d[j] * a;
+        dgo[j] = d[j] * u[j] * act_derivative(p.act, g[j]);
+      }
+      if (h) store8<T, kAligned>(h, i, p.n, ho);
+      store8<T, kAligned>(du, i, p.n, duo);
+      store8<T, kAligned>(dg, i, p.n, dgo);
+    }
+  });
+}
+
+template <typename T, bool kAligned>
+__global__ void __launch_bounds__(kThreads) quantize_int8_kernel(QuantizeInt8Params p) {
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  for_each_tile(p.n, [&](int64_t i, int lane) {
+    float v[8];
+    int8_t q[8];
+    load8<T, kAligned>(x, i, p.n, v);
+    const float s = quantize8(v, q);
+    store_q8(p.q, p.scale, i, p.n, q, s, lane);
+  });
+}
+
+template <typename T, bool kAligned>
+__global__ void __launch_bounds__(kThreads) dequantize_int8_kernel(DequantizeInt8Params p) {
+  T* __restrict__ x = static_cast<T*>(p.x);
+  for_each_tile(p.n, [&](int64_t i, int lane) {
+    if (i < p.n) {
+      float v[8];
+      load_q8(p.q, p.scale, i, p.n, v);
+      store8<T, kAligned>(x, i, p.n, v);
+    }
+  });
+}
+
+bool aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* q : ptrs)
+    if (q && (reinterpret_cast<uintptr_t>(q) & 15u) != 0) return false;
+  return true;
+}
+
+int grid_for(int64_t n) {
+  static int max_blocks = [] {
+    int dev = 0, sms = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    return std::max(1, sms) * 8;  // 8 resident blocks of 256 threads per SM
+  }();
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t blocks = (tiles + (kThreads / 32) - 1) / (kThreads / 32);
+  return int(std::max<int64_t>(1, std::min<int64_t>(blocks, max_blocks)));
+}
+
+// Instantiates kernel<T, aligned> for the runtime dtype and alignment.
+template <template <typename, bool> class K, typename P>
+void launch(const P& p, bool aligned, void* stream, const char* name) {
+  if (p.n == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int grid = grid_for(p.n);
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    if (aligned) K<T, true>::run(grid, s, p); else K<T, false>::run(grid, s, p);
+  };
+  switch (p.dtype) {
+    case DType::kFloat32: go(float{}); break;
+    case DType::kFloat16: go(__half{}); break;
+    case DType::kBFloat16: go(__nv_bfloat16{}); break;
+  }
+  check_launch(name);
+}
+
+#define UNSWAG_KERNEL_LAUNCHER(Name, kernel, Params)                                   \
+  template <typename T, bool A>                                                         \
+  struct Name {                                                                         \
+    static void run(int grid, cudaStream_t s, const Params& p) {                        \
+      kernel<T, A><<<grid, kThreads, 0, s>>>(p);                                        \
+    }                                                                                   \
+  };
+UNSWAG_KERNEL_LAUNCHER(FewbitForward, fewbit_forward_kernel, FewbitForwardParams)
+UNSWAG_KERNEL_LAUNCHER(FewbitBackward, fewbit_backward_kernel, FewbitBackwardParams)
+UNSWAG_KERNEL_LAUNCHER(GatedForward, gated_forward_kernel, GatedForwardParams)
+UNSWAG_KERNEL_LAUNCHER(GatedBackward, gated_backward_kernel, GatedBackwardParams)
+UNSWAG_KERNEL_LAUNCHER(QuantizeInt8, quantize_int8_kernel, QuantizeInt8Params)
+UNSWAG_KERNEL_LAUNCHER(DequantizeInt8, dequantize_int8_kernel, DequantizeInt8Params)
+
+}  // namespace
+
+void fewbit_forward_cuda(const FewbitForwardParams& p, void* stream) {
+  launch<FewbitForward>(p, aligned16({p.x, p.y}), stream, "fewbit_forward");
+}
+void fewbit_backward_cuda(const FewbitBackwardParams& p, void* stream) {
+  launch<FewbitBackward>(p, aligned16({p.grad_y, p.grad_x}), stream, "fewbit_backward");
+}
+void gated_forward_cuda(const GatedForwardParams& p, void* stream) {
+  launch<GatedForward>(p, aligned16({p.gate, p.up, p.h}), stream, "gated_forward");
+}
+void gated_backward_cuda(const GatedBackwardParams& p, void* stream) {
+  launch<GatedBackward>(p, aligned16({p.gate, p.up, p.grad_h, p.h, p.grad_gate, p.grad_up}), stream,
+                        "gated_backward");
+}
+void quantize_int8_cuda(const QuantizeInt8Params& p, void* stream) {
+  launch<QuantizeInt8>(p, aligned16({p.x}), stream, "quantize_int8");
+}
+void dequantize_int8_cuda(const DequantizeInt8Params& p, void* stream) {
+  launch<DequantizeInt8>(p, aligned16({p.x}), stream, "dequantize_int8");
+}
+
+}  // namespace unswag::kernels

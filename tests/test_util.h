@@ -1,0 +1,82 @@
+// Shared helpers for UnSwag's tests: the devices to run on (CUDA cases skip
+// where no GPU exists and run in scripts/gpu-check.sh), fresh random inputs,
+// error measures against float64 references, and bitwise comparisons.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+#include <torch/torch.h>
+
+#include <random>
+#include <string>
+
+namespace unswag::test {
+
+// A fresh seed per call (logged on failure by the caller through SCOPED_TRACE).
+inline uint64_t fresh_seed() {
+  static std::random_device rd;
+  return (uint64_t(rd()) << 32) ^ rd();
+}
+
+// Base fixture for tests parameterised by device name ("cpu" / "cuda").
+class DeviceTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == "cuda" && !torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device here";
+    seed_ = fresh_seed();
+    torch::manual_seed(seed_);
+    if (GetParam() == "cuda") torch::cuda::manual_seed_all(seed_);
+  }
+  torch::Device device() const { return GetParam() == "cuda" ? torch::Device(torch::kCUDA, 0) : torch::kCPU; }
+  torch::TensorOptions opts(torch::ScalarType dtype) const { return torch::TensorOptions().device(device()).dtype(dtype); }
+  uint64_t seed_ = 0;
+};
+
+inline std::string device_name(const ::testing::TestParamInfo<std::string>& info) { return info.param; }
+
+#define UNSWAG_INSTANTIATE_DEVICES(Suite) \
+  INSTANTIATE_TEST_SUITE_P(Devices, Suite, ::testing::Values("cpu", "cuda"), unswag::test::device_name)
+
+// ||a - b|| / ||b|| in float64 (0 when both are empty or zero).
+inline double rel_l2(const torch::Tensor& a, const torch::Tensor& b) {
+  const auto ad = a.detach().to(torch::kCPU, torch::kDouble), bd = b.detach().to(torch::kCPU, torch::kDouble);
+  const double den = bd.norm().item<double>(), num = (ad - bd).norm().item<double>();
+  if (den == 0) return num;
+  return num / den;
+}
+
+// Bitwise equality of two tensors of the same dtype (NaN payloads and signed zeros included).
+inline bool bitwise_equal(const torch::Tensor& a, const torch::Tensor& b) {
+  if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) return false;
+  auto int_type = a.element_size() == 2 ? torch::kInt16 : a.element_size() == 4 ? torch::kInt32 : torch::kInt64;
+  return torch::equal(a.contiguous().cpu().view(int_type), b.contiguous().cpu().view(int_type));
+}
+
+inline const std::vector<torch::ScalarType>& float_dtypes() {
+  static const std::vector<torch::ScalarType> d = {torch::kFloat32, torch::kFloat16, torch::kBFloat16};
+  return d;
+}
+
+// Unit roundoff of a dtype (half an ulp at 1).
+inline double unit_roundoff(torch::ScalarType t) {
+  switch (t) {
+    case torch::kBFloat16: return 1.0 / 256;
+    case torch::kFloat16: return 1.0 / 2048;
+    case torch::kFloat32: return 1.0 / (1 << 24);
+    default: return 1.1e-16;
+  }
+}
+
+// Asserts that `fn` throws c10::Error whose message contains every fragment.
+template <typename Fn>
+void expect_error(Fn&& fn, std::initializer_list<const char*> fragments) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an error mentioning '" << *fragments.begin() << "'";
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what_without_backtrace();
+    for (const char* f : fragments) EXPECT_NE(msg.find(f), std::string::npos) << "message: " << msg << "\nmissing: " << f;
+  }
+}
+
+}  // namespace unswag::test
