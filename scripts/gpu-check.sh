@@ -14,6 +14,8 @@
 #   GPU_CHECK_ALLOW_PY_SKIPS=1: do not fail on skipped Python tests.
 #   JOBS (default 16): build parallelism.
 #   GPU_CHECK_USE_DEBS=1: use the carried fmt/CLI11/GTest even if the system has them.
+#   CTEST_PARALLEL_LEVEL: ctest's own knob (unset: one test at a time).
+# Carry ".whl" (wheels + .debs) with the device call. Writes under out/gpu-check/.
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
@@ -297,7 +299,11 @@ print(f"{total} {failed} {len(skips)} {','.join(skips[:20])}")
 PY
 )"
   read -r ctest_total ctest_failed ctest_skipped ctest_skip_names <<<"$ctest_counts"
-  detail="$ctest_total tests, $ctest_failed failed, $ctest_skipped skipped"
+  if ((ctest_failed < 0)); then
+    detail="no ctest summary line (see ctest.log); $ctest_skipped skipped so far"
+  else
+    detail="$ctest_total tests, $ctest_failed failed, $ctest_skipped skipped"
+  fi
   if ((ctest_rc != 0)); then
     record ctest "$(status_of_rc "$ctest_rc")" "$detail (rc=$ctest_rc)" $((SECONDS - t0))
   elif ((ctest_total == 0)); then

@@ -31,11 +31,26 @@ void check_launch(const char* what) {
     throw std::runtime_error(std::string("unswag: CUDA launch of ") + what + " failed: " + cudaGetErrorString(err));
 }
 
+// Math type: float, or double for double storage.
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
+
+__device__ __forceinline__ double to_f(double x) { return x; }
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename T>
-__device__ __forceinline__ T from_f(float x);
+__device__ __forceinline__ T from_f(acc_t<T> x);
+template <>
+__device__ __forceinline__ double from_f<double>(double x) { return x; }
 template <>
 __device__ __forceinline__ float from_f<float>(float x) { return x; }
 template <>
@@ -45,14 +60,14 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return
 
 // Loads 8 elements starting at i (vectorised when aligned and fully in range).
 template <typename T, bool kAligned>
-__device__ __forceinline__ void load8(const T* __restrict__ p, int64_t i, int64_t n, float (&v)[8]) {
-  if (kAligned && i + 8 <= n) {
+__device__ __forceinline__ void load8(const T* __restrict__ p, int64_t i, int64_t n, acc_t<T> (&v)[8]) {
+  if (kAligned && i + 8 <= n && sizeof(T) <= 4) {
     if constexpr (sizeof(T) == 2) {
       const uint4 raw = *reinterpret_cast<const uint4*>(p + i);
       const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
       for (int j = 0; j < 8; ++j) v[j] = to_f(e[j]);
-    } else {
+    } else if constexpr (sizeof(T) == 4) {
       const float4 a = *reinterpret_cast<const float4*>(p + i);
       const float4 b = *reinterpret_cast<const float4*>(p + i + 4);
       v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
@@ -60,20 +75,20 @@ __device__ __forceinline__ void load8(const T* __restrict__ p, int64_t i, int64_
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = i + j < n ? to_f(p[i + j]) : 0.f;
+    for (int j = 0; j < 8; ++j) v[j] = i + j < n ? to_f(p[i + j]) : acc_t<T>(0);
   }
 }
 
 template <typename T, bool kAligned>
-__device__ __forceinline__ void store8(T* __restrict__ p, int64_t i, int64_t n, const float (&v)[8]) {
-  if (kAligned && i + 8 <= n) {
+__device__ __forceinline__ void store8(T* __restrict__ p, int64_t i, int64_t n, const acc_t<T> (&v)[8]) {
+  if (kAligned && i + 8 <= n && sizeof(T) <= 4) {
     if constexpr (sizeof(T) == 2) {
       uint4 raw;
       T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
       for (int j = 0; j < 8; ++j) e[j] = from_f<T>(v[j]);
       *reinterpret_cast<uint4*>(p + i) = raw;
-    } else {
+    } else if constexpr (sizeof(T) == 4) {
       *reinterpret_cast<float4*>(p + i) = make_float4(v[0], v[1], v[2], v[3]);
       *reinterpret_cast<float4*>(p + i + 4) = make_float4(v[4], v[5], v[6], v[7]);
     }
@@ -84,7 +99,8 @@ __device__ __forceinline__ void store8(T* __restrict__ p, int64_t i, int64_t n, 
   }
 }
 
-__device__ __forceinline__ uint32_t encode(const FewbitTable& t, float x) {
+template <typename A>
+__device__ __forceinline__ uint32_t encode(const FewbitTable& t, A x) {
   const int nb = (1 << t.bits) - 1;
   uint32_t c = 0;
   for (int b = 0; b < nb; ++b) c += !(x <= t.boundaries[b]) ? 1u : 0u;
@@ -92,17 +108,18 @@ __device__ __forceinline__ uint32_t encode(const FewbitTable& t, float x) {
 }
 
 // Quantises 8 values held by each of 8 lanes (one int8 group); returns the scale.
-__device__ __forceinline__ float quantize8(const float (&v)[8], int8_t (&q)[8]) {
+template <typename A>
+__device__ __forceinline__ float quantize8(const A (&v)[8], int8_t (&q)[8]) {
   float amax = 0.f;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
+  for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(float(v[j])));
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
   const float s = amax / 127.f;
   const float inv = s > 0.f ? 1.f / s : 0.f;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) q[j] = int8_t(fmaxf(-127.f, fminf(127.f, rintf(v[j] * inv))));
+  for (int j = 0; j < 8; ++j) q[j] = int8_t(fmaxf(-127.f, fminf(127.f, rintf(float(v[j]) * inv))));
   return s;
 }
 
@@ -117,17 +134,18 @@ __device__ __forceinline__ void store_q8(int8_t* __restrict__ q, float* __restri
   if ((lane & 7) == 0 && i < n) scale[i / kInt8Group] = s;
 }
 
+template <typename A>
 __device__ __forceinline__ void load_q8(const int8_t* __restrict__ q, const float* __restrict__ scale, int64_t i,
-                                        int64_t n, float (&v)[8]) {
-  const float s = i < n ? scale[i / kInt8Group] : 0.f;
+                                        int64_t n, A (&v)[8]) {
+  const A s = i < n ? A(scale[i / kInt8Group]) : A(0);
   if (i + 8 <= n) {
     const uint2 raw = *reinterpret_cast<const uint2*>(q + i);
     const int8_t* e = reinterpret_cast<const int8_t*>(&raw);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = float(e[j]) * s;
+    for (int j = 0; j < 8; ++j) v[j] = A(e[j]) * s;
   } else {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = i + j < n ? float(q[i + j]) * s : 0.f;
+    for (int j = 0; j < 8; ++j) v[j] = i + j < n ? A(q[i + j]) * s : A(0);
   }
 }
 
@@ -147,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) fewbit_forward_kernel(FewbitForwardP
   T* __restrict__ y = static_cast<T*>(p.y);
   const int k = p.table.bits;
   for_each_tile(p.n, [&](int64_t i, int lane) {
-    float v[8];
+    acc_t<T> v[8];
     load8<T, kAligned>(x, i, p.n, v);
     uint32_t frag[kMaxFewbitBits] = {0, 0, 0, 0};
 #pragma unroll
@@ -191,15 +209,15 @@ __global__ void __launch_bounds__(kThreads) fewbit_backward_kernel(FewbitBackwar
 #pragma unroll
       for (int b = 0; b < kMaxFewbitBits; ++b)
         if (b < k) frag[b] = (__ldg(p.codes + group * k + b) >> shift) & 0xffu;
-      float v[8];
+      acc_t<T> v[8];
       load8<T, kAligned>(dy, i, p.n, v);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         uint32_t c = 0;
 #pragma unroll
         for (int b = 0; b < kMaxFewbitBits; ++b) c |= ((frag[b] >> j) & 1u) << b;
-        const float d = p.table.values[c];
-        v[j] = d == 0.f ? 0.f : v[j] * d;
+        const acc_t<T> d = p.table.values[c];
+        v[j] = d == 0 ? acc_t<T>(0) : v[j] * d;
       }
       store8<T, kAligned>(dx, i, p.n, v);
     }
@@ -212,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) gated_forward_kernel(GatedForwardPar
   const T* __restrict__ up = static_cast<const T*>(p.up);
   T* __restrict__ h = static_cast<T*>(p.h);
   for_each_tile(p.n, [&](int64_t i, int lane) {
-    float g[8], u[8], o[8];
+    acc_t<T> g[8], u[8], o[8];
     load8<T, kAligned>(gate, i, p.n, g);
     load8<T, kAligned>(up, i, p.n, u);
 #pragma unroll
@@ -238,13 +256,13 @@ __global__ void __launch_bounds__(kThreads) gated_backward_kernel(GatedBackwardP
   T* __restrict__ du = static_cast<T*>(p.grad_up);
   for_each_tile(p.n, [&](int64_t i, int lane) {
     if (i < p.n) {
-      float g[8], u[8], d[8], ho[8], dgo[8], duo[8];
+      acc_t<T> g[8], u[8], d[8], ho[8], dgo[8], duo[8];
       if (gate) load8<T, kAligned>(gate, i, p.n, g); else load_q8(p.gate_q, p.gate_scale, i, p.n, g);
       if (up) load8<T, kAligned>(up, i, p.n, u); else load_q8(p.up_q, p.up_scale, i, p.n, u);
       load8<T, kAligned>(dh, i, p.n, d);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const float a = act_forward(p.act, g[j]);
+        const acc_t<T> a = act_forward(p.act, g[j]);
         ho[j] = a * u[j];
         duo[j] = d[j] * a;
         dgo[j] = d[j] * u[j] * act_derivative(p.act, g[j]);
@@ -260,7 +278,7 @@ template <typename T, bool kAligned>
 __global__ void __launch_bounds__(kThreads) quantize_int8_kernel(QuantizeInt8Params p) {
   const T* __restrict__ x = static_cast<const T*>(p.x);
   for_each_tile(p.n, [&](int64_t i, int lane) {
-    float v[8];
+    acc_t<T> v[8];
     int8_t q[8];
     load8<T, kAligned>(x, i, p.n, v);
     const float s = quantize8(v, q);
@@ -273,7 +291,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_int8_kernel(DequantizeInt
   T* __restrict__ x = static_cast<T*>(p.x);
   for_each_tile(p.n, [&](int64_t i, int lane) {
     if (i < p.n) {
-      float v[8];
+      acc_t<T> v[8];
       load_q8(p.q, p.scale, i, p.n, v);
       store8<T, kAligned>(x, i, p.n, v);
     }
@@ -312,6 +330,7 @@ void launch(const P& p, bool aligned, void* stream, const char* name) {
     case DType::kFloat32: go(float{}); break;
     case DType::kFloat16: go(__half{}); break;
     case DType::kBFloat16: go(__nv_bfloat16{}); break;
+    case DType::kFloat64: go(double{}); break;
   }
   check_launch(name);
 }

@@ -21,7 +21,9 @@
 
 namespace unswag::kernels {
 
-enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// kFloat64 exists so the fused blocks can be checked exactly against float64
+// references; its math is done in double.
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 constexpr int64_t kCodeGroup = 32;  // elements per code word
 constexpr int64_t kInt8Group = 64;  // elements per int8 scale

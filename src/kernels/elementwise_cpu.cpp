@@ -12,7 +12,8 @@ namespace {
 
 // code(x) = number of boundaries b with !(x <= b): x > b, and NaN gets the top
 // code, so the ReLU mask passes NaN's gradient as torch's threshold_backward does.
-inline uint32_t encode(const FewbitTable& t, float x) {
+template <typename F>
+inline uint32_t encode(const FewbitTable& t, F x) {
   const int nb = (1 << t.bits) - 1;
   uint32_t c = 0;
   for (int i = 0; i < nb; ++i) c += !(x <= t.boundaries[i]) ? 1u : 0u;
@@ -29,8 +30,8 @@ void fewbit_forward_impl(const FewbitForwardParams& p, int64_t g0, int64_t g1) {
     const int64_t begin = g * kCodeGroup;
     const int64_t end = std::min(begin + kCodeGroup, p.n);
     for (int64_t i = begin; i < end; ++i) {
-      const float xi = to_float(x[i]);
-      if (y) y[i] = from_float<T>(act_forward(p.act, xi));
+      const opmath_t<T> xi = to_float(x[i]);
+      if (y) y[i] = from_acc<T>(act_forward(p.act, xi));
       const uint32_t c = encode(p.table, xi);
       for (int j = 0; j < k; ++j) planes[j] |= ((c >> j) & 1u) << (i - begin);
     }
@@ -49,9 +50,9 @@ void fewbit_backward_impl(const FewbitBackwardParams& p, int64_t g0, int64_t g1)
     for (int64_t i = begin; i < end; ++i) {
       uint32_t c = 0;
       for (int j = 0; j < k; ++j) c |= ((p.codes[g * k + j] >> (i - begin)) & 1u) << j;
-      const float v = p.table.values[c];
+      const opmath_t<T> v = p.table.values[c];
       // Select, not multiply, for a zero derivative: +0 even when dy is inf/nan/-x.
-      dx[i] = v == 0.f ? from_float<T>(0.f) : from_float<T>(to_float(dy[i]) * v);
+      dx[i] = from_acc<T>(v == 0 ? opmath_t<T>(0) : to_float(dy[i]) * v);
     }
   }
 }
@@ -60,12 +61,12 @@ void fewbit_backward_impl(const FewbitBackwardParams& p, int64_t g0, int64_t g1)
 template <typename T>
 void quantize_group(const T* x, int64_t begin, int64_t end, int8_t* q, float* scale) {
   float amax = 0.f;
-  for (int64_t i = begin; i < end; ++i) amax = std::max(amax, std::fabs(to_float(x[i])));
+  for (int64_t i = begin; i < end; ++i) amax = std::max(amax, float(std::fabs(to_float(x[i]))));
   const float s = amax / 127.f;
   const float inv = s > 0.f ? 1.f / s : 0.f;
   *scale = s;
   for (int64_t i = begin; i < end; ++i) {
-    const float r = std::nearbyint(to_float(x[i]) * inv);
+    const float r = std::nearbyint(float(to_float(x[i])) * inv);
     q[i] = int8_t(std::max(-127.f, std::min(127.f, r)));
   }
 }
@@ -79,7 +80,7 @@ void gated_forward_impl(const GatedForwardParams& p, int64_t g0, int64_t g1) {
     const int64_t begin = g * kInt8Group;
     const int64_t end = std::min(begin + kInt8Group, p.n);
     for (int64_t i = begin; i < end; ++i)
-      h[i] = from_float<T>(act_forward(p.act, to_float(gate[i])) * to_float(up[i]));
+      h[i] = from_acc<T>(act_forward(p.act, to_float(gate[i])) * to_float(up[i]));
     if (p.gate_q) quantize_group(gate, begin, end, p.gate_q, p.gate_scale + g);
     if (p.up_q) quantize_group(up, begin, end, p.up_q, p.up_scale + g);
   }
@@ -97,13 +98,14 @@ void gated_backward_impl(const GatedBackwardParams& p, int64_t g0, int64_t g1) {
     const int64_t begin = g * kInt8Group;
     const int64_t end = std::min(begin + kInt8Group, p.n);
     for (int64_t i = begin; i < end; ++i) {
-      const float gi = gate ? to_float(gate[i]) : float(p.gate_q[i]) * p.gate_scale[g];
-      const float ui = up ? to_float(up[i]) : float(p.up_q[i]) * p.up_scale[g];
-      const float a = act_forward(p.act, gi);
-      const float d = to_float(dh[i]);
-      if (h) h[i] = from_float<T>(a * ui);
-      du[i] = from_float<T>(d * a);
-      dg[i] = from_float<T>(d * ui * act_derivative(p.act, gi));
+      using acc = opmath_t<T>;
+      const acc gi = gate ? to_float(gate[i]) : acc(p.gate_q[i]) * acc(p.gate_scale[g]);
+      const acc ui = up ? to_float(up[i]) : acc(p.up_q[i]) * acc(p.up_scale[g]);
+      const acc a = act_forward(p.act, gi);
+      const acc d = to_float(dh[i]);
+      if (h) h[i] = from_acc<T>(a * ui);
+      du[i] = from_acc<T>(d * a);
+      dg[i] = from_acc<T>(d * ui * act_derivative(p.act, gi));
     }
   }
 }
@@ -120,7 +122,7 @@ void dequantize_int8_impl(const DequantizeInt8Params& p, int64_t g0, int64_t g1)
   T* x = static_cast<T*>(p.x);
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t end = std::min((g + 1) * kInt8Group, p.n);
-    for (int64_t i = g * kInt8Group; i < end; ++i) x[i] = from_float<T>(float(p.q[i]) * p.scale[g]);
+    for (int64_t i = g * kInt8Group; i < end; ++i) x[i] = from_acc<T>(opmath_t<T>(p.q[i]) * p.scale[g]);
   }
 }
 
@@ -131,6 +133,7 @@ void dispatch(DType dtype, Fn&& fn) {
     case DType::kFloat32: fn(float{}); break;
     case DType::kFloat16: fn(fp16{}); break;
     case DType::kBFloat16: fn(bf16{}); break;
+    case DType::kFloat64: fn(double{}); break;
   }
 }
 

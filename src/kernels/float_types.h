@@ -27,6 +27,7 @@ inline float bits_float(uint32_t u) {
 }
 
 inline float to_float(float x) { return x; }
+inline double to_float(double x) { return x; }
 inline float to_float(bf16 x) { return bits_float(uint32_t(x.bits) << 16); }
 inline float to_float(fp16 h) {
   const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16;
@@ -47,6 +48,19 @@ template <>
 inline float from_float<float>(float f) {
   return f;
 }
+
+
+// Math type: double for double storage, float for the rest.
+template <typename T>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+template <typename T>
+using opmath_t = typename OpMath<T>::type;
 
 template <>
 inline bf16 from_float<bf16>(float f) {
@@ -73,6 +87,16 @@ inline fp16 from_float<fp16>(float f) {
   const uint32_t mant_odd = (a >> 13) & 1u;
   const uint32_t r = a + 0xc8000fffu + mant_odd;  // -(112 << 23) + 0xfff + odd
   return fp16{uint16_t(sign | uint16_t(r >> 13))};
+}
+
+// Stores a value computed in T's math type.
+template <typename T>
+inline T from_acc(opmath_t<T> v) {
+  return from_float<T>(v);
+}
+template <>
+inline double from_acc<double>(double v) {
+  return v;
 }
 
 }  // namespace unswag::kernels

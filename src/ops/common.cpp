@@ -8,8 +8,8 @@ namespace unswag::ops {
 void check_float_tensor(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.defined(), op, ": argument '", arg, "' is undefined");
   const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": argument '", arg,
-              "' must be float32, float16 or bfloat16, got ", s);
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, op, ": argument '", arg,
+              "' must be float32, float16, bfloat16 or float64, got ", s);
   TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), op, ": argument '", arg,
               "' must be on CPU or CUDA, got ", t.device());
 }
@@ -42,7 +42,8 @@ kernels::DType to_kernel_dtype(at::ScalarType t) {
     case at::kFloat: return kernels::DType::kFloat32;
     case at::kHalf: return kernels::DType::kFloat16;
     case at::kBFloat16: return kernels::DType::kBFloat16;
-    default: TORCH_CHECK(false, "unswag: unsupported dtype ", t, " (expected float32, float16 or bfloat16)");
+    case at::kDouble: return kernels::DType::kFloat64;
+    default: TORCH_CHECK(false, "unswag: unsupported dtype ", t, " (expected float32, float16, bfloat16 or float64)");
   }
 }
 

@@ -270,7 +270,10 @@ at::Tensor fused_mlp_autograd(const at::Tensor& x, const at::Tensor& w_up, const
                                derivative_bits);
   const at::Tensor wg = c.kind.gated ? *w_gate : at::Tensor();
   if (c.policy == Policy::kNone) return output_view(plain_block(c.x2d, w_up, w_down, wg, c.kind), x);
-  at::Tensor y = FusedMLPFunction::apply(c.x2d, w_up, w_down, wg, int64_t(c.kind.act), c.kind.gated,
+  // autograd::Function needs defined tensors: a non-gated block passes w_up in
+  // the gate slot, which forward and backward then ignore.
+  at::Tensor y = FusedMLPFunction::apply(c.x2d, w_up, w_down, c.kind.gated ? wg : w_up, int64_t(c.kind.act),
+                                         c.kind.gated,
                                          int64_t(c.policy), storage_bits, derivative_bits);
   return output_view(y, x);
 }

@@ -114,8 +114,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x_in) {
 
 at::Tensor dequantize_int8(const at::Tensor& q, const at::Tensor& scale, at::ScalarType dtype) {
   const char* op = "unswag::dequantize_int8";
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": argument 'dtype' must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, op,
+              ": argument 'dtype' must be float32, float16, bfloat16 or float64, got ", dtype);
   at::Tensor x = at::empty(q.sizes(), q.options().dtype(dtype));
   check_int8_pair(q, scale, x, op, "q", "scale");
   kernels::DequantizeInt8Params p;

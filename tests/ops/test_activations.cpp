@@ -235,7 +235,7 @@ TEST_P(Fewbit, NonContiguousInputAndAliases) {
 TEST_P(Fewbit, BadInputGivesClearErrors) {
   auto x = torch::randn({64}, opts(torch::kFloat32));
   test::expect_error([&] { fewbit_forward(torch::ones({4}, opts(torch::kInt32)), "silu", 2); },
-                     {"'x'", "float32, float16 or bfloat16", "Int"});
+                     {"'x'", "float32, float16, bfloat16 or float64", "Int"});
   test::expect_error([&] { fewbit_forward(x, "silu", 5); }, {"'bits'", "1..4", "5"});
   test::expect_error([&] { fewbit_forward(x, "relu", 2); }, {"'bits' must be 1 for relu", "2"});
   test::expect_error([&] { fewbit_forward(x, "tanh", 2); }, {"'activation'", "silu", "'tanh'"});
