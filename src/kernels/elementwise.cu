@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "elementwise.h"
 
@@ -159,69 +160,102 @@ __device__ __forceinline__ void for_each_tile(int64_t n, Body&& body) {
   for (int64_t tile = warp; tile * kTile < n; tile += warps) body(tile * kTile + int64_t(lane) * kPerLane, lane);
 }
 
-template <typename T, bool kAligned>
-__global__ void __launch_bounds__(kThreads) fewbit_forward_kernel(FewbitForwardParams p) {
+// Few-bit kernels are specialised on the bit width and the activation, so the
+// encode compares against constants, only kBits planes are packed and shuffled,
+// and the activation's branch is resolved at compile time. Each warp keeps two
+// tiles in flight (loads of both before the math of either) to hide latency.
+constexpr int kTilesInFlight = 2;
+
+template <typename T, int kBits, Act kAct>
+__global__ void __launch_bounds__(kThreads) fewbit_forward_kernel(FewbitForwardParams p, bool aligned) {
   const T* __restrict__ x = static_cast<const T*>(p.x);
   T* __restrict__ y = static_cast<T*>(p.y);
-  const int k = p.table.bits;
-  for_each_tile(p.n, [&](int64_t i, int lane) {
-    acc_t<T> v[8];
-    load8<T, kAligned>(x, i, p.n, v);
-    uint32_t frag[kMaxFewbitBits] = {0, 0, 0, 0};
+  constexpr int kLevels = 1 << kBits;
+  const int lane = threadIdx.x & 31;
+  const int quad = lane & 3;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t tile = warp; tile * kTile < p.n; tile += kTilesInFlight * warps) {
+    acc_t<T> v[kTilesInFlight][8];
+    int64_t base[kTilesInFlight];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const uint32_t c = i + j < p.n ? encode(p.table, v[j]) : 0u;
-#pragma unroll
-      for (int b = 0; b < kMaxFewbitBits; ++b) frag[b] |= ((c >> b) & 1u) << j;
-      v[j] = act_forward(p.act, v[j]);
+    for (int t = 0; t < kTilesInFlight; ++t) {
+      base[t] = (tile + t * warps) * kTile + int64_t(lane) * kPerLane;
+      if (aligned) load8<T, true>(x, base[t], p.n, v[t]); else load8<T, false>(x, base[t], p.n, v[t]);
     }
-    if (y) store8<T, kAligned>(y, i, p.n, v);
-    // Assemble the 32-bit word of each plane across the 4 lanes of this code group.
-    const int quad = lane & 3;
-    uint32_t word[kMaxFewbitBits];
 #pragma unroll
-    for (int b = 0; b < kMaxFewbitBits; ++b) {
-      uint32_t w = frag[b] << (8 * quad);
-      w |= __shfl_xor_sync(0xffffffffu, w, 1);
-      w |= __shfl_xor_sync(0xffffffffu, w, 2);
-      word[b] = w;
-    }
-    const int64_t group = i / kCodeGroup;
-    if (quad < k && group * kCodeGroup < p.n) {
-      uint32_t w = word[0];
-#pragma unroll
-      for (int b = 1; b < kMaxFewbitBits; ++b) w = quad == b ? word[b] : w;
-      p.codes[group * k + quad] = w;
-    }
-  });
-}
-
-template <typename T, bool kAligned>
-__global__ void __launch_bounds__(kThreads) fewbit_backward_kernel(FewbitBackwardParams p) {
-  const T* __restrict__ dy = static_cast<const T*>(p.grad_y);
-  T* __restrict__ dx = static_cast<T*>(p.grad_x);
-  const int k = p.table.bits;
-  for_each_tile(p.n, [&](int64_t i, int lane) {
-    if (i < p.n) {
-      const int64_t group = i / kCodeGroup;
-      const int shift = 8 * (lane & 3);
-      uint32_t frag[kMaxFewbitBits] = {0, 0, 0, 0};
-#pragma unroll
-      for (int b = 0; b < kMaxFewbitBits; ++b)
-        if (b < k) frag[b] = (__ldg(p.codes + group * k + b) >> shift) & 0xffu;
-      acc_t<T> v[8];
-      load8<T, kAligned>(dy, i, p.n, v);
+    for (int t = 0; t < kTilesInFlight; ++t) {
+      const int64_t i = base[t];
+      uint32_t frag[kBits] = {};
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         uint32_t c = 0;
 #pragma unroll
-        for (int b = 0; b < kMaxFewbitBits; ++b) c |= ((frag[b] >> j) & 1u) << b;
-        const acc_t<T> d = p.table.values[c];
-        v[j] = d == 0 ? acc_t<T>(0) : v[j] * d;
+        for (int b = 0; b < kLevels - 1; ++b) c += !(v[t][j] <= p.table.boundaries[b]) ? 1u : 0u;
+        c = i + j < p.n ? c : 0u;
+#pragma unroll
+        for (int b = 0; b < kBits; ++b) frag[b] |= ((c >> b) & 1u) << j;
+        v[t][j] = act_forward(kAct, v[t][j]);
       }
-      store8<T, kAligned>(dx, i, p.n, v);
+      if (y) {
+        if (aligned) store8<T, true>(y, i, p.n, v[t]); else store8<T, false>(y, i, p.n, v[t]);
+      }
+      // Assemble each plane's 32-bit word across the 4 lanes of this code group;
+      // lane `quad` of the group stores plane `quad`.
+      uint32_t mine = 0;
+#pragma unroll
+      for (int b = 0; b < kBits; ++b) {
+        uint32_t w = frag[b] << (8 * quad);
+        w |= __shfl_xor_sync(0xffffffffu, w, 1);
+        w |= __shfl_xor_sync(0xffffffffu, w, 2);
+        mine = quad == b ? w : mine;
+      }
+      const int64_t group = i / kCodeGroup;
+      if (quad < kBits && group * kCodeGroup < p.n) p.codes[group * kBits + quad] = mine;
     }
-  });
+  }
+}
+
+template <typename T, int kBits>
+__global__ void __launch_bounds__(kThreads) fewbit_backward_kernel(FewbitBackwardParams p, bool aligned) {
+  const T* __restrict__ dy = static_cast<const T*>(p.grad_y);
+  T* __restrict__ dx = static_cast<T*>(p.grad_x);
+  constexpr int kLevels = 1 << kBits;
+  // The table in shared memory: a per-lane (divergent) index into kernel
+  // parameters would be serialised.
+  __shared__ acc_t<T> values[kLevels];
+  if (threadIdx.x < kLevels) values[threadIdx.x] = p.table.values[threadIdx.x];
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int shift = 8 * (lane & 3);
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t tile = warp; tile * kTile < p.n; tile += kTilesInFlight * warps) {
+    acc_t<T> v[kTilesInFlight][8];
+    uint32_t frag[kTilesInFlight][kBits];
+    int64_t base[kTilesInFlight];
+#pragma unroll
+    for (int t = 0; t < kTilesInFlight; ++t) {
+      base[t] = (tile + t * warps) * kTile + int64_t(lane) * kPerLane;
+      const int64_t group = base[t] / kCodeGroup;
+#pragma unroll
+      for (int b = 0; b < kBits; ++b)
+        frag[t][b] = base[t] < p.n ? (__ldg(p.codes + group * kBits + b) >> shift) & 0xffu : 0u;
+      if (aligned) load8<T, true>(dy, base[t], p.n, v[t]); else load8<T, false>(dy, base[t], p.n, v[t]);
+    }
+#pragma unroll
+    for (int t = 0; t < kTilesInFlight; ++t) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        uint32_t c = 0;
+#pragma unroll
+        for (int b = 0; b < kBits; ++b) c |= ((frag[t][b] >> j) & 1u) << b;
+        const acc_t<T> d = values[c];
+        v[t][j] = d == 0 ? acc_t<T>(0) : v[t][j] * d;
+      }
+      if (aligned) store8<T, true>(dx, base[t], p.n, v[t]); else store8<T, false>(dx, base[t], p.n, v[t]);
+    }
+  }
 }
 
 template <typename T, bool kAligned>
@@ -316,22 +350,27 @@ int grid_for(int64_t n) {
   return int(std::max<int64_t>(1, std::min<int64_t>(blocks, max_blocks)));
 }
 
+// Runtime (dtype, bits, activation) -> compile-time kernel instance.
+template <typename F>
+void with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat16: f(__half{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    case DType::kFloat64: f(double{}); break;
+  }
+}
+
 // Instantiates kernel<T, aligned> for the runtime dtype and alignment.
 template <template <typename, bool> class K, typename P>
 void launch(const P& p, bool aligned, void* stream, const char* name) {
   if (p.n == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   const int grid = grid_for(p.n);
-  auto go = [&](auto tag) {
+  with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (aligned) K<T, true>::run(grid, s, p); else K<T, false>::run(grid, s, p);
-  };
-  switch (p.dtype) {
-    case DType::kFloat32: go(float{}); break;
-    case DType::kFloat16: go(__half{}); break;
-    case DType::kBFloat16: go(__nv_bfloat16{}); break;
-    case DType::kFloat64: go(double{}); break;
-  }
+  });
   check_launch(name);
 }
 
@@ -342,8 +381,6 @@ void launch(const P& p, bool aligned, void* stream, const char* name) {
       kernel<T, A><<<grid, kThreads, 0, s>>>(p);                                        \
     }                                                                                   \
   };
-UNSWAG_KERNEL_LAUNCHER(FewbitForward, fewbit_forward_kernel, FewbitForwardParams)
-UNSWAG_KERNEL_LAUNCHER(FewbitBackward, fewbit_backward_kernel, FewbitBackwardParams)
 UNSWAG_KERNEL_LAUNCHER(GatedForward, gated_forward_kernel, GatedForwardParams)
 UNSWAG_KERNEL_LAUNCHER(GatedBackward, gated_backward_kernel, GatedBackwardParams)
 UNSWAG_KERNEL_LAUNCHER(QuantizeInt8, quantize_int8_kernel, QuantizeInt8Params)
@@ -351,11 +388,54 @@ UNSWAG_KERNEL_LAUNCHER(DequantizeInt8, dequantize_int8_kernel, DequantizeInt8Par
 
 }  // namespace
 
+template <typename F>
+void with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: throw std::invalid_argument("unswag: few-bit kernels take 1..4 bits, got " + std::to_string(bits));
+  }
+}
+template <typename F>
+void with_act(Act act, F&& f) {
+  switch (act) {
+    case Act::kReLU: f(std::integral_constant<Act, Act::kReLU>{}); break;
+    case Act::kReLU2: f(std::integral_constant<Act, Act::kReLU2>{}); break;
+    case Act::kGELU: f(std::integral_constant<Act, Act::kGELU>{}); break;
+    case Act::kGELUTanh: f(std::integral_constant<Act, Act::kGELUTanh>{}); break;
+    case Act::kSiLU: f(std::integral_constant<Act, Act::kSiLU>{}); break;
+  }
+}
+
 void fewbit_forward_cuda(const FewbitForwardParams& p, void* stream) {
-  launch<FewbitForward>(p, aligned16({p.x, p.y}), stream, "fewbit_forward");
+  if (p.n == 0) return;
+  const bool aligned = aligned16({p.x, p.y});
+  const int grid = grid_for(p.n);
+  with_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    with_bits(p.table.bits, [&](auto bits) {
+      with_act(p.act, [&](auto act) {
+        fewbit_forward_kernel<T, decltype(bits)::value, decltype(act)::value>
+            <<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, aligned);
+      });
+    });
+  });
+  check_launch("fewbit_forward");
 }
 void fewbit_backward_cuda(const FewbitBackwardParams& p, void* stream) {
-  launch<FewbitBackward>(p, aligned16({p.grad_y, p.grad_x}), stream, "fewbit_backward");
+  if (p.n == 0) return;
+  const bool aligned = aligned16({p.grad_y, p.grad_x});
+  const int grid = grid_for(p.n);
+  with_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    with_bits(p.table.bits, [&](auto bits) {
+      fewbit_backward_kernel<T, decltype(bits)::value>
+          <<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, aligned);
+    });
+  });
+  check_launch("fewbit_backward");
 }
 void gated_forward_cuda(const GatedForwardParams& p, void* stream) {
   launch<GatedForward>(p, aligned16({p.gate, p.up, p.h}), stream, "gated_forward");

@@ -1,0 +1,70 @@
+"""The Python face of UnSwag: torch.ops.unswag.* loaded from libunswag.so,
+checked against PyTorch (autograd of the plain ops, finite differences)."""
+import os
+import pathlib
+
+import pytest
+import torch
+
+LIB = os.environ.get("UNSWAG_LIBRARY", str(pathlib.Path(__file__).resolve().parents[2] / "build" / "libunswag.so"))
+torch.ops.load_library(LIB)
+ops = torch.ops.unswag
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_1bit_matches_torch_bit_for_bit(device, dtype):
+    x = torch.randn(4099, device=device, dtype=dtype)
+    x[:3] = torch.tensor([0.0, float("nan"), -0.0])
+    dy = torch.randn_like(x)
+    x1 = x.clone().requires_grad_()
+    ops.relu_1bit(x1).backward(dy)
+    x2 = x.clone().requires_grad_()
+    torch.relu(x2).backward(dy)
+    assert torch.equal(x1.grad.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       x2.grad.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    y, mask = ops.relu_1bit_forward(x)
+    assert mask.dtype == torch.int32 and mask.numel() == (x.numel() + 31) // 32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,fn", [("silu", torch.nn.functional.silu), ("gelu", torch.nn.functional.gelu)])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_fewbit_gradient_is_the_table_value(device, name, fn, bits):
+    x = (torch.randn(1000, device=device) * 2).requires_grad_()
+    op = ops.silu_fewbit if name == "silu" else ops.gelu_fewbit
+    y = op(x, bits)
+    torch.testing.assert_close(y, fn(x), rtol=1e-5, atol=1e-6)
+    y.backward(torch.ones_like(y))
+    boundaries, values = ops.fewbit_table(name, bits)
+    code = (x.detach().double().cpu()[:, None] > boundaries[None, :]).sum(1)
+    torch.testing.assert_close(x.grad.cpu(), values[code].float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "relu", "relu2"])
+@pytest.mark.parametrize("policy", ["recompute", "compressed"])
+def test_fused_mlp_passes_gradcheck(device, activation, policy):
+    gated = activation in ("swiglu", "geglu")
+    g = torch.Generator(device="cpu").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    mk = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) / 3).to(device).requires_grad_()
+    x, wu, wd = mk(5, 7), mk(11, 7), mk(7, 11)
+    wg = mk(11, 7) if gated else None
+    # relu kinks: keep pre-activations away from 0 so finite differences are valid.
+    with torch.no_grad():
+        z = x @ wu.T
+        wu.add_(torch.where(z.abs().min(0).values[:, None] < 1e-3, 0.01, 0.0))
+    f = lambda x, wu, wd, *wg: ops.fused_mlp(x, wu, wd, wg[0] if wg else None, activation, policy, 16, 2)
+    inputs = (x, wu, wd) + ((wg,) if gated else ())
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_errors_name_the_argument():
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="argument 'policy' must be one of none, recompute, compressed; got 'fast'"):
+        ops.fused_mlp(x, torch.randn(12, 8), torch.randn(8, 12), torch.randn(12, 8), "swiglu", "fast", 16, 2)
+    with pytest.raises(RuntimeError, match="'x' must be float32, float16, bfloat16 or float64, got Long"):
+        ops.relu_1bit(torch.arange(4))
