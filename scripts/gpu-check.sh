@@ -289,8 +289,10 @@ if [[ "$ONLY" != bench ]] && ((build_ok)); then
   ctest_counts="$(python3 - "$CTEST_LOG" <<'PY'
 import re, sys
 text = open(sys.argv[1], errors="replace").read()
-m = re.search(r"(\d+)% tests passed, (\d+) tests? failed out of (\d+)", text)
-failed, total = (int(m.group(2)), int(m.group(3))) if m else (-1, 0)
+# "100% tests passed, 0 tests failed out of 51" (CMake 3), or with -V on CMake 4
+# "100% tests passed out of 51" / "96% tests passed, 2 tests failed out of 51".
+m = re.search(r"(\d+)% tests passed(?:, (\d+) tests? failed)? out of (\d+)", text)
+failed, total = (int(m.group(2) or 0), int(m.group(3))) if m else (-1, 0)
 gtest_skips = set(re.findall(r"\[  SKIPPED \] ([A-Za-z_][\w/]*\.[\w/]+)", text))
 did_not_run = re.search(r"The following tests did not run:\n((?:[ \t]+\d+ - .*\n?)+)", text)
 ctest_skips = set(re.findall(r"\d+ - (\S+) \(", did_not_run.group(1))) if did_not_run else set()
