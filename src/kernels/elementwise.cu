@@ -184,6 +184,27 @@ __device__ __forceinline__ float act_forward_16bit(float x) {
     return act_forward(kAct, x);
   }
 }
+// f'(x) for 16-bit data, with the same fast intrinsics.
+template <Act kAct>
+__device__ __forceinline__ float act_derivative_16bit(float x) {
+  if constexpr (kAct == Act::kSiLU) {
+    const float s = __fdividef(1.f, 1.f + __expf(-x));
+    return s * (1.f + x * (1.f - s));
+  } else if constexpr (kAct == Act::kGELU) {
+    return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.3989422804014327f * __expf(-0.5f * x * x);
+  } else if constexpr (kAct == Act::kGELUTanh) {
+    const float k = 0.7978845608028654f, c = 0.044715f;
+    const float s = __fdividef(1.f, 1.f + __expf(-2.f * k * (x + c * x * x * x)));
+    return s + 2.f * x * s * (1.f - s) * k * (1.f + 3.f * c * x * x);
+  } else {
+    return act_derivative(kAct, x);
+  }
+}
+template <typename T, Act kAct>
+__device__ __forceinline__ acc_t<T> act_derivative_for(acc_t<T> x) {
+  if constexpr (sizeof(T) == 2) return act_derivative_16bit<kAct>(x);
+  else return act_derivative(kAct, x);
+}
 template <typename T, Act kAct>
 __device__ __forceinline__ acc_t<T> act_forward_for(acc_t<T> x) {
   if constexpr (sizeof(T) == 2) return act_forward_16bit<kAct>(x);
@@ -282,7 +303,7 @@ __global__ void __launch_bounds__(kThreads) fewbit_backward_kernel(FewbitBackwar
   }
 }
 
-template <typename T, bool kAligned>
+template <typename T, bool kAligned, Act kAct>
 __global__ void __launch_bounds__(kThreads) gated_forward_kernel(GatedForwardParams p) {
   const T* __restrict__ gate = static_cast<const T*>(p.gate);
   const T* __restrict__ up = static_cast<const T*>(p.up);
@@ -292,7 +313,7 @@ __global__ void __launch_bounds__(kThreads) gated_forward_kernel(GatedForwardPar
     load8<T, kAligned>(gate, i, p.n, g);
     load8<T, kAligned>(up, i, p.n, u);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) o[j] = act_forward(p.act, g[j]) * u[j];
+    for (int j = 0; j < 8; ++j) o[j] = act_forward_for<T, kAct>(g[j]) * u[j];
     store8<T, kAligned>(h, i, p.n, o);
     if (p.gate_q) {
       int8_t q[8];
@@ -304,7 +325,7 @@ __global__ void __launch_bounds__(kThreads) gated_forward_kernel(GatedForwardPar
   });
 }
 
-template <typename T, bool kAligned>
+template <typename T, bool kAligned, Act kAct>
 __global__ void __launch_bounds__(kThreads) gated_backward_kernel(GatedBackwardParams p) {
   const T* __restrict__ gate = static_cast<const T*>(p.gate);
   const T* __restrict__ up = static_cast<const T*>(p.up);
@@ -320,10 +341,10 @@ __global__ void __launch_bounds__(kThreads) gated_backward_kernel(GatedBackwardP
       load8<T, kAligned>(dh, i, p.n, d);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const acc_t<T> a = act_forward(p.act, g[j]);
+        const acc_t<T> a = act_forward_for<T, kAct>(g[j]);
         ho[j] = a * u[j];
         duo[j] = d[j] * a;
-        dgo[j] = d[j] * u[j] * act_derivative(p.act, g[j]);
+        dgo[j] = d[j] * u[j] * act_derivative_for<T, kAct>(g[j]);
       }
       if (h) store8<T, kAligned>(h, i, p.n, ho);
       store8<T, kAligned>(du, i, p.n, duo);
@@ -405,8 +426,6 @@ void launch(const P& p, bool aligned, void* stream, const char* name) {
       kernel<T, A><<<grid, kThreads, 0, s>>>(p);                                        \
     }                                                                                   \
   };
-UNSWAG_KERNEL_LAUNCHER(GatedForward, gated_forward_kernel, GatedForwardParams)
-UNSWAG_KERNEL_LAUNCHER(GatedBackward, gated_backward_kernel, GatedBackwardParams)
 UNSWAG_KERNEL_LAUNCHER(QuantizeInt8, quantize_int8_kernel, QuantizeInt8Params)
 UNSWAG_KERNEL_LAUNCHER(DequantizeInt8, dequantize_int8_kernel, DequantizeInt8Params)
 
@@ -461,12 +480,40 @@ void fewbit_backward_cuda(const FewbitBackwardParams& p, void* stream) {
   });
   check_launch("fewbit_backward");
 }
+// Gated kernels: (dtype, alignment, activation) -> instance.
+template <template <typename, bool, Act> class K, typename P>
+void launch_gated(const P& p, bool aligned, void* stream, const char* name) {
+  if (p.n == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int grid = grid_for(p.n);
+  with_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    with_act(p.act, [&](auto act) {
+      constexpr Act kAct = decltype(act)::value;
+      if (aligned) K<T, true, kAct>::run(grid, s, p); else K<T, false, kAct>::run(grid, s, p);
+    });
+  });
+  check_launch(name);
+}
+template <typename T, bool A, Act kAct>
+struct GatedForward {
+  static void run(int grid, cudaStream_t s, const GatedForwardParams& p) {
+    gated_forward_kernel<T, A, kAct><<<grid, kThreads, 0, s>>>(p);
+  }
+};
+template <typename T, bool A, Act kAct>
+struct GatedBackward {
+  static void run(int grid, cudaStream_t s, const GatedBackwardParams& p) {
+    gated_backward_kernel<T, A, kAct><<<grid, kThreads, 0, s>>>(p);
+  }
+};
+
 void gated_forward_cuda(const GatedForwardParams& p, void* stream) {
-  launch<GatedForward>(p, aligned16({p.gate, p.up, p.h}), stream, "gated_forward");
+  launch_gated<GatedForward>(p, aligned16({p.gate, p.up, p.h}), stream, "gated_forward");
 }
 void gated_backward_cuda(const GatedBackwardParams& p, void* stream) {
-  launch<GatedBackward>(p, aligned16({p.gate, p.up, p.grad_h, p.h, p.grad_gate, p.grad_up}), stream,
-                        "gated_backward");
+  launch_gated<GatedBackward>(p, aligned16({p.gate, p.up, p.grad_h, p.h, p.grad_gate, p.grad_up}), stream,
+                              "gated_backward");
 }
 void quantize_int8_cuda(const QuantizeInt8Params& p, void* stream) {
   launch<QuantizeInt8>(p, aligned16({p.x}), stream, "quantize_int8");
