@@ -13,8 +13,8 @@ struct DemoOptions {
   int64_t layers = 4;
   int64_t hidden = 256;
   int64_t intermediate = 1024;
-  int64_t tokens = 2048;
-  int64_t steps = 150;
+  int64_t tokens = 1024;
+  int64_t steps = 100;
   double lr = 1e-3;
   uint64_t seed = 0;
 };
