@@ -403,16 +403,21 @@ bool aligned16(std::initializer_list<const void*> ptrs) {
   return true;
 }
 
+// A grid-stride grid of exactly one wave: as many blocks as can be resident at
+// once (SMs x the kernel's occupancy), or fewer for small n. More blocks than
+// that would run in a partial second wave that leaves SMs idle.
+template <auto kKernel>
 int grid_for(int64_t n) {
-  static int max_blocks = [] {
-    int dev = 0, sms = 0;
+  static const int blocks_per_wave = [] {
+    int dev = 0, sms = 0, per_sm = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    return std::max(1, sms) * 8;  // 8 resident blocks of 256 threads per SM
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, kThreads, 0);
+    return std::max(1, sms) * std::max(1, per_sm);
   }();
   const int64_t tiles = (n + kTile - 1) / kTile;
   const int64_t blocks = (tiles + (kThreads / 32) - 1) / (kThreads / 32);
-  return int(std::max<int64_t>(1, std::min<int64_t>(blocks, max_blocks)));
+  return int(std::max<int64_t>(1, std::min<int64_t>(blocks, blocks_per_wave)));
 }
 
 // Runtime (dtype, bits, activation) -> compile-time kernel instance.
@@ -431,10 +436,9 @@ template <template <typename, bool> class K, typename P>
 void launch(const P& p, bool aligned, void* stream, const char* name) {
   if (p.n == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
-  const int grid = grid_for(p.n);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (aligned) K<T, true>::run(grid, s, p); else K<T, false>::run(grid, s, p);
+    if (aligned) K<T, true>::run(s, p); else K<T, false>::run(s, p);
   });
   check_launch(name);
 }
@@ -442,8 +446,8 @@ void launch(const P& p, bool aligned, void* stream, const char* name) {
 #define UNSWAG_KERNEL_LAUNCHER(Name, kernel, Params)                                   \
   template <typename T, bool A>                                                         \
   struct Name {                                                                         \
-    static void run(int grid, cudaStream_t s, const Params& p) {                        \
-      kernel<T, A><<<grid, kThreads, 0, s>>>(p);                                        \
+    static void run(cudaStream_t s, const Params& p) {                                  \
+      kernel<T, A><<<grid_for<kernel<T, A>>(p.n), kThreads, 0, s>>>(p);                 \
     }                                                                                   \
   };
 UNSWAG_KERNEL_LAUNCHER(QuantizeInt8, quantize_int8_kernel, QuantizeInt8Params)
@@ -475,13 +479,12 @@ void with_act(Act act, F&& f) {
 void fewbit_forward_cuda(const FewbitForwardParams& p, void* stream) {
   if (p.n == 0) return;
   const bool aligned = aligned16({p.x, p.y});
-  const int grid = grid_for(p.n);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     with_bits(p.table.bits, [&](auto bits) {
       with_act(p.act, [&](auto act) {
-        fewbit_forward_kernel<T, decltype(bits)::value, decltype(act)::value>
-            <<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, aligned);
+        constexpr auto kernel = fewbit_forward_kernel<T, decltype(bits)::value, decltype(act)::value>;
+        kernel<<<grid_for<kernel>(p.n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, aligned);
       });
     });
   });
@@ -490,12 +493,11 @@ void fewbit_forward_cuda(const FewbitForwardParams& p, void* stream) {
 void fewbit_backward_cuda(const FewbitBackwardParams& p, void* stream) {
   if (p.n == 0) return;
   const bool aligned = aligned16({p.grad_y, p.grad_x});
-  const int grid = grid_for(p.n);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     with_bits(p.table.bits, [&](auto bits) {
-      fewbit_backward_kernel<T, decltype(bits)::value>
-          <<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, aligned);
+      constexpr auto kernel = fewbit_backward_kernel<T, decltype(bits)::value>;
+      kernel<<<grid_for<kernel>(p.n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, aligned);
     });
   });
   check_launch("fewbit_backward");
@@ -505,26 +507,25 @@ template <template <typename, bool, Act> class K, typename P>
 void launch_gated(const P& p, bool aligned, void* stream, const char* name) {
   if (p.n == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
-  const int grid = grid_for(p.n);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     with_act(p.act, [&](auto act) {
       constexpr Act kAct = decltype(act)::value;
-      if (aligned) K<T, true, kAct>::run(grid, s, p); else K<T, false, kAct>::run(grid, s, p);
+      if (aligned) K<T, true, kAct>::run(s, p); else K<T, false, kAct>::run(s, p);
     });
   });
   check_launch(name);
 }
 template <typename T, bool A, Act kAct>
 struct GatedForward {
-  static void run(int grid, cudaStream_t s, const GatedForwardParams& p) {
-    gated_forward_kernel<T, A, kAct><<<grid, kThreads, 0, s>>>(p);
+  static void run(cudaStream_t s, const GatedForwardParams& p) {
+    gated_forward_kernel<T, A, kAct><<<grid_for<gated_forward_kernel<T, A, kAct>>(p.n), kThreads, 0, s>>>(p);
   }
 };
 template <typename T, bool A, Act kAct>
 struct GatedBackward {
-  static void run(int grid, cudaStream_t s, const GatedBackwardParams& p) {
-    gated_backward_kernel<T, A, kAct><<<grid, kThreads, 0, s>>>(p);
+  static void run(cudaStream_t s, const GatedBackwardParams& p) {
+    gated_backward_kernel<T, A, kAct><<<grid_for<gated_backward_kernel<T, A, kAct>>(p.n), kThreads, 0, s>>>(p);
   }
 };
 
