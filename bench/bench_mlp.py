@@ -164,10 +164,12 @@ def contenders_for(problem: Problem, ops, liger) -> list[Contender]:
     ]
     if activation in FEWBIT_DERIVATIVE:
         result += [
-            Contender("unswag compressed16", fused("compressed", 16, 2),
+            Contender("unswag compressed16 d2", fused("compressed", 16, 2),
                       "policy=compressed storage_bits=16 derivative_bits=2"),
             Contender("unswag compressed16 d4", fused("compressed", 16, 4),
                       "policy=compressed storage_bits=16 derivative_bits=4"),
+            Contender("unswag compressed16 exact", fused("compressed", 16, 0),
+                      "policy=compressed storage_bits=16 derivative_bits=0 (1 side bit, exact by inversion)"),
             Contender("unswag compressed8", fused("compressed", 8, 2),
                       "policy=compressed storage_bits=8 derivative_bits=2"),
         ]

@@ -2,6 +2,7 @@
 // TORCH_LIBRARY(unswag, ...) (src/ops/registration.cpp) and so callable from
 // Python as torch.ops.unswag.<name> after torch.ops.load_library(libunswag.so).
 //
+// Tensors: float32, float16, bfloat16 (and float64, for exact checks), CPU or CUDA.
 // Compressed activations keep, for backward, a packed code instead of the
 // activation's input:
 //   relu_1bit            1 bit per element, exact gradient (bit-identical to torch.relu's)
@@ -48,11 +49,13 @@ std::tuple<at::Tensor, at::Tensor> fewbit_table(const std::string& activation, i
 //                the math allows (see docs/memory.md)
 // storage_bits: 16 keeps the compressed policy's values in the compute dtype
 //   (exact), 8 keeps them as int8 with a scale per 64 values (lossy).
-// derivative_bits: for silu/gelu non-gated blocks under "compressed": 1..4 keeps a
-//   few-bit derivative code (approximate).
+// derivative_bits: for gelu/silu non-gated blocks under "compressed": 1..4 keeps a
+//   few-bit derivative code (approximate, docs/fewbit.md); 0 keeps 1 bit (which
+//   side of f's minimum) and backward inverts the kept output f(z) to get z and
+//   the exact f'(z) (exact up to the rounding of the kept f(z); docs/memory.md).
 at::Tensor fused_mlp(const at::Tensor& x, const at::Tensor& w_up, const at::Tensor& w_down,
                      const std::optional<at::Tensor>& w_gate, const std::string& activation,
                      const std::string& policy = "compressed", int64_t storage_bits = 16,
-                     int64_t derivative_bits = 2);
+                     int64_t derivative_bits = 0);
 
 }  // namespace unswag

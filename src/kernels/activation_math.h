@@ -89,6 +89,42 @@ UNSWAG_HD F act_derivative(Act act, F x) {
   }
 }
 
+// The exact scheme for GELU / SiLU ("Tempo", NeurIPS 2022): f is decreasing
+// left of its minimum x* and increasing right of it, so y = f(x) and one bit
+// (x > x*) determine x. act_inverse solves f(x) = y on that branch by Newton's
+// method kept inside a shrinking bracket (bisection when a step leaves it).
+// Where y is below f(x*) (by rounding) it returns x*; on the left branch, where
+// y is not negative (x -> -inf), it returns the bracket's far end, where
+// f' ~ 0. Accuracy: exact up to the rounding of y, except near x*, where f is
+// flat and an error e in y moves x by ~ sqrt(2e / f''(x*)).
+template <typename F>
+UNSWAG_HD F act_inverse(Act act, F y, bool right, F argmin, F fmin) {
+  if (y != y) return y;
+  if (!(y > fmin)) return argmin;
+  F lo, hi;
+  if (right) {
+    lo = argmin;
+    hi = (y > F(0) ? y : F(0)) + F(1);  // f(x) >= x - 0.28 for x >= 0, so f(hi) > y
+  } else {
+    lo = F(-30);  // f(-30) is within 3e-12 of 0 (SiLU) or underflows (GELU)
+    hi = argmin;
+    if (!(y < act_forward(act, lo))) return lo;
+  }
+  F x = F(0.5) * (lo + hi);
+  for (int it = 0; it < 60; ++it) {
+    const F r = act_forward(act, x) - y;
+    // Shrink the bracket: f rises on the right branch and falls on the left.
+    if ((r > F(0)) == right) hi = x; else lo = x;
+    const F d = act_derivative(act, x);
+    F next = x - r / d;
+    if (!(next > lo && next < hi)) next = F(0.5) * (lo + hi);
+    const F step = next > x ? next - x : x - next;
+    x = next;
+    if (step <= F(sizeof(F) == 4 ? 1e-7 : 1e-15) * (F(1) + (x > F(0) ? x : -x))) break;
+  }
+  return x;
+}
+
 inline const char* act_name(Act act) {
   switch (act) {
     case Act::kReLU: return "relu";

@@ -323,6 +323,23 @@ __global__ void __launch_bounds__(kThreads) fewbit_backward_kernel(FewbitBackwar
   }
 }
 
+// Exact derivative from the kept output: Newton inversion per element (compute
+// bound, so one element per thread; activation_math.h has the solver).
+template <typename T, Act kAct>
+__global__ void __launch_bounds__(kThreads) inverse_backward_kernel(InverseBackwardParams p) {
+  using A = acc_t<T>;
+  const T* __restrict__ dy = static_cast<const T*>(p.grad_y);
+  const T* __restrict__ y = static_cast<const T*>(p.y);
+  T* __restrict__ dx = static_cast<T*>(p.grad_x);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) {
+    const A yi = to_f(y[i]);
+    const bool right = (__ldg(p.side + i / kCodeGroup) >> (i % kCodeGroup)) & 1u;
+    const A x = act_inverse(kAct, yi, right, A(p.argmin), A(p.fmin));
+    dx[i] = from_f<T>(to_f(dy[i]) * act_derivative(kAct, x));
+  }
+}
+
 template <typename T, bool kAligned, Act kAct>
 __global__ void __launch_bounds__(kThreads) gated_forward_kernel(GatedForwardParams p) {
   const T* __restrict__ gate = static_cast<const T*>(p.gate);
@@ -535,6 +552,23 @@ void gated_forward_cuda(const GatedForwardParams& p, void* stream) {
 void gated_backward_cuda(const GatedBackwardParams& p, void* stream) {
   launch_gated<GatedBackward>(p, aligned16({p.gate, p.up, p.grad_h, p.h, p.grad_gate, p.grad_up}), stream,
                               "gated_backward");
+}
+void inverse_backward_cuda(const InverseBackwardParams& p, void* stream) {
+  if (p.n == 0) return;
+  with_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto go = [&](auto act) {
+      constexpr auto kernel = inverse_backward_kernel<T, decltype(act)::value>;
+      kernel<<<grid_for<kernel>(p.n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    };
+    switch (p.act) {
+      case Act::kGELU: go(std::integral_constant<Act, Act::kGELU>{}); break;
+      case Act::kGELUTanh: go(std::integral_constant<Act, Act::kGELUTanh>{}); break;
+      case Act::kSiLU: go(std::integral_constant<Act, Act::kSiLU>{}); break;
+      default: throw std::invalid_argument("unswag: the inverse scheme needs gelu, gelu_tanh or silu");
+    }
+  });
+  check_launch("inverse_backward");
 }
 void quantize_int8_cuda(const QuantizeInt8Params& p, void* stream) {
   launch<QuantizeInt8>(p, aligned16({p.x}), stream, "quantize_int8");

@@ -56,6 +56,21 @@ struct FewbitBackwardParams {
   FewbitTable table;
 };
 
+// The exact derivative from the kept output (GELU / SiLU):
+//   grad_x = grad_y * f'(x),  x = act_inverse(y, side) (activation_math.h),
+// where side is the 1-bit code of x > argmin written by the forward (a
+// FewbitTable with bits = 1 and boundaries[0] = argmin).
+struct InverseBackwardParams {
+  const void* grad_y = nullptr;  // [n]
+  const void* y = nullptr;       // [n]
+  const uint32_t* side = nullptr;  // [code_words(n, 1)]
+  void* grad_x = nullptr;          // [n]
+  int64_t n = 0;
+  DType dtype = DType::kFloat32;
+  Act act = Act::kSiLU;
+  double argmin = 0, fmin = 0;  // x* and f(x*)
+};
+
 // Gated MLP core: h = act(gate) * up, math in fp32. Optionally also stores
 // gate and up as int8 with per-group scales (for the 8-bit `compressed` policy).
 struct GatedForwardParams {
@@ -117,6 +132,7 @@ void fewbit_forward_cpu(const FewbitForwardParams& p, int64_t group_begin, int64
 void fewbit_backward_cpu(const FewbitBackwardParams& p, int64_t group_begin, int64_t group_end);
 void gated_forward_cpu(const GatedForwardParams& p, int64_t group_begin, int64_t group_end);
 void gated_backward_cpu(const GatedBackwardParams& p, int64_t group_begin, int64_t group_end);
+void inverse_backward_cpu(const InverseBackwardParams& p, int64_t group_begin, int64_t group_end);  // 32-element groups
 void quantize_int8_cpu(const QuantizeInt8Params& p, int64_t group_begin, int64_t group_end);
 void dequantize_int8_cpu(const DequantizeInt8Params& p, int64_t group_begin, int64_t group_end);
 
@@ -126,6 +142,7 @@ void fewbit_forward_cuda(const FewbitForwardParams& p, void* stream);
 void fewbit_backward_cuda(const FewbitBackwardParams& p, void* stream);
 void gated_forward_cuda(const GatedForwardParams& p, void* stream);
 void gated_backward_cuda(const GatedBackwardParams& p, void* stream);
+void inverse_backward_cuda(const InverseBackwardParams& p, void* stream);
 void quantize_int8_cuda(const QuantizeInt8Params& p, void* stream);
 void dequantize_int8_cuda(const DequantizeInt8Params& p, void* stream);
 #endif

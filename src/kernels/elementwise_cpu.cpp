@@ -57,6 +57,24 @@ void fewbit_backward_impl(const FewbitBackwardParams& p, int64_t g0, int64_t g1)
   }
 }
 
+template <typename T>
+void inverse_backward_impl(const InverseBackwardParams& p, int64_t g0, int64_t g1) {
+  using acc = opmath_t<T>;
+  const T* dy = static_cast<const T*>(p.grad_y);
+  const T* y = static_cast<const T*>(p.y);
+  T* dx = static_cast<T*>(p.grad_x);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t begin = g * kCodeGroup;
+    const int64_t end = std::min(begin + kCodeGroup, p.n);
+    for (int64_t i = begin; i < end; ++i) {
+      const acc yi = to_float(y[i]);
+      const bool right = (p.side[g] >> (i - begin)) & 1u;
+      const acc x = act_inverse(p.act, yi, right, acc(p.argmin), acc(p.fmin));
+      dx[i] = from_acc<T>(to_float(dy[i]) * act_derivative(p.act, x));
+    }
+  }
+}
+
 // Quantises x[begin, end) (one int8 group) with scale absmax / 127.
 template <typename T>
 void quantize_group(const T* x, int64_t begin, int64_t end, int8_t* q, float* scale) {
@@ -150,6 +168,9 @@ void gated_forward_cpu(const GatedForwardParams& p, int64_t g0, int64_t g1) {
 }
 void gated_backward_cpu(const GatedBackwardParams& p, int64_t g0, int64_t g1) {
   dispatch(p.dtype, [&](auto t) { gated_backward_impl<decltype(t)>(p, g0, g1); });
+}
+void inverse_backward_cpu(const InverseBackwardParams& p, int64_t g0, int64_t g1) {
+  dispatch(p.dtype, [&](auto t) { inverse_backward_impl<decltype(t)>(p, g0, g1); });
 }
 void quantize_int8_cpu(const QuantizeInt8Params& p, int64_t g0, int64_t g1) {
   dispatch(p.dtype, [&](auto t) { quantize_int8_impl<decltype(t)>(p, g0, g1); });

@@ -19,11 +19,50 @@ using torch::autograd::tensor_list;
 std::tuple<at::Tensor, at::Tensor> fewbit_forward_impl(const at::Tensor& x_in, Act act, int64_t bits,
                                                        const char* op) {
   check_float_tensor(x_in, op, "x");
-  const auto& table = checked_table(act, bits, op);
+  return fewbit_forward_table(x_in, act, checked_table(act, bits, op));
+}
+
+std::tuple<at::Tensor, at::Tensor> side_forward_impl(const at::Tensor& x, Act act, const char* op) {
+  check_float_tensor(x, op, "x");
+  TORCH_CHECK(act == Act::kGELU || act == Act::kGELUTanh || act == Act::kSiLU, op,
+              ": the exact (inverse) derivative scheme needs gelu, gelu_tanh or silu, got ", kernels::act_name(act));
+  kernels::FewbitTable side;
+  side.bits = 1;
+  side.boundaries[0] = float(kernels::activation_argmin(act));
+  return fewbit_forward_table(x, act, side);
+}
+
+at::Tensor inverse_backward_impl(const at::Tensor& grad_in, const at::Tensor& y_in, const at::Tensor& side, Act act,
+                                 const char* op) {
+  check_float_tensor(grad_in, op, "grad_y");
+  const at::Tensor grad = grad_in.contiguous();
+  const int64_t n = grad.numel();
+  check_codes(side, grad, kernels::code_words(n, 1), op, "side");
+  check_same(y_in, grad, op, "y", "grad_y", false);
+  TORCH_CHECK(y_in.numel() == n, op, ": argument 'y' must have ", n, " elements, got ", y_in.numel());
+  const at::Tensor y = y_in.contiguous();
+  kernels::InverseBackwardParams p;
+  p.y = y.data_ptr();
+  at::Tensor dx = at::empty_like(grad, at::MemoryFormat::Contiguous);
+  p.grad_y = grad.data_ptr();
+  p.side = reinterpret_cast<const uint32_t*>(side.data_ptr<int32_t>());
+  p.grad_x = dx.data_ptr();
+  p.n = n;
+  p.dtype = to_kernel_dtype(grad.scalar_type());
+  p.act = act;
+  p.argmin = kernels::activation_argmin(act);
+  p.fmin = kernels::act_forward(act, p.argmin);
+  launch(grad.device(), p, (n + kernels::kCodeGroup - 1) / kernels::kCodeGroup, &kernels::inverse_backward_cpu,
+         UNSWAG_CUDA_FN(inverse_backward_cuda));
+  return dx;
+}
+
+std::tuple<at::Tensor, at::Tensor> fewbit_forward_table(const at::Tensor& x_in, Act act,
+                                                        const kernels::FewbitTable& table) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t n = x.numel();
-  at::Tensor codes = at::empty({kernels::code_words(n, int(bits))}, x.options().dtype(at::kInt));
+  at::Tensor codes = at::empty({kernels::code_words(n, table.bits)}, x.options().dtype(at::kInt));
   kernels::FewbitForwardParams p;
   p.x = x.data_ptr();
   p.y = y.data_ptr();

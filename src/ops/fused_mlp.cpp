@@ -129,7 +129,9 @@ struct FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
         keep = at::relu(z);  // a = r^2 and act'(z) = 2r are both rebuilt from r exactly
         a = keep * keep;
       } else {
-        auto [y1, codes] = fewbit_forward_impl(z, act, derivative_bits, kOp);
+        // derivative_bits 0: 1 side bit, exact derivative by inverting f; else a few-bit code.
+        auto [y1, codes] = derivative_bits == 0 ? side_forward_impl(z, act, kOp)
+                                                : fewbit_forward_impl(z, act, derivative_bits, kOp);
         a = y1.view(z.sizes());
         keep = a;
         extra.push_back(codes);
@@ -213,7 +215,9 @@ struct FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
           dz = dh * keep * 2;
         } else {
           a = keep;
-          dz = fewbit_backward_impl(dh, saved[next], act, derivative_bits, kOp).view(dh.sizes());
+          dz = (derivative_bits == 0 ? inverse_backward_impl(dh, a, saved[next], act, kOp)
+                                     : fewbit_backward_impl(dh, saved[next], act, derivative_bits, kOp))
+                   .view(dh.sizes());
         }
       }
       saved.clear();
@@ -256,8 +260,9 @@ Checked check_args(const at::Tensor& x, const at::Tensor& w_up, const at::Tensor
   TORCH_CHECK(storage_bits == 16 || storage_bits == 8, kOp,
               ": argument 'storage_bits' must be 16 (keep values in the compute dtype) or 8 (int8 with a scale ",
               "per 64 values), got ", storage_bits);
-  TORCH_CHECK(derivative_bits >= 1 && derivative_bits <= kernels::kMaxFewbitBits, kOp,
-              ": argument 'derivative_bits' must be in 1..", kernels::kMaxFewbitBits, ", got ", derivative_bits);
+  TORCH_CHECK(derivative_bits >= 0 && derivative_bits <= kernels::kMaxFewbitBits, kOp,
+              ": argument 'derivative_bits' must be 0 (exact, by inverting the kept output) or 1..",
+              kernels::kMaxFewbitBits, " (few-bit code), got ", derivative_bits);
   return {x.reshape({-1, hidden}), parse_block(activation, has_gate), parse_policy(policy)};
 }
 

@@ -123,6 +123,38 @@ TEST_P(FusedMLPTest, FewbitCompressedWithinTableError) {
   }
 }
 
+// The exact scheme (derivative_bits 0): the kept f(z) plus 1 side bit give z by
+// inversion, so gradients are exact in float64; in lower precision the rounding
+// e of the kept f(z) moves z by ~ sqrt(e) near f's minimum, hence the stated
+// bound: twice PyTorch's own error at that dtype plus 0.01 sqrt(unit roundoff).
+TEST_P(FusedMLPTest, ExactInverseSchemeMatchesFloat64) {
+  for (const std::string a : {"gelu", "gelu_tanh", "silu"}) {
+    const Case c = make_case(a, 257, 48, 200, opts(torch::kDouble));
+    const Grads ref = run(a, c, "", 0, 0, true);
+    SCOPED_TRACE(::testing::Message() << a << " seed " << seed_);
+    const Grads g = run(a, c, "compressed", 16, 0, false);
+    EXPECT_LT(rel_l2(g.y, ref.y), 1e-13);
+    EXPECT_LT(rel_l2(g.dwd, ref.dwd), 1e-13);
+    EXPECT_LT(rel_l2(g.dx, ref.dx), 1e-10);
+    EXPECT_LT(rel_l2(g.dwu, ref.dwu), 1e-10);
+    for (auto dtype : test::float_dtypes()) {
+      Case cl = c;
+      for (auto* t : {&cl.x, &cl.wu, &cl.wd, &cl.dy}) *t = t->to(dtype);
+      Case cr = cl;
+      for (auto* t : {&cr.x, &cr.wu, &cr.wd, &cr.dy}) *t = t->to(torch::kDouble);
+      const Grads r = run(a, cr, "", 0, 0, true);
+      const Grads torch_same = run(a, cl, "", 0, 0, true);
+      const Grads exact = run(a, cl, "compressed", 16, 0, false);
+      const Grads fourbit = run(a, cl, "compressed", 16, 4, false);
+      const double slack = 0.01 * std::sqrt(test::unit_roundoff(dtype));
+      SCOPED_TRACE(::testing::Message() << dtype);
+      EXPECT_LE(rel_l2(exact.dx, r.dx), 2 * rel_l2(torch_same.dx, r.dx) + slack);
+      EXPECT_LE(rel_l2(exact.dwu, r.dwu), 2 * rel_l2(torch_same.dwu, r.dwu) + slack);
+      EXPECT_LT(rel_l2(exact.dx, r.dx), rel_l2(fourbit.dx, r.dx));  // 1 bit beats a 4-bit code
+    }
+  }
+}
+
 // int8 storage (per-64 absmax scales): lossy by the quantisation step,
 // about absmax/127/sqrt(12) per value; 3% relative error bounds every gradient.
 TEST_P(FusedMLPTest, Int8StorageWithinDocumentedError) {
@@ -195,6 +227,7 @@ TEST_P(FusedMLPTest, KeptBytesAreExactlyWhatThePolicySays) {
       {"relu2", "compressed", 16, 2, ni * e},                        // relu(z) only
       {"gelu", "none", 16, 2, 2 * ni * e},                           // z, gelu(z)
       {"gelu", "compressed", 16, 2, ni * e + 4 * words * 2},         // gelu(z) + 2-bit code
+      {"gelu", "compressed", 16, 0, ni * e + 4 * words},             // gelu(z) + 1 side bit (exact)
       {"silu", "compressed", 8, 3, ni + 4 * groups + 4 * words * 3}, // int8 silu(z) + 3-bit code
       {"silu", "recompute", 16, 2, 0},
   };
@@ -279,8 +312,8 @@ TEST_P(FusedMLPTest, BadInputGivesClearErrors) {
   expect_error([&] { fused_mlp(c.x, c.wu, c.wd, c.wg.to(torch::kHalf), "swiglu"); }, {"'w_gate'", "dtype"});
   expect_error([&] { fused_mlp(c.x.to(torch::kInt32), c.wu, c.wd, c.wg, "swiglu"); }, {"'x'", "Int"});
   expect_error([&] { fused_mlp(c.x, c.wu, c.wd, c.wg, "swiglu", "compressed", 4); }, {"'storage_bits'", "4"});
-  expect_error([&] { fused_mlp(c.x, c.wu, c.wd, std::nullopt, "gelu", "compressed", 16, 0); },
-               {"'derivative_bits'", "1..4", "0"});
+  expect_error([&] { fused_mlp(c.x, c.wu, c.wd, std::nullopt, "gelu", "compressed", 16, 5); },
+               {"'derivative_bits'", "0 (exact", "1..4", "got 5"});
   if (device().is_cuda())
     expect_error([&] { fused_mlp(c.x, c.wu.cpu(), c.wd, c.wg, "swiglu"); }, {"'w_up'", "same device"});
 }

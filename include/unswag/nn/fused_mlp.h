@@ -20,8 +20,9 @@ struct FusedMLPOptions {
   TORCH_ARG(std::string, policy) = "compressed";
   // 16: keep values in the compute dtype (exact); 8: int8 + per-64 scales (lossy)
   TORCH_ARG(int64_t, storage_bits) = 16;
-  // non-gated gelu/silu under "compressed": bits of the derivative code (1..4)
-  TORCH_ARG(int64_t, derivative_bits) = 2;
+  // non-gated gelu/silu under "compressed": bits of the derivative code (1..4),
+  // or 0 for the exact derivative from the kept output and 1 side bit
+  TORCH_ARG(int64_t, derivative_bits) = 0;
 };
 
 class FusedMLPImpl : public torch::nn::Module {
