@@ -56,6 +56,6 @@ std::tuple<at::Tensor, at::Tensor> fewbit_table(const std::string& activation, i
 at::Tensor fused_mlp(const at::Tensor& x, const at::Tensor& w_up, const at::Tensor& w_down,
                      const std::optional<at::Tensor>& w_gate, const std::string& activation,
                      const std::string& policy = "compressed", int64_t storage_bits = 16,
-                     int64_t derivative_bits = 0);
+                     int64_t derivative_bits = 2);
 
 }  // namespace unswag

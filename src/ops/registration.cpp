@@ -29,5 +29,5 @@ TORCH_LIBRARY(unswag, m) {
   // The fused MLP block (differentiable), see include/unswag/ops.h.
   m.def(
       "fused_mlp(Tensor x, Tensor w_up, Tensor w_down, Tensor? w_gate, str activation, str policy=\"compressed\", "
-      "int storage_bits=16, int derivative_bits=0) -> Tensor");
+      "int storage_bits=16, int derivative_bits=2) -> Tensor");
 }

@@ -22,7 +22,7 @@ struct FusedMLPOptions {
   TORCH_ARG(int64_t, storage_bits) = 16;
   // non-gated gelu/silu under "compressed": bits of the derivative code (1..4),
   // or 0 for the exact derivative from the kept output and 1 side bit
-  TORCH_ARG(int64_t, derivative_bits) = 0;
+  TORCH_ARG(int64_t, derivative_bits) = 2;
 };
 
 class FusedMLPImpl : public torch::nn::Module {
