@@ -9,6 +9,8 @@
 #include <torch/optim/adam.h>
 #include <torch/torch.h>
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <vector>
@@ -85,6 +87,7 @@ int run_demo(const DemoOptions& o) {
   const torch::Device device = cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
   const auto dtype = cuda ? torch::kBFloat16 : torch::kFloat32;
   track_cpu_memory();
+  const bool tty = isatty(fileno(stderr));
   fmt::print("UnSwag demo: {} residual {} blocks, hidden {}, intermediate {}, {} tokens/batch, {} steps, {} {}\n",
              o.layers, o.activation, o.hidden, o.intermediate, o.tokens, o.steps, device.str(),
              cuda ? "bf16" : "fp32");
@@ -137,13 +140,15 @@ int run_demo(const DemoOptions& o) {
       } else {
         total_ms += ms;
       }
-      if (step % 10 == 0 || step + 1 == o.steps) {
-        std::fprintf(stderr, "\r  %-22s step %4lld/%lld  loss %.5f  %.1f ms/step   ", v.label.c_str(),
-                     (long long)step + 1, (long long)o.steps, loss.item<double>(), step ? total_ms / step : ms);
+      // A live line on a terminal; plain lines (every 25 steps) into a file or pipe.
+      if ((tty && step % 10 == 0) || (!tty && step % 25 == 0) || step + 1 == o.steps) {
+        std::fprintf(stderr, "%s  %-22s step %4lld/%lld  loss %.5f  %.1f ms/step   %s", tty ? "\r" : "",
+                     v.label.c_str(), (long long)step + 1, (long long)o.steps, loss.item<double>(),
+                     step ? total_ms / step : ms, tty ? "" : "\n");
       }
       r.final_loss = loss.item<double>();
     }
-    std::fprintf(stderr, "\n");
+    if (tty) std::fprintf(stderr, "\n");
     r.step_ms = o.steps > 1 ? total_ms / double(o.steps - 1) : 0;
     results.push_back(r);
   }
