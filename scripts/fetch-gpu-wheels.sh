@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Role: download, on a machine with PyPI and Debian access, what the offline GPU
 # machine lacks: Python wheels (Liger-Kernel, the optional benchmark contender)
-# into .whl/, and the C++ build dependencies of CMakeLists.txt (fmt, CLI11,
+# into .whl/, and the C++ build dependencies of CMakeLists.txt (CLI11, nlohmann_json,
 # GoogleTest, as Debian .debs) into .whl/debs/; scripts/gpu-check.sh installs
 # the wheels into /tmp/site and unpacks the .debs into a private prefix there.
 #
@@ -28,9 +28,9 @@ huggingface-hub tokenizers pyyaml regex requests tqdm setuptools"
 # name==version pairs to download (extend if a new Requires-Dist appears).
 WANTED=("liger-kernel==${LIGER_VERSION}")
 
-# Debian packages holding the CMake packages that CMakeLists.txt finds (fmt,
-# CLI11, GTest); unpacked with dpkg -x, so their own dependencies do not matter.
-DEBS=(libfmt-dev libfmt9 libcli11-dev libgtest-dev libgmock-dev)
+# Debian packages holding the CMake packages that CMakeLists.txt finds (CLI11,
+# GTest, nlohmann_json); unpacked with dpkg -x, so their own dependencies do not matter.
+DEBS=(libcli11-dev libgtest-dev libgmock-dev nlohmann-json3-dev)
 
 mkdir -p "$WHEEL_DIR"
 

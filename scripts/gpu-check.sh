@@ -13,7 +13,7 @@
 #   each step gets what is left, so the summary and $OUT always get written.
 #   GPU_CHECK_ALLOW_PY_SKIPS=1: do not fail on skipped Python tests.
 #   JOBS (default 16): build parallelism.
-#   GPU_CHECK_USE_DEBS=1: use the carried fmt/CLI11/GTest even if the system has them.
+#   GPU_CHECK_USE_DEBS=1: use the carried CLI11/GTest/nlohmann_json even if the system has them.
 #   CTEST_PARALLEL_LEVEL: ctest's own knob (unset: one test at a time).
 # Carry ".whl" (wheels + .debs) with the device call. Writes under out/gpu-check/.
 set -euo pipefail
@@ -186,7 +186,7 @@ else
   deps_detail="no .whl/ (Liger-Kernel will be missing)"
 fi
 
-# fmt, CLI11, GTest (those CMakeLists.txt finds): the system's if it has them all,
+# CLI11, GTest, nlohmann_json (those CMakeLists.txt finds): the system's if it has them all,
 # else the carried Debian packages unpacked into a private prefix (never into /).
 has_cmake_package() {  # NAME: a NAMEConfig.cmake or name-config.cmake in a system location
   local lower dir
@@ -203,7 +203,7 @@ has_cmake_package() {  # NAME: a NAMEConfig.cmake or name-config.cmake in a syst
 EXTRA_PREFIX=""
 missing_pkgs=()
 # Only the packages that CMakeLists.txt actually finds.
-needed_pkgs="$(grep -hoE 'find_package\((fmt|CLI11|GTest)\b' CMakeLists.txt 2>/dev/null | sed 's/find_package(//' | sort -u || true)"
+needed_pkgs="$(grep -hoE 'find_package\((CLI11|GTest|nlohmann_json)\b' CMakeLists.txt 2>/dev/null | sed 's/find_package(//' | sort -u || true)"
 for pkg in $needed_pkgs; do
   if [[ "${GPU_CHECK_USE_DEBS:-0}" == 1 ]] || ! has_cmake_package "$pkg"; then missing_pkgs+=("$pkg"); fi
 done

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 need_apt=()
-for pkg in cmake ninja-build g++ libgtest-dev libcli11-dev python3-venv python3-pip; do
+for pkg in cmake ninja-build g++ libgtest-dev libcli11-dev nlohmann-json3-dev python3-venv python3-pip; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 # A pyenv or other non-Debian python3 brings its own venv and pip.
@@ -29,6 +29,9 @@ if ! .venv/bin/python -c 'import torch, pytest; assert torch.__version__.startsw
   echo "setup: installing torch==2.11.0 and pytest into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.11.0 pytest
+fi
+if ! .venv/bin/python -c 'import safetensors, numpy' 2>/dev/null; then
+  .venv/bin/python -m pip install -q safetensors numpy
 fi
 TORCH_CMAKE="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 
