@@ -31,10 +31,16 @@ const kernels::FewbitTable& checked_table(kernels::Act act, int64_t bits, const 
 void* current_cuda_stream(const at::Device& device);  // cuda_utils.cpp
 #endif
 
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+
 // Runs `cpu(p, g0, g1)` over [0, groups) in parallel, or `cuda(p, stream)`.
+// (`cuda` is nullptr in CPU-only builds, hence not used to deduce P.)
 template <typename P>
 void launch(const at::Device& device, const P& p, int64_t groups, void (*cpu)(const P&, int64_t, int64_t),
-            void (*cuda)(const P&, void*)) {
+            void (*cuda)(const typename NonDeduced<P>::type&, void*)) {
   if (device.is_cpu()) {
     at::parallel_for(0, groups, 2048, [&](int64_t g0, int64_t g1) { cpu(p, g0, g1); });
     return;
