@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 need_apt=()
-for pkg in cmake ninja-build g++ libgtest-dev libcli11-dev nlohmann-json3-dev python3-venv python3-pip; do
+for pkg in cmake ninja-build g++ libgtest-dev libcli11-dev nlohmann-json3-dev libpcre2-dev libutf8proc-dev python3-venv python3-pip; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 # A pyenv or other non-Debian python3 brings its own venv and pip.
@@ -30,8 +30,9 @@ if ! .venv/bin/python -c 'import torch, pytest; assert torch.__version__.startsw
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.11.0 pytest
 fi
-if ! .venv/bin/python -c 'import safetensors, numpy' 2>/dev/null; then
-  .venv/bin/python -m pip install -q safetensors numpy
+# Reference implementations the tests compare against (checkpoints, tokenizers).
+if ! .venv/bin/python -c 'import safetensors, numpy, tokenizers, transformers' 2>/dev/null; then
+  .venv/bin/python -m pip install -q safetensors numpy tokenizers transformers
 fi
 TORCH_CMAKE="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 
