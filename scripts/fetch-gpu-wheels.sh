@@ -28,9 +28,10 @@ huggingface-hub tokenizers pyyaml regex requests tqdm setuptools"
 # name==version pairs to download (extend if a new Requires-Dist appears).
 WANTED=("liger-kernel==${LIGER_VERSION}")
 
-# Debian packages holding the CMake packages that CMakeLists.txt finds (CLI11,
-# GTest, nlohmann_json); unpacked with dpkg -x, so their own dependencies do not matter.
-DEBS=(libcli11-dev libgtest-dev libgmock-dev nlohmann-json3-dev)
+# Debian packages holding what CMakeLists.txt finds (CLI11, GTest, nlohmann_json,
+# PCRE2 and utf8proc with their shared libraries); unpacked with dpkg -x, so
+# their own dependencies do not matter.
+DEBS=(libcli11-dev libgtest-dev libgmock-dev nlohmann-json3-dev libpcre2-dev libpcre2-8-0 libutf8proc-dev libutf8proc2)
 
 mkdir -p "$WHEEL_DIR"
 

@@ -186,7 +186,7 @@ else
   deps_detail="no .whl/ (Liger-Kernel will be missing)"
 fi
 
-# CLI11, GTest, nlohmann_json (those CMakeLists.txt finds): the system's if it has them all,
+# CLI11, GTest, nlohmann_json, PCRE2, utf8proc (those CMakeLists.txt finds): the system's if it has them all,
 # else the carried Debian packages unpacked into a private prefix (never into /).
 has_cmake_package() {  # NAME: a NAMEConfig.cmake or name-config.cmake in a system location
   local lower dir
@@ -206,6 +206,10 @@ missing_pkgs=()
 needed_pkgs="$(grep -hoE 'find_package\((CLI11|GTest|nlohmann_json)\b' CMakeLists.txt 2>/dev/null | sed 's/find_package(//' | sort -u || true)"
 for pkg in $needed_pkgs; do
   if [[ "${GPU_CHECK_USE_DEBS:-0}" == 1 ]] || ! has_cmake_package "$pkg"; then missing_pkgs+=("$pkg"); fi
+done
+# The C libraries found by header (tokenizer): PCRE2 and utf8proc.
+for header in pcre2.h utf8proc.h; do
+  if [[ "${GPU_CHECK_USE_DEBS:-0}" == 1 || ! -f /usr/include/$header ]]; then missing_pkgs+=("$header"); fi
 done
 if ((${#missing_pkgs[@]})); then
   if ((${#debs[@]})); then
