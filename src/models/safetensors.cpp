@@ -2,6 +2,8 @@
 // and the sharded-checkpoint loader declared in unswag/safetensors.h.
 #include "unswag/safetensors.h"
 
+#include "models/file_io.h"
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <fcntl.h>
@@ -67,21 +69,9 @@ std::string supported_dtypes() {
   return s;
 }
 
-std::string errno_text() { return std::strerror(errno); }
-
-// POSIX path helpers. std::filesystem is avoided on purpose: libtorch.so
-// exports its own copies of some std::filesystem functions (remove_all,
-// equivalent, ...) that the dynamic linker may bind instead of libstdc++'s,
-// and those crash.
-std::string join(const std::string& dir, const std::string& name) {
-  if (dir.empty()) return name;
-  return dir.back() == '/' ? dir + name : dir + "/" + name;
-}
-
-bool exists(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0;
-}
+using io::errno_text;
+using io::exists;
+using io::join;
 
 // Owns a file descriptor so every early return (error) closes it.
 struct Fd {
@@ -186,17 +176,6 @@ TensorInfo parse_entry(const std::string& path, const std::string& name, const j
               " (data_offsets [", info.begin, ", ", info.end, "]) does not match shape ", shape.dump(), " of ",
               info.dtype, " (", expected, " bytes)");
   return info;
-}
-
-void write_all(int fd, const void* data, size_t size, const std::string& tmp) {
-  const char* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t n = ::write(fd, p, size);
-    if (n < 0 && errno == EINTR) continue;
-    TORCH_CHECK(n > 0, "safetensors: writing ", tmp, " failed: ", errno_text());
-    p += n;
-    size -= size_t(n);
-  }
 }
 
 }  // namespace
@@ -380,30 +359,11 @@ void save(const std::map<std::string, at::Tensor>& tensors, const std::string& p
   uint8_t length[8];
   for (int i = 0; i < 8; ++i) length[i] = uint8_t(uint64_t(text.size()) >> (8 * i));
 
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  TORCH_CHECK(fd >= 0, "safetensors: cannot create ", tmp, ": ", errno_text());
-  try {
-    write_all(fd, length, 8, tmp);
-    write_all(fd, text.data(), text.size(), tmp);
-    for (const Item& it : items) write_all(fd, it.data.const_data_ptr(), it.data.nbytes(), tmp);
-    TORCH_CHECK(::fsync(fd) == 0, "safetensors: fsync of ", tmp, " failed: ", errno_text());
-    const int closed = ::close(fd);
-    fd = -1;
-    TORCH_CHECK(closed == 0, "safetensors: closing ", tmp, " failed: ", errno_text());
-    TORCH_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, "safetensors: renaming ", tmp, " to ", path,
-                " failed: ", errno_text());
-  } catch (...) {
-    if (fd >= 0) ::close(fd);
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  // Make the rename itself durable; a failure here leaves a complete file, so
-  // it is not an error.
-  const size_t slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
-  Fd dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dir_fd.fd >= 0) ::fsync(dir_fd.fd);
+  io::write_atomic(path, [&](int fd) {
+    io::write_all(fd, length, 8, path);
+    io::write_all(fd, text.data(), text.size(), path);
+    for (const Item& it : items) io::write_all(fd, it.data.const_data_ptr(), it.data.nbytes(), path);
+  });
 }
 
 // ---------------------------------------------------------------- shards ---

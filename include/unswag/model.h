@@ -1,0 +1,126 @@
+// unswag::Model: a Llama-family causal LM (Llama, Mistral, Qwen2, Gemma) that
+// loads and saves Hugging Face checkpoints (config.json + safetensors) and,
+// after for_training(), trains with far less activation memory:
+//
+//   auto model = unswag::Model::from_pretrained("path/to/checkpoint", {torch::kCUDA, torch::kBFloat16});
+//   model.for_training({});                      // lean MLP, flash attention, chunked loss
+//   auto loss = model.loss(input_ids, targets);  // targets[b][t]: the token after input_ids[b][t]
+//   loss.backward();
+//   model.save_pretrained("out/");               // transformers loads it back
+//
+// Parameter names are Hugging Face's ("model.layers.0.self_attn.q_proj.weight").
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "unswag/models/config.h"
+
+namespace unswag {
+
+using models::ModelConfig;
+
+struct LoadOptions {
+  torch::Device device = torch::kCPU;
+  // The parameters' dtype; nullopt: the checkpoint's torch_dtype.
+  std::optional<torch::ScalarType> dtype;
+};
+
+// What for_training() switches on; each part is selectable. The defaults are
+// the memory-lean path; `TrainingOptions::plain()` is plain autograd (the
+// baseline the lean path is tested against).
+struct TrainingOptions {
+  // MLP blocks through unswag::fused_mlp: "none" (what autograd keeps),
+  // "recompute" (keeps only the block input), "compressed" (no matmul
+  // recomputed; see docs/memory.md). mlp_storage_bits 8 keeps the compressed
+  // values as int8 (lossy).
+  std::string mlp_policy = "compressed";
+  int64_t mlp_storage_bits = 16;
+  // "auto": PyTorch's SDPA (flash / memory-efficient kernels, no T x T
+  //         matrix) unless a sliding window or float64 would make it
+  //         materialise a mask or fall back to the math kernel: then "chunked".
+  // "sdpa", "chunked" (UnSwag's query-chunked attention with recomputation in
+  //         backward, O(chunk x T) memory), "eager" (the materialised scores
+  //         as transformers' eager attention: the reference).
+  std::string attention = "auto";
+  int64_t attention_chunk = 1024;  // query rows per chunk for "chunked"
+  // The final linear + cross-entropy in chunks of tokens (never the whole
+  // [tokens, vocab] logits); 0 chooses ~2^28 / vocab tokens per chunk.
+  bool chunked_loss = true;
+  int64_t loss_chunk_tokens = 0;
+  // Per-layer recomputation: "none"; "selective" recomputes the MLP half of a
+  // layer (RMSNorm + MLP, linear in T) and keeps the attention half (whose
+  // recomputation is quadratic in T); "full" recomputes the whole layer from
+  // its input. recompute_layers: the layers it applies to (empty: all).
+  std::string recompute = "none";
+  std::vector<int64_t> recompute_layers;
+  // RMSNorm that keeps its input and the fp32 1/rms for backward, not the
+  // fp32 copies autograd keeps.
+  bool lean_norm = true;
+
+  static TrainingOptions plain() {
+    TrainingOptions o;
+    o.mlp_policy = "none";
+    o.attention = "eager";
+    o.chunked_loss = false;
+    o.lean_norm = false;
+    return o;
+  }
+};
+
+namespace models {
+class CausalLMImpl;
+}
+
+class Model {
+ public:
+  // Reads dir/config.json and the weights (model.safetensors or the shards of
+  // model.safetensors.index.json). Every parameter must be present with its
+  // shape; missing, unexpected or mis-shaped tensors are errors naming them.
+  static Model from_pretrained(const std::string& dir, const LoadOptions& options = {});
+  // A randomly initialised model (as transformers initialises it: normal with
+  // std 0.02, zero biases, unit norms) from a config, with a seed.
+  static Model from_config(const ModelConfig& config, const LoadOptions& options = {}, uint64_t seed = 0);
+
+  // Writes dir/config.json, dir/generation_config.json and the weights
+  // (model.safetensors, or shards of at most max_shard_bytes with an index),
+  // each file atomically; transformers' from_pretrained loads the result.
+  void save_pretrained(const std::string& dir, int64_t max_shard_bytes = int64_t(5) << 30) const;
+
+  // Switches on the memory-lean training paths; see TrainingOptions.
+  Model& for_training(const TrainingOptions& options = {});
+  const TrainingOptions& training_options() const;
+
+  // input_ids [B, T] int64 -> logits [B, T, vocab] (the parameters' dtype).
+  // position_ids [B, T] (optional): 0..T-1 per row when absent.
+  torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& position_ids = {});
+  // Mean cross-entropy (float32) of predicting targets [B, T] (the next token
+  // of each position; -100 = ignored) from input_ids. Transformers'
+  // labels=input_ids corresponds to targets = [input_ids[:, 1:], -100].
+  // With chunked_loss the logits are never materialised whole.
+  torch::Tensor loss(const torch::Tensor& input_ids, const torch::Tensor& targets,
+                     const torch::Tensor& position_ids = {});
+
+  const ModelConfig& config() const;
+  std::vector<std::pair<std::string, torch::Tensor>> named_parameters() const;
+  std::vector<torch::Tensor> parameters() const;
+  int64_t num_parameters() const;
+  torch::Device device() const;
+  torch::ScalarType dtype() const;
+  void train(bool on = true);
+  void eval() { train(false); }
+  void zero_grad();
+  torch::nn::Module& module();
+
+ private:
+  explicit Model(std::shared_ptr<models::CausalLMImpl> impl) : impl_(std::move(impl)) {}
+  std::shared_ptr<models::CausalLMImpl> impl_;
+};
+
+}  // namespace unswag

@@ -1,0 +1,40 @@
+// The memory-lean building blocks of UnSwag's transformer layers, each a
+// differentiable op that keeps less for backward than plain autograd:
+//
+//   rms_norm                   keeps the input and the fp32 1/rms per row (not
+//                              the fp32 copies autograd keeps), output equal to
+//                              transformers' LlamaRMSNorm / GemmaRMSNorm
+//   chunked_attention          causal (optionally sliding-window) attention
+//                              with GQA, computed in query chunks; keeps q, k,
+//                              v, the output and the log-sum-exp per row (no
+//                              T x T matrix), recomputes scores in backward
+//   linear_cross_entropy       mean cross-entropy of (h W^T) against targets,
+//                              in token chunks: keeps h and one fp32
+//                              log-sum-exp per token, never the [N, vocab]
+//                              logits; backward recomputes each chunk
+//
+// All are also registered as torch.ops.unswag.<name>.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace unswag {
+
+// x [..., n], weight [n]. add_one: y = x/rms * (1 + w) computed in fp32 then
+// cast (Gemma); else y = w * (x/rms cast to x's dtype) (Llama).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool add_one = false);
+
+// q [B, H, T, D], k and v [B, Hkv, T, D] with H a multiple of Hkv. Causal; with
+// window > 0 token i sees tokens j in (i - window, i] only (Mistral's sliding
+// window). scale: usually D^-1/2. Softmax statistics in fp32.
+at::Tensor chunked_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                             int64_t window = 0, int64_t chunk = 1024);
+
+// h [N, d], weight [V, d], targets [N] int64 (ignore_index ignored). Mean over
+// the non-ignored targets (NaN when there are none, as torch's cross_entropy).
+// The logits of a chunk are computed in h's dtype and upcast to fp32 (as
+// transformers does); chunk_tokens 0 picks ~2^28 / V.
+at::Tensor linear_cross_entropy(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& targets,
+                                int64_t chunk_tokens = 0, int64_t ignore_index = -100);
+
+}  // namespace unswag

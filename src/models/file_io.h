@@ -1,0 +1,26 @@
+// POSIX file helpers shared by the checkpoint writers: path joins, existence,
+// mkdir -p, and atomic writes (temporary file, fsync, rename, fsync of the
+// directory), so a crash never leaves a half-written file under the final
+// name. std::filesystem is avoided on purpose: libtorch.so exports its own
+// copies of some std::filesystem functions (remove_all, equivalent, ...) that
+// the dynamic linker may bind instead of libstdc++'s, and those crash.
+#pragma once
+
+#include <functional>
+#include <string>
+
+namespace unswag::io {
+
+std::string join(const std::string& dir, const std::string& name);
+bool exists(const std::string& path);
+std::string errno_text();
+// Creates `dir` and its missing parents; an error names the path that failed.
+void make_dirs(const std::string& dir);
+// Writes `size` bytes to `fd` (retrying short writes); `what` names the file in errors.
+void write_all(int fd, const void* data, size_t size, const std::string& what);
+// Calls write(fd) on "<path>.tmp.<pid>", then fsyncs and renames it over
+// `path`. On any error the temporary file is removed and `path` is untouched.
+void write_atomic(const std::string& path, const std::function<void(int fd)>& write);
+void write_text_atomic(const std::string& path, const std::string& text);
+
+}  // namespace unswag::io
