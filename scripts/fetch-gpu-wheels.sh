@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Role: download, on a machine with PyPI and Debian access, what the offline GPU
-# machine lacks: Python wheels (Liger-Kernel, the optional benchmark contender)
-# into .whl/, and the C++ build dependencies of CMakeLists.txt (CLI11, nlohmann_json,
+# machine lacks: Python wheels (Liger-Kernel and bitsandbytes, the optional
+# benchmark contenders) into .whl/, and the C++ build dependencies of CMakeLists.txt (CLI11, nlohmann_json,
 # GoogleTest, as Debian .debs) into .whl/debs/; scripts/gpu-check.sh installs
 # the wheels into /tmp/site and unpacks the .debs into a private prefix there.
 #
 # Usage: bash scripts/fetch-gpu-wheels.sh            (idempotent; re-fetches nothing present)
-#        LIGER_VERSION=0.8.4 bash scripts/fetch-gpu-wheels.sh
+#        LIGER_VERSION=0.8.4 BNB_VERSION=0.50.2 bash scripts/fetch-gpu-wheels.sh
 # Then carry ".whl" with the GPU call.
 set -euo pipefail
 
@@ -16,6 +16,11 @@ cd "$repo_root"
 # Latest Liger-Kernel at the time of writing; it needs torch>=2.1.2 and
 # triton>=2.3.1 only, so it runs on the GPU machine's torch 2.11 / triton 3.6.
 LIGER_VERSION="${LIGER_VERSION:-0.8.5}"
+# bitsandbytes (bench/bench_optim.py's 8-bit AdamW contender) needs torch, numpy
+# and packaging only. Its wheel (43 MB) carries one native library per CUDA /
+# ROCm / XPU version; only the one for the GPU machine's torch (cu130) is kept.
+BNB_VERSION="${BNB_VERSION:-0.50.2}"
+BNB_CUDA="${BNB_CUDA:-130}"
 WHEEL_DIR=".whl"
 MAX_BYTES=$((10 * 1024 * 1024))
 
@@ -26,7 +31,7 @@ typing-extensions sympy networkx fsspec peft accelerate safetensors \
 huggingface-hub tokenizers pyyaml regex requests tqdm setuptools"
 
 # name==version pairs to download (extend if a new Requires-Dist appears).
-WANTED=("liger-kernel==${LIGER_VERSION}")
+WANTED=("liger-kernel==${LIGER_VERSION}" "bitsandbytes==${BNB_VERSION}")
 
 # Debian packages holding what CMakeLists.txt finds (CLI11, GTest, nlohmann_json,
 # PCRE2 and utf8proc with their shared libraries); unpacked with dpkg -x, so
@@ -38,7 +43,7 @@ mkdir -p "$WHEEL_DIR"
 download() {
   python3 -m pip download -q --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any \
     -d "$WHEEL_DIR" "$1"
 }
@@ -62,6 +67,40 @@ for spec in "${WANTED[@]}"; do
     echo "downloading $spec"
     download "$spec"
   fi
+done
+
+# Slim the bitsandbytes wheel to the native library the GPU machine loads
+# (libbitsandbytes_cuda$BNB_CUDA.so, and the CPU one), dropping the others from
+# the archive and from its RECORD; rewritten to a temporary file, then renamed.
+for wheel in "$WHEEL_DIR"/bitsandbytes-*.whl; do
+  [[ -e "$wheel" ]] || continue
+  python3 - "$wheel" "$BNB_CUDA" <<'PY'
+import os, re, sys, zipfile
+path, keep_cuda = sys.argv[1], sys.argv[2]
+native = re.compile(r"bitsandbytes/libbitsandbytes_(\w+)\.so$")
+def wanted(name):
+    m = native.search(name)
+    return m is None or m.group(1) in ("cpu", "cuda" + keep_cuda)
+with zipfile.ZipFile(path) as src:
+    names = src.namelist()
+    if all(wanted(n) for n in names):
+        print(f"  {os.path.basename(path)}: already slim")
+        sys.exit(0)
+    if not any(native.search(n) and n.endswith(f"cuda{keep_cuda}.so") for n in names):
+        sys.exit(f"{path} has no libbitsandbytes_cuda{keep_cuda}.so")
+    tmp = path + ".tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if not wanted(info.filename):
+                continue
+            data = src.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                lines = data.decode().splitlines(keepends=True)
+                data = "".join(l for l in lines if wanted(l.split(",", 1)[0])).encode()
+            dst.writestr(info, data)
+os.replace(tmp, path)
+print(f"  {os.path.basename(path)}: kept libbitsandbytes_cpu.so and libbitsandbytes_cuda{keep_cuda}.so")
+PY
 done
 
 # Check every wheel's unconditional requirements against the GPU machine's set.
