@@ -10,6 +10,7 @@
 #   --skip-build   reuse build-cuda/ as it is (it must hold libunswag.so)
 #   --only X       run only the tests or only the benchmarks (after the build)
 # Environment: GPU_CHECK_BUDGET_S (default 570): seconds for the whole script;
+#   GPU_CHECK_BENCHES: which benchmarks (default "bench_activations bench_mlp bench_model");
 #   each step gets what is left, so the summary and $OUT always get written.
 #   GPU_CHECK_ALLOW_PY_SKIPS=1: do not fail on skipped Python tests.
 #   JOBS (default 16): build parallelism.
@@ -79,14 +80,14 @@ say() { echo "$*" | tee -a "$LOG"; }
 
 remaining_s() { echo $((BUDGET_S - (SECONDS - START_S))); }
 
-# Copies what should come back into $OUT (at most 8 files): called after each step,
+# Copies what should come back into $OUT (logs, bench results, BENCHMARKS.md): called after each step,
 # so a run cut off by the caller's time limit still returns what it has.
 collect() {
   [[ -n "${OUT:-}" ]] || return 0
   mkdir -p "$OUT"
   local f
   for f in "$LOG" "$CTEST_LOG" "$BENCH_DIR"/bench_activations.json "$BENCH_DIR"/bench_activations.md \
-           "$BENCH_DIR"/bench_mlp.json "$BENCH_DIR"/bench_mlp.md; do
+           "$BENCH_DIR"/bench_mlp.json "$BENCH_DIR"/bench_mlp.md "$BENCH_DIR"/bench_*.json; do
     [[ -f "$f" ]] && cp -f "$f" "$OUT"/
   done
   if [[ -f "$PYTEST_LOG" ]]; then cat "$PYTEST_LOG" >"$OUT/pytest.log"; fi
@@ -382,10 +383,18 @@ fi
 if [[ "$ONLY" != tests ]] && ((build_ok)); then
   quick_flag=()
   ((QUICK)) && quick_flag=(--quick)
-  for bench in bench_activations bench_mlp; do
+  for bench in ${GPU_CHECK_BENCHES:-bench_activations bench_mlp bench_model}; do
     t0=$SECONDS
-    run_step "$bench" "" "" python3 "bench/$bench.py" --device cuda --lib "$BUILD_DIR/libunswag.so" \
-      --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes "${quick_flag[@]}"
+    case "$bench" in
+      bench_model)  # whole-model training step vs transformers; spends at most what is left
+        model_args=(--bench-exe "$BUILD_DIR/bench_train_step" --budget-s $(($(remaining_s) - 30)))
+        ((QUICK)) && model_args+=(--contexts 4096,16384 --steps 2 --warmup 1)
+        run_step "$bench" "" "" python3 bench/bench_model.py "${model_args[@]}" \
+          --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes ;;
+      *)
+        run_step "$bench" "" "" python3 "bench/$bench.py" --device cuda --lib "$BUILD_DIR/libunswag.so" \
+          --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes "${quick_flag[@]}" ;;
+    esac
     if [[ -f "$BENCH_DIR/$bench.md" ]]; then touch "$BENCH_DIR/.doc-updated"; fi
     case "$STEP_RC" in
       0) record "$bench" ok "$bench.json, $bench.md, docs/BENCHMARKS.md" $((SECONDS - t0)) ;;
@@ -440,6 +449,7 @@ if mlp.exists():
     for e in data.get("errors", []):
         print(f"  ERROR {e}")
 PY
+  for f in "$BENCH_DIR"/bench_model.md; do [[ -f "$f" ]] && sed -n '/^| context/,$p' "$f"; done
   echo
   echo "gpu-check summary ($(date -u '+%H:%M:%S UTC'), $((SECONDS - START_S))s; results in ${OUT:-$WORK_DIR}):"
   printf '| %-17s | %-8s | %5s | %s\n' step status secs detail
