@@ -1,0 +1,174 @@
+// The memory-lean transformer ops (include/unswag/nn/functional.h) against
+// float64 PyTorch compositions of the same math: rms_norm (Llama and Gemma
+// forms), chunked_attention (causal, sliding window, GQA, chunks that do not
+// divide T), linear_cross_entropy (ignored targets, several chunks); values
+// and gradients, each dtype, odd sizes, empty inputs, bad arguments. CUDA
+// cases run in scripts/gpu-check.sh.
+#include <cmath>
+
+#include "test_util.h"
+#include "unswag/nn/functional.h"
+
+namespace {
+
+using unswag::test::expect_error;
+using unswag::test::rel_l2;
+using unswag::test::unit_roundoff;
+
+// Relative tolerance of a result computed in `dtype` from inputs rounded to it.
+double tol(torch::ScalarType dtype, double factor) { return factor * unit_roundoff(dtype) + 1e-6; }
+
+class TransformerOps : public unswag::test::DeviceTest {
+ protected:
+  // A leaf in `dtype` plus its float64 twin (same values) for the reference.
+  std::pair<torch::Tensor, torch::Tensor> leaf(torch::IntArrayRef shape, torch::ScalarType dtype, double scale = 1) {
+    auto x = (torch::randn(shape, opts(torch::kFloat)) * scale).to(dtype);
+    return {x.clone().requires_grad_(true), x.to(torch::kDouble).clone().requires_grad_(true)};
+  }
+};
+
+// ------------------------------------------------------------- rms_norm ----
+
+torch::Tensor rms_norm_ref(const torch::Tensor& x, const torch::Tensor& w, double eps, bool add_one) {
+  const auto xh = x * torch::rsqrt(x.pow(2).mean(-1, true) + eps);
+  return add_one ? xh * (1 + w) : xh * w;
+}
+
+TEST_P(TransformerOps, RMSNormMatchesFloat64) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  for (auto dtype : unswag::test::float_dtypes()) {
+    for (bool add_one : {false, true}) {
+      auto [x, x64] = leaf({3, 5, 77}, dtype, 3.0);
+      auto [w, w64] = leaf({77}, dtype);
+      const auto y = unswag::rms_norm(x, w, 1e-6, add_one);
+      const auto y64 = rms_norm_ref(x64, w64, 1e-6, add_one);
+      EXPECT_EQ(y.scalar_type(), dtype);
+      EXPECT_LT(rel_l2(y, y64), tol(dtype, 4)) << dtype << " add_one " << add_one;
+      const auto g = torch::randn_like(y64);
+      y.backward(g.to(dtype));
+      y64.backward(g);
+      EXPECT_LT(rel_l2(x.grad(), x64.grad()), tol(dtype, 8)) << dtype;
+      EXPECT_LT(rel_l2(w.grad(), w64.grad()), tol(dtype, 8)) << dtype;
+    }
+  }
+}
+
+TEST_P(TransformerOps, RMSNormNonContiguousAndEmpty) {
+  auto x = torch::randn({6, 40}, opts(torch::kFloat)).t();  // [40, 6], strided
+  auto w = torch::randn({6}, opts(torch::kFloat));
+  EXPECT_LT(rel_l2(unswag::rms_norm(x, w, 1e-5), rms_norm_ref(x.to(torch::kDouble), w.to(torch::kDouble), 1e-5, false)),
+            1e-6);
+  auto e = torch::randn({0, 6}, opts(torch::kFloat));
+  EXPECT_EQ(unswag::rms_norm(e, w, 1e-5).sizes(), e.sizes());
+  expect_error([&] { unswag::rms_norm(x, torch::ones({5}, opts(torch::kFloat)), 1e-5); }, {"weight", "[5]"});
+  expect_error([&] { unswag::rms_norm(x.to(torch::kInt), w, 1e-5); }, {"rms_norm", "x"});
+  expect_error([&] { unswag::rms_norm(x, w, 0); }, {"eps"});
+}
+
+// ---------------------------------------------------- chunked_attention ----
+
+torch::Tensor attention_ref(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
+                            int64_t window) {
+  const int64_t G = q.size(1) / k.size(1), T = q.size(2);
+  const auto kr = k.repeat_interleave(G, 1), vr = v.repeat_interleave(G, 1);
+  auto s = torch::matmul(q, kr.transpose(-1, -2)) * scale;
+  const auto i = torch::arange(T, torch::TensorOptions().device(q.device())).unsqueeze(1);
+  const auto j = i.t();
+  auto allowed = j <= i;
+  if (window > 0) allowed = allowed.logical_and(j > i - window);
+  s = s.masked_fill(allowed.logical_not(), -INFINITY);
+  return torch::matmul(torch::softmax(s, -1), vr);
+}
+
+TEST_P(TransformerOps, ChunkedAttentionMatchesFloat64) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  struct Case {
+    int64_t B, H, Hkv, T, D, window, chunk;
+  };
+  for (const Case c : {Case{2, 4, 2, 37, 16, 0, 8}, Case{1, 6, 1, 53, 24, 9, 16}, Case{1, 2, 2, 5, 8, 0, 64},
+                       Case{2, 4, 4, 33, 32, 33, 11}}) {
+    for (auto dtype : unswag::test::float_dtypes()) {
+      auto [q, q64] = leaf({c.B, c.H, c.T, c.D}, dtype);
+      auto [k, k64] = leaf({c.B, c.Hkv, c.T, c.D}, dtype);
+      auto [v, v64] = leaf({c.B, c.Hkv, c.T, c.D}, dtype);
+      const double scale = 1.0 / std::sqrt(double(c.D));
+      const auto o = unswag::chunked_attention(q, k, v, scale, c.window, c.chunk);
+      const auto o64 = attention_ref(q64, k64, v64, scale, c.window);
+      EXPECT_LT(rel_l2(o, o64), tol(dtype, 8)) << dtype << " T " << c.T << " window " << c.window;
+      const auto g = torch::randn_like(o64);
+      o.backward(g.to(dtype));
+      o64.backward(g);
+      EXPECT_LT(rel_l2(q.grad(), q64.grad()), tol(dtype, 16)) << dtype << " T " << c.T;
+      EXPECT_LT(rel_l2(k.grad(), k64.grad()), tol(dtype, 16)) << dtype << " T " << c.T;
+      EXPECT_LT(rel_l2(v.grad(), v64.grad()), tol(dtype, 16)) << dtype << " T " << c.T;
+    }
+  }
+}
+
+TEST_P(TransformerOps, ChunkedAttentionIsCausal) {
+  // Changing only later tokens must not move earlier outputs.
+  auto q = torch::randn({1, 2, 20, 8}, opts(torch::kFloat)), k = torch::randn({1, 1, 20, 8}, opts(torch::kFloat));
+  auto v = torch::randn({1, 1, 20, 8}, opts(torch::kFloat));
+  const auto a = unswag::chunked_attention(q, k, v, 0.3, 0, 6);
+  auto k2 = k.clone(), v2 = v.clone();
+  k2.narrow(2, 12, 8).normal_();
+  v2.narrow(2, 12, 8).normal_();
+  const auto b = unswag::chunked_attention(q, k2, v2, 0.3, 0, 6);
+  EXPECT_TRUE(torch::equal(a.narrow(2, 0, 12), b.narrow(2, 0, 12)));
+  EXPECT_FALSE(torch::equal(a.narrow(2, 12, 8), b.narrow(2, 12, 8)));
+}
+
+TEST_P(TransformerOps, ChunkedAttentionErrors) {
+  auto q = torch::randn({1, 3, 8, 4}, opts(torch::kFloat)), k = torch::randn({1, 2, 8, 4}, opts(torch::kFloat));
+  expect_error([&] { unswag::chunked_attention(q, k, k, 0.5); }, {"multiple of k/v heads"});
+  expect_error([&] { unswag::chunked_attention(q, q.narrow(2, 0, 4), q, 0.5); }, {"k and v must be"});
+  expect_error([&] { unswag::chunked_attention(q, q, q, 0.5, -1); }, {"window"});
+  expect_error([&] { unswag::chunked_attention(q, q, q, 0.5, 0, 0); }, {"chunk"});
+  expect_error([&] { unswag::chunked_attention(q.flatten(0, 1), q, q, 0.5); }, {"[B, heads, T, head_dim]"});
+  auto e = torch::randn({1, 2, 0, 4}, opts(torch::kFloat));
+  EXPECT_EQ(unswag::chunked_attention(e, e, e, 0.5).sizes(), e.sizes());
+}
+
+// -------------------------------------------------- linear_cross_entropy ----
+
+TEST_P(TransformerOps, LinearCrossEntropyMatchesFloat64) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  for (auto dtype : unswag::test::float_dtypes()) {
+    const int64_t N = 45, d = 24, V = 131;
+    auto [h, h64] = leaf({N, d}, dtype);
+    auto [w, w64] = leaf({V, d}, dtype, 0.5);
+    auto targets = torch::randint(0, V, {N}, opts(torch::kLong));
+    targets.index_put_({torch::randint(0, N, {7}, opts(torch::kLong))}, -100);
+    // The reference: logits rounded to dtype as transformers computes them, then float64.
+    const auto z64 = torch::matmul(h64, w64.t());
+    const auto ref = torch::nn::functional::cross_entropy(
+        z64, targets, torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+    for (int64_t chunk : {int64_t(0), int64_t(8), int64_t(45), int64_t(1)}) {
+      h.mutable_grad() = torch::Tensor();
+      w.mutable_grad() = torch::Tensor();
+      const auto loss = unswag::linear_cross_entropy(h, w, targets, chunk);
+      EXPECT_EQ(loss.scalar_type(), torch::kFloat);
+      EXPECT_NEAR(loss.item<double>(), ref.item<double>(), tol(dtype, 16) * ref.item<double>()) << dtype;
+      (loss * 1.7).backward();
+      if (chunk == 0) (ref * 1.7).backward();
+      EXPECT_LT(rel_l2(h.grad(), h64.grad()), tol(dtype, 16)) << dtype << " chunk " << chunk;
+      EXPECT_LT(rel_l2(w.grad(), w64.grad()), tol(dtype, 16)) << dtype << " chunk " << chunk;
+    }
+  }
+}
+
+TEST_P(TransformerOps, LinearCrossEntropyEdgeCasesAndErrors) {
+  auto h = torch::randn({4, 8}, opts(torch::kFloat)), w = torch::randn({10, 8}, opts(torch::kFloat));
+  // All targets ignored: NaN, as torch's cross_entropy.
+  EXPECT_TRUE(std::isnan(unswag::linear_cross_entropy(h, w, torch::full({4}, -100, opts(torch::kLong))).item<double>()));
+  expect_error([&] { unswag::linear_cross_entropy(h, w, torch::tensor({0, 1, 2, 10}, opts(torch::kLong))); },
+               {"targets must be in [0, 10)"});
+  expect_error([&] { unswag::linear_cross_entropy(h, w, torch::zeros({3}, opts(torch::kLong))); }, {"targets", "[3]"});
+  expect_error([&] { unswag::linear_cross_entropy(h, w.t(), torch::zeros({4}, opts(torch::kLong))); },
+               {"weight [vocab, d]"});
+  expect_error([&] { unswag::linear_cross_entropy(h, w, torch::zeros({4}, opts(torch::kInt))); }, {"int64"});
+}
+
+UNSWAG_INSTANTIATE_DEVICES(TransformerOps);
+
+}  // namespace
