@@ -49,17 +49,21 @@ def llama_shapes(quick: bool) -> list[tuple[str, tuple[int, ...]]]:
 
 class UnswagAdamW:
     """AdamW through torch.ops.unswag: 8-bit block-wise state for tensors of at
-    least MIN_8BIT_SIZE elements (eight_bit=True), fp32 state otherwise."""
+    least min_8bit_size elements (eight_bit=True), fp32 state otherwise. The
+    learning rate may be changed between steps (self.lr)."""
 
-    def __init__(self, ops, params: list[torch.Tensor], eight_bit: bool, block_size: int = 256):
-        self.ops, self.params, self.block_size, self.t = ops, params, block_size, 0
-        device = params[0].device
+    def __init__(self, ops, params: list[torch.Tensor], eight_bit: bool, block_size: int = 256, *, lr: float = LR,
+                 betas: tuple[float, float] = BETAS, eps: float = EPS, weight_decay: float = WEIGHT_DECAY,
+                 min_8bit_size: int = MIN_8BIT_SIZE):
+        self.ops, self.params, self.block_size, self.t = ops, list(params), block_size, 0
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        device = self.params[0].device
         self.map1 = ops.dynamic_map(True).to(device)
         self.map2 = ops.dynamic_map(False).to(device)
         self.state = []
-        for p in params:
+        for p in self.params:
             n = p.numel()
-            if eight_bit and n >= MIN_8BIT_SIZE:
+            if eight_bit and n >= min_8bit_size:
                 blocks = (n + block_size - 1) // block_size
                 # Any code with absmax 0 dequantizes to 0: zero moments.
                 self.state.append((torch.zeros(n, dtype=torch.uint8, device=device),
@@ -71,12 +75,21 @@ class UnswagAdamW:
     @torch.no_grad()
     def step(self) -> None:
         self.t += 1
+        hyper = (self.lr, self.betas[0], self.betas[1], self.eps, self.weight_decay, self.t)
         for p, st in zip(self.params, self.state):
+            if p.grad is None:
+                continue
             if len(st) == 4:
-                self.ops.adamw8bit_step_(p, p.grad, st[0], st[1], st[2], st[3], self.map1, self.map2, LR, BETAS[0],
-                                         BETAS[1], EPS, WEIGHT_DECAY, self.t, self.block_size)
+                self.ops.adamw8bit_step_(p, p.grad, *st, self.map1, self.map2, *hyper, self.block_size)
             else:
-                self.ops.adamw_step_(p, p.grad, st[0], st[1], LR, BETAS[0], BETAS[1], EPS, WEIGHT_DECAY, self.t)
+                self.ops.adamw_step_(p, p.grad, *st, *hyper)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self.state for t in st)
 
 
 def contenders(ops, device: str, bnb) -> list[tuple[str, Callable[[list[torch.Tensor]], object]]]:

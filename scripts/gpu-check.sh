@@ -383,7 +383,8 @@ fi
 if [[ "$ONLY" != tests ]] && ((build_ok)); then
   quick_flag=()
   ((QUICK)) && quick_flag=(--quick)
-  for bench in ${GPU_CHECK_BENCHES:-bench_activations bench_mlp bench_model}; do
+  # bench_optim before bench_model, which spends whatever time is left.
+  for bench in ${GPU_CHECK_BENCHES:-bench_activations bench_mlp bench_optim bench_model}; do
     t0=$SECONDS
     case "$bench" in
       bench_model)  # whole-model training step vs transformers; spends at most what is left
@@ -446,6 +447,16 @@ if mlp.exists():
         tgt = {True: "met", False: "MISSED", None: ""}[r.get("target_met")]
         print(f"  {r['tokens']:>6} {r['contender']:<20} {kept_s:>12} {fewer_s:>7} "
               f"{r.get('time_vs_pytorch', float('nan')):6.3f}x {r['max_grad_error']:.1e} {tgt}")
+    for e in data.get("errors", []):
+        print(f"  ERROR {e}")
+optim = out / "bench_optim.json"
+if optim.exists():
+    data = json.loads(optim.read_text())
+    print("optimizer step, Llama-3.2-1B shapes (median ms, state bytes/param, first-step err / lr):")
+    for r in data["rows"]:
+        per = r.get("state_bytes_per_param")
+        print(f"  {r['dtype']:<9} {r['contender']:<26} {r['time']['median_ms']:8.2f} ms "
+              f"{'n/a' if per is None else f'{per:.3f}':>6} B/param  {r['first_step_error']:.1e}")
     for e in data.get("errors", []):
         print(f"  ERROR {e}")
 PY
