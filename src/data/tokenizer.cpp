@@ -380,12 +380,13 @@ void Tokenizer::Impl::pre_tokenize(size_t step, std::string_view piece, const Em
     prefixed += piece;
     piece = prefixed;
   }
-  if (s.regex) {
-    split_ranges(s, piece, ranges);
-  } else {
-    ranges.emplace_back(0, piece.size());
-  }
   std::string mapped;
+  if (!s.regex) {
+    tok::append_byte_level(mapped, piece);
+    pre_tokenize(step + 1, mapped, emit);
+    return;
+  }
+  split_ranges(s, piece, ranges);
   for (const auto& [start, end] : ranges) {
     mapped.clear();
     tok::append_byte_level(mapped, piece.substr(start, end - start));

@@ -219,11 +219,43 @@ class RandomText {
     const int parts = length(rng_);
     std::string out;
     for (int i = 0; i < parts; ++i) {
+      if (std::uniform_int_distribution<int>(0, 9)(rng_) == 0) {
+        out += any_code_point();
+        continue;
+      }
       const bool use_extra = !extra_.empty() && coin(rng_) == 0;
       const auto& pool = use_extra ? extra_ : pools[std::uniform_int_distribution<size_t>(0, pools.size() - 1)(rng_)];
       out += pool[std::uniform_int_distribution<size_t>(0, pool.size() - 1)(rng_)];
       if (coin(rng_) == 0) out += ' ';
     }
+    return out;
+  }
+
+  // A random code point from blocks whose assignments have not changed since
+  // Unicode 14 (letters, marks, digits, spaces, symbols, emoji, CJK, private
+  // use, unassigned holes): PCRE2 10.42 has Unicode 14 tables while
+  // tokenizers' Oniguruma has newer ones, so a character assigned later (CJK
+  // Extension H, say) is a letter to one and unassigned to the other.
+  std::string any_code_point() {
+    static const std::pair<uint32_t, uint32_t> blocks[] = {
+        {0x80, 0x6FF},      {0x900, 0x97F},     {0xE00, 0xE7F},     {0x1100, 0x11FF},   {0x1E00, 0x209F},
+        {0x2100, 0x27BF},   {0x3000, 0x30FF},   {0x4E00, 0x9FFF},   {0xAC00, 0xD7A3},   {0xE000, 0xE0FF},
+        {0xFB00, 0xFB4F},   {0xFE00, 0xFE0F},   {0xFF00, 0xFFEF},   {0x10000, 0x1007F}, {0x1D400, 0x1D7FF},
+        {0x1F300, 0x1F5FF}, {0x20000, 0x2A6DF}, {0xF0000, 0xF00FF}};
+    const auto& [first, last] = blocks[std::uniform_int_distribution<size_t>(0, std::size(blocks) - 1)(rng_)];
+    const uint32_t cp = std::uniform_int_distribution<uint32_t>(first, last)(rng_);
+    std::string out;
+    if (cp < 0x800) {
+      out += char(0xC0 | (cp >> 6));
+    } else if (cp < 0x10000) {
+      out += char(0xE0 | (cp >> 12));
+      out += char(0x80 | ((cp >> 6) & 0x3F));
+    } else {
+      out += char(0xF0 | (cp >> 18));
+      out += char(0x80 | ((cp >> 12) & 0x3F));
+      out += char(0x80 | ((cp >> 6) & 0x3F));
+    }
+    out += char(0x80 | (cp & 0x3F));
     return out;
   }
 
