@@ -261,17 +261,37 @@ size_t leading_space_length(std::string_view s) {
   return pos;
 }
 
+struct SplitPart {
+  size_t start, end;
+  bool is_match;
+};
+
+// Walks `parts` and appends each to `kept`, or, where join(its is_match, the
+// previous part's is_match) holds, widens the last kept part over it (its
+// start when walking backwards): tokenizers' folds for the merging behaviours.
+template <typename Iterator, typename Join>
+void join_parts(Iterator first, Iterator last, const Join& join, bool backwards, std::vector<SplitPart>& kept) {
+  bool previous_match = false;
+  for (; first != last; ++first) {
+    if (!kept.empty() && join(first->is_match, previous_match)) {
+      if (backwards)
+        kept.back().start = first->start;
+      else
+        kept.back().end = first->end;
+    } else {
+      kept.push_back({first->start, first->end, false});
+    }
+    previous_match = first->is_match;
+  }
+}
+
 // The pieces Split keeps of `piece`: tokenizers first covers the piece with
 // matches and the gaps between them, flips them when `invert`, then merges or
 // drops them according to the behaviour; empty pieces are dropped.
 void split_ranges(const PreTokenizerStep& step, std::string_view piece, std::vector<std::pair<size_t, size_t>>& out) {
   std::vector<std::pair<size_t, size_t>> found;
   step.regex->find_all(piece, found);
-  struct Part {
-    size_t start, end;
-    bool is_match;
-  };
-  std::vector<Part> parts;
+  std::vector<SplitPart> parts;
   parts.reserve(2 * found.size() + 1);
   size_t previous = 0;
   for (const auto& [start, end] : found) {
@@ -281,47 +301,31 @@ void split_ranges(const PreTokenizerStep& step, std::string_view piece, std::vec
   }
   if (previous != piece.size()) parts.push_back({previous, piece.size(), false});
   if (step.invert)
-    for (Part& p : parts) p.is_match = !p.is_match;
+    for (SplitPart& p : parts) p.is_match = !p.is_match;
 
-  std::vector<Part> kept;  // is_match now means "remove"
-  bool previous_match = false;
+  std::vector<SplitPart> kept;  // is_match now means "remove"
+  const auto match_after_gap = [](bool is_match, bool previous_match) { return is_match && !previous_match; };
   switch (step.behavior) {
     case SplitBehavior::kIsolated:
-      for (const Part& p : parts) kept.push_back({p.start, p.end, false});
+      for (const SplitPart& p : parts) kept.push_back({p.start, p.end, false});
       break;
     case SplitBehavior::kRemoved:
       kept = parts;
       break;
     case SplitBehavior::kContiguous:
-      for (const Part& p : parts) {
-        if (p.is_match == previous_match && !kept.empty())
-          kept.back().end = p.end;
-        else
-          kept.push_back({p.start, p.end, false});
-        previous_match = p.is_match;
-      }
+      join_parts(parts.begin(), parts.end(), [](bool is_match, bool previous_match) { return is_match == previous_match; },
+                 false, kept);
       break;
     case SplitBehavior::kMergedWithPrevious:
-      for (const Part& p : parts) {
-        if (p.is_match && !previous_match && !kept.empty())
-          kept.back().end = p.end;
-        else
-          kept.push_back({p.start, p.end, false});
-        previous_match = p.is_match;
-      }
+      join_parts(parts.begin(), parts.end(), match_after_gap, false, kept);
       break;
     case SplitBehavior::kMergedWithNext:
-      for (auto it = parts.rbegin(); it != parts.rend(); ++it) {
-        if (it->is_match && !previous_match && !kept.empty())
-          kept.back().start = it->start;
-        else
-          kept.push_back({it->start, it->end, false});
-        previous_match = it->is_match;
-      }
+      // The same walk from the right, joining each match to the part after it.
+      join_parts(parts.rbegin(), parts.rend(), match_after_gap, true, kept);
       std::reverse(kept.begin(), kept.end());
       break;
   }
-  for (const Part& p : kept)
+  for (const SplitPart& p : kept)
     if (!p.is_match && p.end > p.start) out.emplace_back(p.start, p.end);
 }
 

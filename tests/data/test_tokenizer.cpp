@@ -20,6 +20,7 @@
 #include <sstream>
 #include <thread>
 
+#include "data/tokenizer_internal.h"  // (append_utf8, for random text)
 #include "test_util.h"
 
 namespace unswag {
@@ -245,17 +246,7 @@ class RandomText {
     const auto& [first, last] = blocks[std::uniform_int_distribution<size_t>(0, std::size(blocks) - 1)(rng_)];
     const uint32_t cp = std::uniform_int_distribution<uint32_t>(first, last)(rng_);
     std::string out;
-    if (cp < 0x800) {
-      out += char(0xC0 | (cp >> 6));
-    } else if (cp < 0x10000) {
-      out += char(0xE0 | (cp >> 12));
-      out += char(0x80 | ((cp >> 6) & 0x3F));
-    } else {
-      out += char(0xF0 | (cp >> 18));
-      out += char(0x80 | ((cp >> 12) & 0x3F));
-      out += char(0x80 | ((cp >> 6) & 0x3F));
-    }
-    out += char(0x80 | (cp & 0x3F));
+    data::tok::append_utf8(out, cp);
     return out;
   }
 
