@@ -60,19 +60,22 @@ def hf_worker(context: int, ckpt: bool, warmup: int, steps: int) -> dict:
         for i in range(warmup + steps):
             if i == warmup:
                 torch.cuda.reset_peak_memory_stats()
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            ev[0].record()
             loss = model(input_ids=ids, labels=ids).loss
+            ev[1].record()
             loss.backward()
+            ev[2].record()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            stop.record()
-            stop.synchronize()
+            ev[3].record()
+            ev[3].synchronize()
             if i >= warmup:
-                times.append(start.elapsed_time(stop))
-        times.sort()
-        median = times[len(times) // 2]
+                times.append([ev[0].elapsed_time(ev[3])] + [ev[k].elapsed_time(ev[k + 1]) for k in range(3)])
+        med = [sorted(t[k] for t in times)[len(times) // 2] for k in range(4)]
+        median = med[0]
         return {"oom": False, "context": context, "step_ms": median, "tokens_per_s": context / (median / 1000),
+                "forward_ms": med[1], "backward_ms": med[2], "optimizer_ms": med[3],
                 "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "loss": loss.item(),
                 "params": sum(p.numel() for p in model.parameters())}
@@ -123,6 +126,12 @@ def render(header: dict, rows: list[dict], contexts: list[int], args) -> str:
                            f"({r['peak_reserved_gib']:.1f})")
         table.append(row)
     lines.append(common.markdown_table(headers, table))
+    parts = [r for r in rows if r.get("oom") is False and "forward_ms" in r and r["context"] == 16384]
+    if parts:
+        lines += ["", "Where the time goes at 16k (ms, median step):", "",
+                  common.markdown_table(["series", "forward", "backward", "optimizer", "step"],
+                                        [[r["series"], f"{r['forward_ms']:.1f}", f"{r['backward_ms']:.1f}",
+                                          f"{r['optimizer_ms']:.1f}", f"{r['step_ms']:.1f}"] for r in parts])]
     errors = [f"{r['series']} @ {r['context']}: {r['error']}" for r in rows if r.get("error")]
     if errors:
         lines += ["", "Errors: " + "; ".join(errors)]

@@ -86,40 +86,61 @@ int main(int argc, char** argv) {
     const int64_t vocab = model.config().vocab_size;
     const auto ids = torch::randint(0, vocab, {batch, context + 1}, torch::TensorOptions().device(device).dtype(torch::kLong));
     const auto input = ids.narrow(1, 0, context), targets = ids.narrow(1, 1, context).contiguous();
-    std::vector<double> ms;
+    // Per step: total, and the forward / backward / optimizer parts (CUDA
+    // events between the parts; they do not synchronise inside the step).
+    std::vector<double> ms, fwd_ms, bwd_ms, opt_ms;
     double last_loss = 0;
     for (int64_t i = 0; i < warmup + steps; ++i) {
       if (i == warmup) reset_peak();
+      double part[3] = {0, 0, 0}, step_ms = 0;
 #ifdef UNSWAG_WITH_CUDA
-      at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
-      if (cuda) start.record();
+      at::cuda::CUDAEvent ev[4] = {at::cuda::CUDAEvent(cudaEventDefault), at::cuda::CUDAEvent(cudaEventDefault),
+                                   at::cuda::CUDAEvent(cudaEventDefault), at::cuda::CUDAEvent(cudaEventDefault)};
+      if (cuda) ev[0].record();
 #endif
       const auto t0 = std::chrono::steady_clock::now();
       auto loss = model.loss(input, targets);
+#ifdef UNSWAG_WITH_CUDA
+      if (cuda) ev[1].record();
+#endif
       loss.backward();
+#ifdef UNSWAG_WITH_CUDA
+      if (cuda) ev[2].record();
+#endif
       opt->step();
       opt->zero_grad();
-      double step_ms = 0;
 #ifdef UNSWAG_WITH_CUDA
       if (cuda) {
-        stop.record();
-        stop.synchronize();
-        step_ms = start.elapsed_time(stop);
+        ev[3].record();
+        ev[3].synchronize();
+        for (int k = 0; k < 3; ++k) part[k] = ev[k].elapsed_time(ev[k + 1]);
+        step_ms = ev[0].elapsed_time(ev[3]);
       }
 #endif
       if (!cuda) step_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       last_loss = loss.item<double>();
-      if (i >= warmup) ms.push_back(step_ms);
+      if (i >= warmup) {
+        ms.push_back(step_ms);
+        fwd_ms.push_back(part[0]);
+        bwd_ms.push_back(part[1]);
+        opt_ms.push_back(part[2]);
+      }
     }
+    auto median_of = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
     std::sort(ms.begin(), ms.end());
     const double median = ms[ms.size() / 2];
     const Peak peak = read_peak();
     fmt::print(
         "{{\"oom\": false, \"context\": {}, \"batch\": {}, \"step_ms\": {:.2f}, \"tokens_per_s\": {:.1f}, "
         "\"peak_allocated_gib\": {:.3f}, \"peak_reserved_gib\": {:.3f}, \"loss\": {:.4f}, \"params\": {}, "
-        "\"optimizer_state_gib\": {:.3f}, \"device\": \"{}\"}}\n",
+        "\"optimizer_state_gib\": {:.3f}, \"forward_ms\": {:.2f}, \"backward_ms\": {:.2f}, \"optimizer_ms\": {:.2f}, "
+        "\"device\": \"{}\"}}\n",
         context, batch, median, double(batch * context) / (median / 1000.0), peak.allocated_gib, peak.reserved_gib,
-        last_loss, model.num_parameters(), double(opt->state_bytes()) / (1 << 30), cuda ? "cuda" : "cpu");
+        last_loss, model.num_parameters(), double(opt->state_bytes()) / (1 << 30), median_of(fwd_ms), median_of(bwd_ms),
+        median_of(opt_ms), cuda ? "cuda" : "cpu");
   } catch (const c10::OutOfMemoryError&) {
     fmt::print("{{\"oom\": true, \"context\": {}}}\n", context);
     return 0;
