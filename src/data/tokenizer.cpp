@@ -402,23 +402,23 @@ namespace {
 
 // --- reading the components --------------------------------------------------
 
+// A "Sequence" component: `read` each element of its list `list_key`.
+template <typename Read>
+void read_each(const json& sequence, const char* list_key, const Where& w, const Read& read) {
+  const json& list = get_array(sequence, list_key, w);
+  for (size_t i = 0; i < list.size(); ++i) read(list[i], w.at(list_key).at(i));
+}
+
 void read_normalizer(const json& n, const Where& w, std::vector<NormalForm>& out) {
   if (n.is_null()) return;
+  static const std::pair<const char*, NormalForm> forms[] = {
+      {"NFC", NormalForm::kNFC}, {"NFD", NormalForm::kNFD}, {"NFKC", NormalForm::kNFKC}, {"NFKD", NormalForm::kNFKD}};
   const std::string type = type_of(n, w);
-  if (type == "Sequence") {
-    const json& list = get_array(n, "normalizers", w);
-    for (size_t i = 0; i < list.size(); ++i) read_normalizer(list[i], w.at("normalizers").at(i), out);
-  } else if (type == "NFC") {
-    out.push_back(NormalForm::kNFC);
-  } else if (type == "NFD") {
-    out.push_back(NormalForm::kNFD);
-  } else if (type == "NFKC") {
-    out.push_back(NormalForm::kNFKC);
-  } else if (type == "NFKD") {
-    out.push_back(NormalForm::kNFKD);
-  } else {
-    unsupported(w, type, "null, NFC, NFD, NFKC, NFKD, Sequence");
-  }
+  if (type == "Sequence")
+    return read_each(n, "normalizers", w, [&](const json& e, const Where& we) { read_normalizer(e, we, out); });
+  for (const auto& [name, form] : forms)
+    if (type == name) return out.push_back(form);
+  unsupported(w, type, "null, NFC, NFD, NFKC, NFKD, Sequence");
 }
 
 SplitBehavior read_behavior(const std::string& name, const Where& w) {
@@ -434,8 +434,7 @@ void read_pre_tokenizer(const json& p, const Where& w, std::vector<PreTokenizerS
   if (p.is_null()) return;
   const std::string type = type_of(p, w);
   if (type == "Sequence") {
-    const json& list = get_array(p, "pretokenizers", w);
-    for (size_t i = 0; i < list.size(); ++i) read_pre_tokenizer(list[i], w.at("pretokenizers").at(i), out);
+    read_each(p, "pretokenizers", w, [&](const json& e, const Where& we) { read_pre_tokenizer(e, we, out); });
   } else if (type == "ByteLevel") {
     PreTokenizerStep step;
     step.kind = PreTokenizerStep::Kind::kByteLevel;
@@ -465,8 +464,7 @@ void read_post_processor(const json& p, const Where& w, std::vector<std::vector<
   if (p.is_null()) return;
   const std::string type = type_of(p, w);
   if (type == "Sequence") {
-    const json& list = get_array(p, "processors", w);
-    for (size_t i = 0; i < list.size(); ++i) read_post_processor(list[i], w.at("processors").at(i), out);
+    read_each(p, "processors", w, [&](const json& e, const Where& we) { read_post_processor(e, we, out); });
   } else if (type == "ByteLevel") {
     // Only trims offsets: the ids are untouched.
   } else if (type == "TemplateProcessing") {
