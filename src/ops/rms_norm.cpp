@@ -23,6 +23,9 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// fp32 math, fp64 for fp64 inputs.
+at::ScalarType opmath(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
 struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
   static bool fused(const at::Tensor& x, const at::Tensor& w) {
     return x.scalar_type() != at::kDouble && w.scalar_type() == x.scalar_type();
@@ -57,10 +60,11 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     }
     const at::Tensor& x = x_in;
     const at::Tensor& w = w_in;
-    const at::Tensor xf = x.to(at::kFloat);
+    const auto acc = opmath(x);
+    const at::Tensor xf = x.to(acc);
     const at::Tensor rstd = at::rsqrt(xf.pow(2).mean(-1, true) + eps);
     const at::Tensor xh = xf * rstd;
-    at::Tensor y = add_one ? (xh * (1.0 + w.to(at::kFloat))).to(x.scalar_type()) : w * xh.to(x.scalar_type());
+    at::Tensor y = add_one ? (xh * (1.0 + w.to(acc))).to(x.scalar_type()) : w * xh.to(x.scalar_type());
     ctx->save_for_backward({x, w, rstd});
     return y;
   }
@@ -88,11 +92,12 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       if (partial.defined()) dw = (p.rows == 0 ? at::zeros({p.n}, partial.options()) : partial.sum(0)).to(w.scalar_type());
       return {dx, dw, at::Tensor(), at::Tensor()};
     }
-    const at::Tensor dy = grads[0].to(at::kFloat);
-    const at::Tensor xh = x.to(at::kFloat) * rstd;
+    const auto acc = opmath(x);
+    const at::Tensor dy = grads[0].to(acc);
+    const at::Tensor xh = x.to(acc) * rstd;
     // The value dw multiplies: xh itself (Gemma) or its cast to x's dtype (Llama).
-    const at::Tensor xh_used = add_one ? xh : xh.to(x.scalar_type()).to(at::kFloat);
-    const at::Tensor g = add_one ? dy * (1.0 + w.to(at::kFloat)) : dy * w.to(at::kFloat);
+    const at::Tensor xh_used = add_one ? xh : xh.to(x.scalar_type()).to(acc);
+    const at::Tensor g = add_one ? dy * (1.0 + w.to(acc)) : dy * w.to(acc);
     at::Tensor dx, dw;
     if (ctx->needs_input_grad(0)) dx = (rstd * (g - xh * (g * xh).mean(-1, true))).to(x.scalar_type());
     if (ctx->needs_input_grad(1)) dw = (dy * xh_used).reshape({-1, w.numel()}).sum(0).to(w.scalar_type());

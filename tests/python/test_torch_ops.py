@@ -68,3 +68,38 @@ def test_errors_name_the_argument():
         ops.fused_mlp(x, torch.randn(12, 8), torch.randn(8, 12), torch.randn(12, 8), "swiglu", "fast", 16, 2)
     with pytest.raises(RuntimeError, match="'x' must be float32, float16, bfloat16 or float64, got Long"):
         ops.relu_1bit(torch.arange(4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_transformer_ops_match_autograd_in_float64(device):
+    """rms_norm, chunked_attention, linear_cross_entropy from Python: gradcheck-free
+    comparison of values and gradients against float64 compositions."""
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x = torch.randn(5, 33, device=device, requires_grad=True)
+    w = torch.randn(33, device=device, requires_grad=True)
+    y = ops.rms_norm(x, w, 1e-6, False)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y64)
+    y.backward(g.float())
+    y64.backward(g)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+    q = torch.randn(1, 4, 19, 8, device=device, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 19, 8, device=device, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 19, 8, device=device, dtype=torch.float64, requires_grad=True)
+    out = ops.chunked_attention(q, k, v, 0.35, 0, 5)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           is_causal=True, scale=0.35)
+    torch.testing.assert_close(out, ref)
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.chunked_attention(a, b, c, 0.35, 4, 5), (q, k, v))
+
+    h = torch.randn(23, 16, device=device, dtype=torch.float64, requires_grad=True)
+    wv = torch.randn(40, 16, device=device, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 40, (23,), device=device)
+    t[3] = -100
+    loss = ops.linear_cross_entropy(h, wv, t, 6)
+    torch.testing.assert_close(loss.double(), torch.nn.functional.cross_entropy(h @ wv.t(), t), rtol=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy(a, b, t, 6).double(), (h, wv))
