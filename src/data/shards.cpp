@@ -225,15 +225,6 @@ void TokenShard::copy_tokens(int64_t begin, int64_t count, int64_t* out) const {
     widen(reinterpret_cast<const uint32_t*>(tokens_) + begin, count, out);
 }
 
-void TokenShard::will_need(int64_t begin, int64_t count) const {
-  if (count <= 0 || tokens_ == nullptr) return;
-  const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
-  const auto start = reinterpret_cast<uintptr_t>(tokens_) + uint64_t(begin) * uint64_t(dtype_);
-  const auto end = start + uint64_t(count) * uint64_t(dtype_);
-  const uintptr_t aligned = start & ~uintptr_t(page - 1);
-  ::madvise(reinterpret_cast<void*>(aligned), end - aligned, MADV_WILLNEED);
-}
-
 // --------------------------------------------------------------- writing ---
 
 ShardWriter::ShardWriter(std::string path, TokenDtype dtype, int64_t eos_id)

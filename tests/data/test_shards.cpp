@@ -155,7 +155,6 @@ TEST_F(DataShards, TokenAccessRanges) {
   expect_error([&] { shard.copy_tokens(5000, 4, out.data()); }, {path.c_str(), "out of range"});
   expect_error([&] { shard.copy_tokens(-1, 1, out.data()); }, {path.c_str(), "out of range"});
   expect_error([&] { shard.token(5003); }, {path.c_str(), "out of range"});
-  shard.will_need(0, 5003);  // a hint: must not fail or change anything
   EXPECT_EQ(all_tokens(shard), tokens);
 }
 

@@ -78,9 +78,6 @@ class TokenShard {
   uint32_t token(int64_t i) const;
   // Writes tokens [begin, begin + count) as int64 to out.
   void copy_tokens(int64_t begin, int64_t count, int64_t* out) const;
-  // Asks the kernel to start reading tokens [begin, begin + count) in the
-  // background (madvise WILLNEED); a hint, never an error.
-  void will_need(int64_t begin, int64_t count) const;
 
  private:
   struct Mapping;
