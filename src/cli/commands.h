@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 
 #include <string>
+#include <vector>
 
 namespace unswag::cli {
 
@@ -22,5 +23,14 @@ void add_demo_options(CLI::App& cmd, DemoOptions& o);
 int run_demo(const DemoOptions& o);
 
 int run_tables();
+
+struct TokenizeOptions {
+  std::vector<std::string> inputs;
+  std::string tokenizer, out_prefix, format = "auto", text_field = "text";
+  bool paragraphs = false, overwrite = false;
+  int64_t shard_tokens = 100'000'000;
+};
+void add_tokenize_options(CLI::App& cmd, TokenizeOptions& o);
+int run_tokenize(const TokenizeOptions& o);
 
 }  // namespace unswag::cli

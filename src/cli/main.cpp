@@ -1,7 +1,9 @@
 // The `unswag` command line: `unswag demo` (the default) trains a small MLP
 // with and without compressed activations and prints memory and gradient
-// agreement; `unswag tables` prints the few-bit derivative tables.
+// agreement; `unswag tables` prints the few-bit derivative tables; `unswag
+// tokenize` turns text into token shards.
 #include <CLI/CLI.hpp>
+#include <c10/util/Exception.h>
 #include <fmt/core.h>
 
 #include <exception>
@@ -15,10 +17,17 @@ int main(int argc, char** argv) {
   auto* demo_cmd = app.add_subcommand("demo", "train a small MLP with plain and compressed activations (default)");
   unswag::cli::add_demo_options(*demo_cmd, demo);
   app.add_subcommand("tables", "print the few-bit derivative tables and their errors (docs/fewbit.md)");
+  unswag::cli::TokenizeOptions tokenize;
+  auto* tokenize_cmd = app.add_subcommand("tokenize", "tokenize text / JSONL into token shards (docs/data.md)");
+  unswag::cli::add_tokenize_options(*tokenize_cmd, tokenize);
   CLI11_PARSE(app, argc, argv);
   try {
     if (app.got_subcommand("tables")) return unswag::cli::run_tables();
+    if (app.got_subcommand("tokenize")) return unswag::cli::run_tokenize(tokenize);
     return unswag::cli::run_demo(demo);
+  } catch (const c10::Error& e) {  // its what() carries a C++ backtrace; users need the message
+    fmt::print(stderr, "unswag: error: {}\n", e.what_without_backtrace());
+    return 1;
   } catch (const std::exception& e) {
     fmt::print(stderr, "unswag: error: {}\n", e.what());
     return 1;
