@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) adamw32bit_kernel(AdamW32bitParams p
 }
 
 template <int kBlock>
-__global__ void __launch_bounds__(kThreads) quantize_kernel(QuantizeParams p) {
+__global__ void __launch_bounds__(kThreads) quantize_kernel(BlockwiseParams p) {
   constexpr int kGroup = kBlock / kPerThread;
   __shared__ float map[kMapSize];
   __shared__ float scratch[kThreads / 32];
@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(QuantizeParams p) {
   store_codes8<false>(p.q, i, p.n, q);
 }
 
-__global__ void dequantize_kernel(DequantizeParams p) {
+__global__ void dequantize_kernel(BlockwiseParams p) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride)
     p.x[i] = dequantize(p.map, p.q[i], p.absmax[i / p.block_size]);
@@ -315,7 +315,7 @@ void adamw32bit_step_cuda(const AdamW32bitParams& p, void* stream) {
   check_launch("adamw_step");
 }
 
-void quantize_blockwise_cuda(const QuantizeParams& p, void* stream) {
+void quantize_blockwise_cuda(const BlockwiseParams& p, void* stream) {
   if (p.n == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(unsigned(ctas_for(p.n)));
@@ -326,7 +326,7 @@ void quantize_blockwise_cuda(const QuantizeParams& p, void* stream) {
   check_launch("quantize_blockwise");
 }
 
-void dequantize_blockwise_cuda(const DequantizeParams& p, void* stream) {
+void dequantize_blockwise_cuda(const BlockwiseParams& p, void* stream) {
   if (p.n == 0) return;
   const dim3 grid(unsigned(std::min<int64_t>((p.n + kThreads - 1) / kThreads, 65535)));
   dequantize_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);

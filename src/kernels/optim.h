@@ -20,11 +20,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define UNSWAG_HD __host__ __device__ __forceinline__
-#else
-#define UNSWAG_HD inline
-#endif
+#include "activation_math.h"  // UNSWAG_HD: __host__ __device__ under nvcc, inline otherwise
 
 namespace unswag::kernels {
 
@@ -160,20 +156,13 @@ struct AdamW32bitParams {
   AdamWScalars s;
 };
 
-// Block-wise quantization of an fp32 tensor (state conversion, tests).
-struct QuantizeParams {
-  const float* x = nullptr;  // [n]
-  uint8_t* q = nullptr;      // [n]
-  float* absmax = nullptr;   // [blocks]
-  const float* map = nullptr;
-  int64_t n = 0;
-  int64_t block_size = 256;
-};
-struct DequantizeParams {
-  const uint8_t* q = nullptr;
-  const float* absmax = nullptr;
-  const float* map = nullptr;
-  float* x = nullptr;
+// Block-wise quantization of an fp32 tensor and back (state conversion,
+// tests): quantize reads x and writes q and absmax; dequantize the reverse.
+struct BlockwiseParams {
+  float* x = nullptr;         // [n]
+  uint8_t* q = nullptr;       // [n]
+  float* absmax = nullptr;    // [quant_blocks(n, block_size)]
+  const float* map = nullptr;  // [kMapSize]
   int64_t n = 0;
   int64_t block_size = 256;
 };
@@ -185,13 +174,13 @@ constexpr int64_t kAdamW32Chunk = 4096;
 // CPU: work items [b0, b1) (quantization blocks, or kAdamW32Chunk chunks).
 void adamw8bit_step_cpu(const AdamW8bitParams& p, int64_t b0, int64_t b1);
 void adamw32bit_step_cpu(const AdamW32bitParams& p, int64_t c0, int64_t c1);
-void quantize_blockwise_cpu(const QuantizeParams& p, int64_t b0, int64_t b1);
-void dequantize_blockwise_cpu(const DequantizeParams& p, int64_t b0, int64_t b1);
+void quantize_blockwise_cpu(const BlockwiseParams& p, int64_t b0, int64_t b1);
+void dequantize_blockwise_cpu(const BlockwiseParams& p, int64_t b0, int64_t b1);
 
 // CUDA: the whole tensor, on `stream` (a cudaStream_t).
 void adamw8bit_step_cuda(const AdamW8bitParams& p, void* stream);
 void adamw32bit_step_cuda(const AdamW32bitParams& p, void* stream);
-void quantize_blockwise_cuda(const QuantizeParams& p, void* stream);
-void dequantize_blockwise_cuda(const DequantizeParams& p, void* stream);
+void quantize_blockwise_cuda(const BlockwiseParams& p, void* stream);
+void dequantize_blockwise_cuda(const BlockwiseParams& p, void* stream);
 
 }  // namespace unswag::kernels

@@ -106,7 +106,7 @@ void adamw32bit_step_cpu(const AdamW32bitParams& p, int64_t c0, int64_t c1) {
     adamw32bit_chunks<float>(p, c0, c1);
 }
 
-void quantize_blockwise_cpu(const QuantizeParams& p, int64_t b0, int64_t b1) {
+void quantize_blockwise_cpu(const BlockwiseParams& p, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t begin = b * p.block_size, end = std::min(begin + p.block_size, p.n);
     float absmax = 0.f;
@@ -116,7 +116,7 @@ void quantize_blockwise_cpu(const QuantizeParams& p, int64_t b0, int64_t b1) {
   }
 }
 
-void dequantize_blockwise_cpu(const DequantizeParams& p, int64_t b0, int64_t b1) {
+void dequantize_blockwise_cpu(const BlockwiseParams& p, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t begin = b * p.block_size, end = std::min(begin + p.block_size, p.n);
     for (int64_t i = begin; i < end; ++i) p.x[i] = dequantize(p.map, p.q[i], p.absmax[b]);

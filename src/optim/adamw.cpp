@@ -117,6 +117,19 @@ bool matches_any(const std::string& name, const std::vector<std::string>& patter
   return false;
 }
 
+// The kernels' view of a block-wise quantized tensor (checked by the caller).
+kernels::BlockwiseParams blockwise_params(const at::Tensor& x, const at::Tensor& q, const at::Tensor& absmax,
+                                          const at::Tensor& map, int64_t block_size) {
+  kernels::BlockwiseParams p;
+  p.x = x.data_ptr<float>();
+  p.q = q.data_ptr<uint8_t>();
+  p.absmax = absmax.data_ptr<float>();
+  p.map = map.data_ptr<float>();
+  p.n = x.numel();
+  p.block_size = block_size;
+  return p;
+}
+
 }  // namespace
 
 // --- the functional layer --------------------------------------------------
@@ -138,13 +151,7 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_blockwise(const torch::Tensor&
   const int64_t n = x.numel(), blocks = kernels::quant_blocks(n, block_size);
   at::Tensor q = at::empty({n}, x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, x.options());
-  kernels::QuantizeParams p;
-  p.x = x.data_ptr<float>();
-  p.q = q.data_ptr<uint8_t>();
-  p.absmax = absmax.data_ptr<float>();
-  p.map = map.data_ptr<float>();
-  p.n = n;
-  p.block_size = block_size;
+  const auto p = blockwise_params(x, q, absmax, map, block_size);
   if (blocks > 0)
     ops::launch(x.device(), p, blocks, &kernels::quantize_blockwise_cpu, UNSWAG_CUDA_FN(quantize_blockwise_cuda));
   return {q, absmax};
@@ -161,13 +168,7 @@ torch::Tensor dequantize_blockwise(const torch::Tensor& codes, const torch::Tens
   check_map(map, codes.device(), who, "map");
   const at::Tensor q = codes.contiguous();
   at::Tensor x = at::empty({n}, codes.options().dtype(at::kFloat));
-  kernels::DequantizeParams p;
-  p.q = q.data_ptr<uint8_t>();
-  p.absmax = absmax.data_ptr<float>();
-  p.map = map.data_ptr<float>();
-  p.x = x.data_ptr<float>();
-  p.n = n;
-  p.block_size = block_size;
+  const auto p = blockwise_params(x, q, absmax, map, block_size);
   if (blocks > 0)
     ops::launch(codes.device(), p, blocks, &kernels::dequantize_blockwise_cpu,
                 UNSWAG_CUDA_FN(dequantize_blockwise_cuda));
