@@ -37,9 +37,12 @@ std::string source_dir() {
   return here.substr(0, here.rfind("/tests/"));
 }
 
+// UNSWAG_PYTHON, else the repository's .venv (scripts/setup.sh), else python3.
 std::string python() {
   const char* env = std::getenv("UNSWAG_PYTHON");
-  return env != nullptr && *env != '\0' ? env : "python3";
+  if (env != nullptr && *env != '\0') return env;
+  const std::string venv = source_dir() + "/.venv/bin/python";
+  return ::access(venv.c_str(), X_OK) == 0 ? venv : "python3";
 }
 
 bool reference_available() {
