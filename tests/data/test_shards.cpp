@@ -158,6 +158,50 @@ TEST_F(DataShards, TokenAccessRanges) {
   EXPECT_EQ(all_tokens(shard), tokens);
 }
 
+// Both directions against an independent implementation: numpy reads our
+// shard by the table in docs/data.md, and writes the tokens back as llm.c
+// shards (the way llm.c's data_common.py does) and a nanoGPT .bin, which we
+// read.
+TEST_F(DataShards, ExchangeWithNumpyReference) {
+  SCOPED_TRACE(trace());
+  const char* env_python = std::getenv("UNSWAG_PYTHON");
+  const std::string python = env_python != nullptr ? env_python : "python3";
+  if (std::system(("'" + python + "' -c 'import numpy' >/dev/null 2>&1").c_str()) != 0)
+    GTEST_SKIP() << "python '" << python << "' with numpy is not available (set UNSWAG_PYTHON)";
+  const char* source_dir = std::getenv("UNSWAG_SOURCE_DIR");
+  std::string here = __FILE__;
+  here = here.substr(0, here.rfind('/') + 1);
+  const std::string script =
+      source_dir != nullptr ? std::string(source_dir) + "/tests/data/shard_reference.py" : here + "shard_reference.py";
+  ASSERT_EQ(::access(script.c_str(), R_OK), 0) << "cannot read " << script;
+
+  for (const data::TokenDtype dtype : {data::TokenDtype::kUInt16, data::TokenDtype::kUInt32}) {
+    SCOPED_TRACE(data::to_string(dtype));
+    const std::vector<uint32_t> tokens = test::random_tokens(rng_, 1 + rng_() % 50000, 1000);
+    const int32_t eos = int32_t(rng_() % 1000);
+    const std::string path = in_dir(std::string("ours_") + data::to_string(dtype) + ".bin");
+    data::ShardWriter writer(path, dtype, eos);
+    writer.append(std::vector<int32_t>(tokens.begin(), tokens.end()));
+    writer.close();
+
+    const std::string out = in_dir("from_numpy");
+    const std::string cmd = "'" + python + "' '" + script + "' '" + path + "' '" + out + "'";
+    FILE* pipe = ::popen(cmd.c_str(), "r");
+    ASSERT_NE(pipe, nullptr);
+    long long got_eos = -1, documents = -1, counted = -2, count = -1;
+    const int fields = std::fscanf(pipe, "%lld %lld %lld %lld", &got_eos, &documents, &counted, &count);
+    ASSERT_EQ(::pclose(pipe), 0) << cmd;
+    ASSERT_EQ(fields, 4);
+    EXPECT_EQ(got_eos, eos);
+    EXPECT_EQ(count, (long long)tokens.size());
+    EXPECT_EQ(documents, counted) << "document_count must be the number of EOS tokens";
+    for (const char* suffix : {"_llmc1.bin", "_llmc7.bin", "_nanogpt.bin"}) {
+      SCOPED_TRACE(suffix);
+      EXPECT_EQ(all_tokens(data::TokenShard::open(out + suffix)), tokens);
+    }
+  }
+}
+
 // One file per validation rule; every message names the file and the fault.
 TEST_F(DataShards, CorruptAndTruncatedFiles) {
   SCOPED_TRACE(trace());
