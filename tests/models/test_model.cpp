@@ -279,15 +279,15 @@ TEST_F(BadCheckpoint, UnsupportedArchitectureNamed) {
 // The lean parts are exact reformulations (fused MLP with 16-bit storage,
 // RMSNorm from the kept input, chunked attention, chunked cross-entropy), so
 // they agree to float32 rounding: relative 1e-5 on the loss, 1e-4 on grads.
-void expect_same_training(const std::string& family, const unswag::TrainingOptions& lean) {
+void expect_same_training(const std::string& family, const unswag::TrainingOptions& lean,
+                          torch::Device device = torch::kCPU) {
   const std::string dir = fixture(family);
-  auto ref = unswag::safetensors::load(dir + "/reference.safetensors");
   // Fresh random ids with a longer sequence than the window (Mistral: 8).
-  const auto ids = torch::randint(0, 256, {3, 29}, torch::kLong);
+  const auto ids = torch::randint(0, 256, {3, 29}, torch::kLong).to(device);
   const auto targets = next_token_targets(ids);
-  Model plain = Model::from_pretrained(dir);
+  Model plain = Model::from_pretrained(dir, {device});
   plain.for_training(unswag::TrainingOptions::plain());
-  Model fast = Model::from_pretrained(dir);
+  Model fast = Model::from_pretrained(dir, {device});
   fast.for_training(lean);
   auto l0 = plain.loss(ids, targets);
   auto l1 = fast.loss(ids, targets);
@@ -332,6 +332,25 @@ TEST_P(LeanTraining, RecomputeAndChunkedAttentionMatchPlain) {
   some.recompute_layers = {1};
   some.attention = "sdpa";
   expect_same_training(GetParam(), some);
+}
+
+TEST_P(LeanTraining, CudaMatchesPlainAndTransformers) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device here";
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  const torch::Device cuda(torch::kCUDA, 0);
+  // The fused CUDA kernels (RMSNorm, MLP) and SDPA's CUDA backends, fp32.
+  expect_same_training(GetParam(), {}, cuda);
+  unswag::TrainingOptions o;
+  o.recompute = "full";
+  o.attention = "chunked";
+  o.attention_chunk = 5;
+  expect_same_training(GetParam(), o, cuda);
+  const std::string dir = fixture(GetParam());
+  auto ref = unswag::safetensors::load(dir + "/reference.safetensors");
+  Model model = Model::from_pretrained(dir, {cuda});
+  torch::NoGradGuard no_grad;
+  // TF32 is off by default in LibTorch, so float32 matmuls stay float32.
+  EXPECT_LT(rel_l2(model.forward(ref.at("input_ids").to(cuda)), ref.at("logits")), 1e-4);
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, LeanTraining, ::testing::Values("llama", "mistral", "qwen2", "gemma"));
