@@ -33,7 +33,7 @@ bool ends_with(const std::string& s, const char* suffix) {
 class BlockReader {
  public:
   explicit BlockReader(const std::string& path) : path_(path), fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
-    TORCH_CHECK(fd_.fd >= 0, "corpus: cannot open ", path, ": ", detail::errno_text());
+    TORCH_CHECK(fd_.fd >= 0, "corpus: cannot open ", path, ": ", io::errno_text());
     buffer_.resize(kReadBlock);
   }
 
@@ -76,7 +76,7 @@ class BlockReader {
     for (;;) {
       const ssize_t n = ::read(fd_.fd, buffer_.data(), buffer_.size());
       if (n < 0 && errno == EINTR) continue;
-      TORCH_CHECK(n >= 0, "corpus: reading ", path_, " failed: ", detail::errno_text());
+      TORCH_CHECK(n >= 0, "corpus: reading ", path_, " failed: ", io::errno_text());
       bytes_read_ += n;
       return n;
     }
@@ -193,7 +193,7 @@ class DocumentEncoder {
 
 int64_t file_size(const std::string& path) {
   struct stat st {};
-  TORCH_CHECK(::stat(path.c_str(), &st) == 0, "corpus: cannot stat ", path, ": ", detail::errno_text());
+  TORCH_CHECK(::stat(path.c_str(), &st) == 0, "corpus: cannot stat ", path, ": ", io::errno_text());
   TORCH_CHECK(S_ISREG(st.st_mode), "corpus: ", path, " is not a regular file");
   return int64_t(st.st_size);
 }
@@ -225,8 +225,7 @@ CorpusStats write_corpus_shards(const std::vector<std::string>& inputs, const En
   TORCH_CHECK(options.vocab_size <= max_id + 1, "corpus: vocab_size ", options.vocab_size, " does not fit ",
               to_string(stats.dtype), " shards");
   {
-    const size_t slash = out_prefix.rfind('/');
-    const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : out_prefix.substr(0, slash);
+    const std::string dir = detail::parent_dir(out_prefix);
     struct stat st {};
     TORCH_CHECK(::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "corpus: the directory of out_prefix \"",
                 out_prefix, "\" (", dir, ") does not exist");

@@ -113,9 +113,9 @@ void widen(const T* src, int64_t count, int64_t* out) {
 
 TokenShard TokenShard::open(const std::string& path, ShardFormat format, int64_t vocab_size) {
   detail::Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  TORCH_CHECK(fd.fd >= 0, "data: cannot open token shard ", path, ": ", detail::errno_text());
+  TORCH_CHECK(fd.fd >= 0, "data: cannot open token shard ", path, ": ", io::errno_text());
   struct stat st {};
-  TORCH_CHECK(::fstat(fd.fd, &st) == 0, "data: cannot stat ", path, ": ", detail::errno_text());
+  TORCH_CHECK(::fstat(fd.fd, &st) == 0, "data: cannot stat ", path, ": ", io::errno_text());
   TORCH_CHECK(S_ISREG(st.st_mode), "data: ", path, " is not a regular file");
   const uint64_t size = uint64_t(st.st_size);
 
@@ -124,7 +124,7 @@ TokenShard TokenShard::open(const std::string& path, ShardFormat format, int64_t
   shard.mapping_ = std::make_shared<Mapping>();
   if (size > 0) {  // mmap of length 0 is an error; an empty file has no tokens
     void* base = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd.fd, 0);
-    TORCH_CHECK(base != MAP_FAILED, "data: cannot mmap ", path, ": ", detail::errno_text());
+    TORCH_CHECK(base != MAP_FAILED, "data: cannot mmap ", path, ": ", io::errno_text());
     shard.mapping_->base = base;
     shard.mapping_->size = size;
   }
@@ -234,7 +234,7 @@ ShardWriter::ShardWriter(std::string path, TokenDtype dtype, int64_t eos_id)
               " tokens");
   tmp_ = path_ + ".tmp." + std::to_string(::getpid());
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  TORCH_CHECK(fd_ >= 0, "data: cannot create ", tmp_, ": ", detail::errno_text());
+  TORCH_CHECK(fd_ >= 0, "data: cannot create ", tmp_, ": ", io::errno_text());
   buffer_.assign(kShardHeaderBytes, 0);  // the header is filled in by close()
   buffer_.reserve(1 << 20);
 }
@@ -247,7 +247,7 @@ ShardWriter::~ShardWriter() {
 }
 
 void ShardWriter::flush() {
-  detail::write_all(fd_, buffer_.data(), buffer_.size(), tmp_);
+  io::write_all(fd_, buffer_.data(), buffer_.size(), tmp_);
   buffer_.clear();
 }
 
@@ -282,7 +282,7 @@ void ShardWriter::close() {
   put64(24, uint64_t(num_tokens_));
   put64(32, uint64_t(num_documents_));
   TORCH_CHECK(::pwrite(fd_, header, sizeof(header), 0) == ssize_t(sizeof(header)), "data: writing the header of ",
-              tmp_, " failed: ", detail::errno_text());
+              tmp_, " failed: ", io::errno_text());
   detail::commit_file(fd_, tmp_, path_);  // closes fd_ and renames, or throws
   fd_ = -1;
 }
@@ -301,7 +301,7 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs, c
       }
       std::vector<std::string> found;
       DIR* dir = ::opendir(input.c_str());
-      TORCH_CHECK(dir != nullptr, what, ": cannot list directory ", input, ": ", detail::errno_text());
+      TORCH_CHECK(dir != nullptr, what, ": cannot list directory ", input, ": ", io::errno_text());
       while (const dirent* entry = ::readdir(dir)) {
         const std::string name = entry->d_name;
         if (name.empty() || name[0] == '.') continue;
@@ -320,7 +320,7 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs, c
       continue;
     }
     const bool pattern = input.find_first_of("*?[") != std::string::npos;
-    TORCH_CHECK(pattern, what, ": input ", input, " does not exist (", detail::errno_text(), ")");
+    TORCH_CHECK(pattern, what, ": input ", input, " does not exist (", io::errno_text(), ")");
     glob_t matches{};
     const int rc = ::glob(input.c_str(), GLOB_ERR, nullptr, &matches);
     std::vector<std::string> found;
