@@ -10,6 +10,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 
@@ -198,6 +200,19 @@ int64_t file_size(const std::string& path) {
   return int64_t(st.st_size);
 }
 
+// Whether `file` is "<out_prefix>_NNNNNN.bin" (or its temporary file), the
+// directories compared by realpath so that spellings like "./x" match.
+bool is_output_shard(const std::string& file, const std::string& out_prefix) {
+  const size_t slash = out_prefix.rfind('/');
+  const std::string stem = (slash == std::string::npos ? out_prefix : out_prefix.substr(slash + 1)) + "_";
+  const size_t file_slash = file.rfind('/');
+  const std::string name = file_slash == std::string::npos ? file : file.substr(file_slash + 1);
+  if (name.compare(0, stem.size(), stem) != 0 || name.find(".bin", stem.size()) == std::string::npos) return false;
+  char a[PATH_MAX], b[PATH_MAX];
+  return ::realpath(detail::parent_dir(file).c_str(), a) != nullptr &&
+         ::realpath(detail::parent_dir(out_prefix).c_str(), b) != nullptr && std::strcmp(a, b) == 0;
+}
+
 bool is_blank(const std::string& line) {
   return std::all_of(line.begin(), line.end(), [](char c) { return is_space(c); });
 }
@@ -235,7 +250,13 @@ CorpusStats write_corpus_shards(const std::vector<std::string>& inputs, const En
   }
   const std::vector<std::string> files = expand_inputs(inputs, "corpus", "");
   CorpusProgress progress;
-  for (const std::string& f : files) progress.bytes_total += file_size(f);
+  for (const std::string& f : files) {
+    progress.bytes_total += file_size(f);
+    // Shards of an earlier run under the same prefix (a directory input that
+    // holds the output) would be read back as text.
+    TORCH_CHECK(!is_output_shard(f, out_prefix), "corpus: input ", f, " is an output shard of out_prefix \"",
+                out_prefix, "\"; keep the shards out of the input directories");
+  }
 
   ShardSink sink(out_prefix, stats.dtype, eos_id, options.max_shard_tokens, options.vocab_size);
   DocumentEncoder document(encoder, sink, eos_id, size_t(options.max_chunk_bytes));

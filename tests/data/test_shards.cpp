@@ -622,6 +622,11 @@ TEST_F(DataCorpus, SplitsIntoNumberedShardsAndReportsProgress) {
                {"train_000000.bin", "already exists", "overwrite"});
   options.overwrite = true;
   EXPECT_EQ(data::write_corpus_shards({dir_}, toy_encode, 0, in_dir("split/train"), options).tokens, int64_t(ref.size()));
+  // Shards of the same prefix among the inputs would be read back as text.
+  expect_error([&] { data::write_corpus_shards({in_dir("split/.")}, toy_encode, 0, in_dir("split/train"), options); },
+               {"train_000000.bin", "is an output shard"});
+  EXPECT_EQ(data::write_corpus_shards({in_dir("split")}, toy_encode, 0, in_dir("split/other"), options).documents,
+            int64_t(expected_shards));  // another prefix: each shard file is read as one (binary) text document
 }
 
 TEST_F(DataCorpus, EmptyInputsAndBadArguments) {
