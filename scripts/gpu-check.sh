@@ -10,7 +10,8 @@
 #   --skip-build   reuse build-cuda/ as it is (it must hold libunswag.so)
 #   --only X       run only the tests or only the benchmarks (after the build)
 # Environment: GPU_CHECK_BUDGET_S (default 570): seconds for the whole script;
-#   GPU_CHECK_BENCHES: which benchmarks (default "bench_activations bench_mlp bench_model");
+#   GPU_CHECK_BENCHES: which benchmarks (default "bench_activations bench_mlp bench_optim bench_model");
+#   GPU_CHECK_MODEL_SERIES: bench_model.py --series (comma-separated; default all);
 #   each step gets what is left, so the summary and $OUT always get written.
 #   GPU_CHECK_ALLOW_PY_SKIPS=1: do not fail on skipped Python tests.
 #   JOBS (default 16): build parallelism.
@@ -390,6 +391,7 @@ if [[ "$ONLY" != tests ]] && ((build_ok)); then
       bench_model)  # whole-model training step vs transformers; spends at most what is left
         model_args=(--bench-exe "$BUILD_DIR/bench_train_step" --budget-s $(($(remaining_s) - 30)))
         ((QUICK)) && model_args+=(--contexts 4096,16384 --steps 2 --warmup 1)
+        [[ -n "${GPU_CHECK_MODEL_SERIES:-}" ]] && model_args+=(--series "$GPU_CHECK_MODEL_SERIES")
         run_step "$bench" "" "" python3 bench/bench_model.py "${model_args[@]}" \
           --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes ;;
       *)

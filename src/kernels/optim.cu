@@ -19,6 +19,7 @@
 #include <string>
 
 #include "optim.h"
+#include "cuda_common.cuh"
 
 namespace unswag::kernels {
 namespace {
@@ -26,20 +27,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kPerThread = 8;
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("unswag: CUDA launch of ") + what + " failed: " + cudaGetErrorString(err));
-}
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // 8 values of p[i..i+8) as fp32; vector access when kVector (aligned and in
 // range), element by element (zeros past n) otherwise.

@@ -11,23 +11,13 @@
 #include <string>
 
 #include "rms_norm.h"
+#include "cuda_common.cuh"
 
 namespace unswag::kernels {
 namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // Sum over the block; every thread gets the result. `shared` holds 32 floats.
 __device__ float block_sum(float v, float* shared) {
@@ -93,11 +83,6 @@ __global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ w
   }
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("unswag: CUDA launch of ") + what + " failed: " + cudaGetErrorString(err));
-}
 
 template <typename Fn>
 void dispatch_cuda(DType dtype, Fn&& fn) {
