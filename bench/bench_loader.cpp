@@ -6,7 +6,7 @@
 // cached pages dropped with posix_fadvise DONTNEED first), best of 3 epochs.
 // Results are in docs/data.md.
 //
-//   bench_loader [--dir DIR] [--mtokens 150] [--context 8192] [--batch 8] [--repeats 3] [--keep]
+//   bench_loader [--dir DIR] [--mtokens 150] [--context 8192] [--batch 8] [--repeats 3] [--pin] [--keep]
 #include <CLI/CLI.hpp>
 #include <fcntl.h>
 #include <fmt/core.h>
@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <chrono>
 #include <cstdio>
@@ -80,7 +81,7 @@ struct Result {
 
 // One epoch (every step) of a fresh loader, timed from construction.
 Result run_epoch(const std::vector<std::string>& paths, int64_t T, int64_t B, data::DocumentMode mode,
-                 int token_bytes) {
+                 int token_bytes, bool pin) {
   data::LoaderOptions o;
   o.inputs = paths;
   o.context_length = T;
@@ -90,7 +91,7 @@ Result run_epoch(const std::vector<std::string>& paths, int64_t T, int64_t B, da
   o.prefetch = 0;  // everything on this thread
   o.document_mode = mode;
   o.eos_id = 50256;
-  o.pin_memory = false;
+  o.pin_memory = pin;  // pinned buffers come from CUDA's caching host allocator
   const auto start = std::chrono::steady_clock::now();
   data::StreamingContextDataLoader loader(o);
   int64_t checksum = 0;
@@ -114,12 +115,13 @@ int main(int argc, char** argv) {
   std::string dir;
   int64_t mtokens = 150, T = 8192, B = 8;
   int repeats = 3;
-  bool keep = false;
+  bool keep = false, pin = false;
   app.add_option("--dir", dir, "where to write the shards (default: a new directory under $TMPDIR or /tmp)");
   app.add_option("--mtokens", mtokens, "million tokens per dtype")->check(CLI::PositiveNumber);
   app.add_option("--context", T, "context length T")->check(CLI::PositiveNumber);
   app.add_option("--batch", B, "batch size B")->check(CLI::PositiveNumber);
   app.add_option("--repeats", repeats, "epochs per configuration; the best is printed")->check(CLI::PositiveNumber);
+  app.add_flag("--pin", pin, "pinned host batches (needs CUDA), as in GPU training");
   app.add_flag("--keep", keep, "keep the shards afterwards");
   CLI11_PARSE(app, argc, argv);
 
@@ -143,7 +145,7 @@ int main(int argc, char** argv) {
   }
 
   fmt::print("bench_loader: {}M tokens per dtype in 3 shards each, T={} B={}, shuffled, one core, no prefetch, "
-             "best of {} epochs\n", mtokens, T, B, repeats);
+             "best of {} epochs{}\n", mtokens, T, B, repeats, pin ? ", pinned" : "");
   fmt::print("\n{:<8} {:>9} {:<15} {:>6} {:>12} {:>10} {:>9}\n", "dtype", "shard MB", "mode", "cache",
              "Mtokens/s", "disk MB/s", "seconds");
   std::vector<std::string> all;
@@ -163,7 +165,15 @@ int main(int argc, char** argv) {
             drop_page_cache(paths);
           else
             warm_page_cache(paths);
-          const Result one = run_epoch(paths, T, B, mode, width);
+          Result one;
+          try {
+            one = run_epoch(paths, T, B, mode, width, pin);
+          } catch (const c10::Error& e) {
+            fmt::print(stderr, "bench_loader: {}\n", e.what_without_backtrace());
+            for (const std::string& p : all) ::unlink(p.c_str());
+            if (made_dir) ::rmdir(dir.c_str());
+            return 1;
+          }
           if (one.tokens_per_s > r.tokens_per_s) r = one;
         }
         fmt::print("{:<8} {:>9.0f} {:<15} {:>6} {:>12.1f} {:>10.0f} {:>9.2f}\n", data::to_string(dtype), mb,
