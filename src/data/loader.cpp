@@ -95,23 +95,18 @@ uint64_t WindowOrder::decrypt(uint64_t x) const {
 
 // Cycle walking: applying the permutation of the larger domain until the
 // value falls back into [0, n) restricts it to a permutation of [0, n).
-int64_t WindowOrder::operator()(int64_t position) const {
-  TORCH_CHECK(position >= 0 && position < n_, "loader: window position ", position, " out of range [0, ", n_, ")");
-  if (!shuffle_) return position;
-  uint64_t x = uint64_t(position);
-  do x = encrypt(x);
+int64_t WindowOrder::walk(int64_t start, const char* what, bool inverse) const {
+  TORCH_CHECK(start >= 0 && start < n_, "loader: ", what, " ", start, " out of range [0, ", n_, ")");
+  if (!shuffle_) return start;
+  uint64_t x = uint64_t(start);
+  do x = inverse ? decrypt(x) : encrypt(x);
   while (x >= uint64_t(n_));
   return int64_t(x);
 }
 
-int64_t WindowOrder::position_of(int64_t window) const {
-  TORCH_CHECK(window >= 0 && window < n_, "loader: window ", window, " out of range [0, ", n_, ")");
-  if (!shuffle_) return window;
-  uint64_t x = uint64_t(window);
-  do x = decrypt(x);
-  while (x >= uint64_t(n_));
-  return int64_t(x);
-}
+int64_t WindowOrder::operator()(int64_t position) const { return walk(position, "window position", false); }
+
+int64_t WindowOrder::position_of(int64_t window) const { return walk(window, "window", true); }
 
 // ------------------------------------------------------------------ state ---
 

@@ -102,6 +102,7 @@ class WindowOrder {
   int64_t position_of(int64_t window) const;   // the inverse
 
  private:
+  int64_t walk(int64_t start, const char* what, bool inverse) const;
   uint64_t encrypt(uint64_t x) const;
   uint64_t decrypt(uint64_t x) const;
   uint64_t round(uint64_t half, int r) const;
