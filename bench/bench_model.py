@@ -141,23 +141,30 @@ def render(header: dict, rows: list[dict], contexts: list[int], args) -> str:
 
 
 def targets(rows: list[dict]) -> list[str]:
+    """The models issue's targets, judged only on what this run measured."""
     def get(series, ctx):
         return next((r for r in rows if r["series"] == series and r["context"] == ctx and r.get("oom") is False), None)
     out = []
-    lean = [r for r in rows if r["series"].startswith("UnSwag") and r.get("oom") is False]
-    longest = max((r["context"] for r in lean), default=0)
-    out.append(f"train at 128k on one GPU: {'met' if longest >= 131072 else 'not met'} (longest {longest // 1024}k)")
+    lean = [r for r in rows if r["series"].startswith("UnSwag")]
+    tried_128k = any(r["context"] >= 131072 for r in lean)
+    longest = max((r["context"] for r in lean if r.get("oom") is False), default=0)
+    if tried_128k:
+        out.append(f"train at 128k on one GPU: {'met' if longest >= 131072 else 'not met'} (longest {longest // 1024}k)")
+    else:
+        out.append(f"train at 128k: not measured in this run (longest tried {longest // 1024}k)")
     hf16 = get("transformers", 16384)
-    best = None
+    candidates = []
     for name in SERIES:
         r = get(name, 16384)
         if name.startswith("UnSwag") and r and hf16:
-            ok = r["tokens_per_s"] >= hf16["tokens_per_s"] and r["peak_allocated_gib"] < 0.5 * hf16["peak_allocated_gib"]
-            if best is None or ok:
-                best = (name, ok, r["tokens_per_s"] / hf16["tokens_per_s"], r["peak_allocated_gib"] / hf16["peak_allocated_gib"])
-    if best:
-        out.append(f"16k at least as fast as transformers with under half its memory: {'met' if best[1] else 'not met'} "
-                   f"({best[0]}: {best[2]:.2f}x speed, {best[3]:.2f}x memory)")
+            speed = hf16["step_ms"] / r["step_ms"]
+            memory = r["peak_allocated_gib"] / hf16["peak_allocated_gib"]
+            candidates.append((memory < 0.5, speed, name, memory))
+    if candidates:
+        half, speed, name, memory = max(candidates)  # under half the memory first, then the fastest
+        met = half and speed >= 1.0
+        out.append(f"16k at least as fast as transformers with under half its memory: {'met' if met else 'not met'} "
+                   f"(best: {name}, {speed:.3f}x speed, {memory:.2f}x memory)")
     else:
         out.append("16k comparison: not measured")
     return out
