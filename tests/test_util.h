@@ -7,6 +7,9 @@
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
+#include <unistd.h>
+
+#include <cstdlib>
 #include <random>
 #include <string>
 
@@ -17,6 +20,36 @@ inline uint64_t fresh_seed() {
   static std::random_device rd;
   return (uint64_t(rd()) << 32) ^ rd();
 }
+
+// The source tree: UNSWAG_SOURCE_DIR (ctest sets it), else from this header's path.
+inline std::string source_dir() {
+  const char* env = std::getenv("UNSWAG_SOURCE_DIR");
+  if (env != nullptr && *env != '\0') return env;
+  const std::string here = __FILE__;  // <source>/tests/test_util.h
+  return here.substr(0, here.rfind("/tests/"));
+}
+inline std::string source_path(const std::string& relative) { return source_dir() + "/" + relative; }
+
+// The python with the reference libraries (torch, transformers, tokenizers,
+// safetensors, numpy): UNSWAG_PYTHON (ctest sets it to scripts/setup.sh's
+// .venv), else <source>/.venv/bin/python, else python3.
+inline std::string python_executable() {
+  const char* env = std::getenv("UNSWAG_PYTHON");
+  if (env != nullptr && *env != '\0') return env;
+  const std::string venv = source_path(".venv/bin/python");
+  return ::access(venv.c_str(), X_OK) == 0 ? venv : "python3";
+}
+
+// True when python_executable() imports `modules` ("numpy, torch"). A test
+// that compares against them fails (never skips) when this is false: the
+// comparison is the test.
+inline bool python_has(const std::string& modules) {
+  return std::system(("'" + python_executable() + "' -c 'import " + modules + "' >/dev/null 2>&1").c_str()) == 0;
+}
+#define UNSWAG_REQUIRE_PYTHON(modules)                                                                         \
+  ASSERT_TRUE(unswag::test::python_has(modules))                                                               \
+      << "python '" << unswag::test::python_executable() << "' cannot import " << (modules)                   \
+      << ": this test compares against it (run scripts/setup.sh, or set UNSWAG_PYTHON)"
 
 // Base fixture for tests parameterised by device name ("cpu" / "cuda").
 class DeviceTest : public ::testing::TestWithParam<std::string> {

@@ -164,15 +164,9 @@ TEST_F(DataShards, TokenAccessRanges) {
 // read.
 TEST_F(DataShards, ExchangeWithNumpyReference) {
   SCOPED_TRACE(trace());
-  const char* env_python = std::getenv("UNSWAG_PYTHON");
-  const std::string python = env_python != nullptr ? env_python : "python3";
-  if (std::system(("'" + python + "' -c 'import numpy' >/dev/null 2>&1").c_str()) != 0)
-    GTEST_SKIP() << "python '" << python << "' with numpy is not available (set UNSWAG_PYTHON)";
-  const char* source_dir = std::getenv("UNSWAG_SOURCE_DIR");
-  std::string here = __FILE__;
-  here = here.substr(0, here.rfind('/') + 1);
-  const std::string script =
-      source_dir != nullptr ? std::string(source_dir) + "/tests/data/shard_reference.py" : here + "shard_reference.py";
+  UNSWAG_REQUIRE_PYTHON("numpy");
+  const std::string python = unswag::test::python_executable();
+  const std::string script = unswag::test::source_path("tests/data/shard_reference.py");
   ASSERT_EQ(::access(script.c_str(), R_OK), 0) << "cannot read " << script;
 
   for (const data::TokenDtype dtype : {data::TokenDtype::kUInt16, data::TokenDtype::kUInt32}) {

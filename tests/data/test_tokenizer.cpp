@@ -31,30 +31,11 @@ using json = nlohmann::json;
 
 // --- environment --------------------------------------------------------------
 
-std::string source_dir() {
-  if (const char* dir = std::getenv("UNSWAG_SOURCE_DIR")) return dir;
-  const std::string here = __FILE__;  // <source>/tests/data/test_tokenizer.cpp
-  return here.substr(0, here.rfind("/tests/"));
-}
+using test::source_dir;
 
-// UNSWAG_PYTHON, else the repository's .venv (scripts/setup.sh), else python3.
-std::string python() {
-  const char* env = std::getenv("UNSWAG_PYTHON");
-  if (env != nullptr && *env != '\0') return env;
-  const std::string venv = source_dir() + "/.venv/bin/python";
-  return ::access(venv.c_str(), X_OK) == 0 ? venv : "python3";
-}
+std::string python() { return unswag::test::python_executable(); }
 
-bool reference_available() {
-  static const bool ok =
-      std::system(("'" + python() + "' -c 'import tokenizers' >/dev/null 2>&1").c_str()) == 0;
-  return ok;
-}
-
-#define SKIP_WITHOUT_REFERENCE()                                                                        \
-  if (!reference_available())                                                                          \
-  GTEST_SKIP() << "python '" << python() << "' with the `tokenizers` library is not available (set "   \
-               << "UNSWAG_PYTHON to a python that has it); this test compares against it"
+#define REQUIRE_REFERENCE() UNSWAG_REQUIRE_PYTHON("tokenizers")
 
 std::string fixture(const std::string& style) { return source_dir() + "/tests/fixtures/tokenizers/" + style; }
 
@@ -365,20 +346,20 @@ class TokenizerStyle : public ::testing::TestWithParam<std::string> {
 };
 
 TEST_P(TokenizerStyle, RealTextMatchesTokenizers) {
-  SKIP_WITHOUT_REFERENCE();
+  REQUIRE_REFERENCE();
   const auto texts = real_texts();
   ASSERT_GE(texts.size(), 10u) << "license files or sources missing";
   compare_with_reference(GetParam(), path(), texts, true);  // (all these texts are NFC)
 }
 
 TEST_P(TokenizerStyle, RandomTextMatchesTokenizers) {
-  SKIP_WITHOUT_REFERENCE();
+  REQUIRE_REFERENCE();
   SCOPED_TRACE("seed " + std::to_string(seed_));
   compare_with_reference(GetParam(), path(), random_texts(seed_, 400), lossless());
 }
 
 TEST_P(TokenizerStyle, RandomIdsDecodeLikeTokenizers) {
-  SKIP_WITHOUT_REFERENCE();
+  REQUIRE_REFERENCE();
   SCOPED_TRACE("seed " + std::to_string(seed_));
   const Tokenizer tokenizer = Tokenizer::from_file(path());
   RandomText random(seed_, {});
@@ -425,7 +406,7 @@ json compare_vocabulary(const std::string& path) {
 }
 
 TEST_P(TokenizerStyle, VocabularyMatchesTokenizers) {
-  SKIP_WITHOUT_REFERENCE();
+  REQUIRE_REFERENCE();
   const Tokenizer tokenizer = Tokenizer::from_file(path());
   const json vocab = compare_vocabulary(path());
   // BOS/EOS: the strings tokenizer_config.json names, looked up in the
@@ -568,7 +549,7 @@ std::vector<Variant> variants() {
 }
 
 TEST(TokenizerVariants, MatchTokenizers) {
-  SKIP_WITHOUT_REFERENCE();
+  REQUIRE_REFERENCE();
   const uint64_t seed = test::fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   TempDir dir;

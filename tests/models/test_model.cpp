@@ -23,19 +23,11 @@ using unswag::ModelConfig;
 using unswag::test::expect_error;
 using unswag::test::rel_l2;
 
-std::string source_dir() {
-  const char* env = std::getenv("UNSWAG_SOURCE_DIR");
-  if (env != nullptr) return env;
-  std::string here = __FILE__;
-  return here.substr(0, here.rfind("/tests/"));
-}
+using unswag::test::source_dir;
 
 std::string fixture(const std::string& family) { return source_dir() + "/tests/fixtures/models/" + family; }
 
-std::string python() {
-  const char* env = std::getenv("UNSWAG_PYTHON");
-  return env != nullptr ? env : "python3";
-}
+std::string python() { return unswag::test::python_executable(); }
 
 std::string read_text(const std::string& path) {
   std::ifstream in(path);
@@ -206,6 +198,7 @@ TEST_P(FixtureParity, Bfloat16LoadStaysClose) {
 }
 
 TEST_P(FixtureParity, SaveLoadsBackInTransformers) {
+  UNSWAG_REQUIRE_PYTHON("torch, safetensors, transformers");
   const std::string dir = fixture(GetParam());
   Model model = Model::from_pretrained(dir);
   for (int64_t shard_bytes : {int64_t(5) << 30, int64_t(100000)}) {

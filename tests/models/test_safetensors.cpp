@@ -158,17 +158,9 @@ class Safetensors : public ::testing::Test {
 
 TEST_F(Safetensors, ExchangeWithPythonLibrary) {
   SCOPED_TRACE("seed " + std::to_string(seed_));
-  const char* env_python = std::getenv("UNSWAG_PYTHON");
-  const std::string python = env_python != nullptr ? env_python : "python3";
-  if (std::system(("'" + python + "' -c 'import torch, safetensors.torch' >/dev/null 2>&1").c_str()) != 0)
-    GTEST_SKIP() << "python '" << python << "' with torch and safetensors is not available "
-                 << "(set UNSWAG_PYTHON to a python that has them)";
-  const char* source_dir = std::getenv("UNSWAG_SOURCE_DIR");
-  std::string here = __FILE__;
-  here = here.substr(0, here.rfind('/') + 1);
-  const std::string script = source_dir != nullptr
-                                 ? std::string(source_dir) + "/tests/models/make_safetensors_fixture.py"
-                                 : here + "make_safetensors_fixture.py";
+  UNSWAG_REQUIRE_PYTHON("torch, safetensors.torch");
+  const std::string python = unswag::test::python_executable();
+  const std::string script = unswag::test::source_path("tests/models/make_safetensors_fixture.py");
   ASSERT_EQ(::access(script.c_str(), R_OK), 0) << "cannot read " << script;
 
   auto tensors = every_dtype();

@@ -156,15 +156,9 @@ UNSWAG_INSTANTIATE_DEVICES(AdamW8bitTest);
 // ---------------------------------------------------------------- the maps
 
 TEST(AdamW8bitMaps, MatchIndependentPythonConstruction) {
-  const char* env_python = std::getenv("UNSWAG_PYTHON");
-  const std::string python = env_python ? env_python : "python3";
-  if (std::system(("'" + python + "' -c 'import numpy' >/dev/null 2>&1").c_str()) != 0)
-    GTEST_SKIP() << "python '" << python << "' with numpy is not available (set UNSWAG_PYTHON)";
-  const char* source_dir = std::getenv("UNSWAG_SOURCE_DIR");
-  std::string here = __FILE__;
-  here = here.substr(0, here.rfind('/') + 1);
-  const std::string script =
-      source_dir ? std::string(source_dir) + "/tests/optim/dynamic_map_reference.py" : here + "dynamic_map_reference.py";
+  UNSWAG_REQUIRE_PYTHON("numpy");
+  const std::string python = unswag::test::python_executable();
+  const std::string script = unswag::test::source_path("tests/optim/dynamic_map_reference.py");
   FILE* pipe = ::popen(("'" + python + "' '" + script + "'").c_str(), "r");
   ASSERT_NE(pipe, nullptr);
   std::map<std::string, std::vector<double>> ref;
