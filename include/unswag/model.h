@@ -123,4 +123,33 @@ class Model {
   std::shared_ptr<models::CausalLMImpl> impl_;
 };
 
+// Continues `prompt` (token ids) by up to max_new_tokens tokens: greedy when
+// temperature is 0, else sampling from softmax(logits / temperature) cut to
+// the smallest set of tokens whose probability reaches top_p. Stops after a
+// token in stop_ids (default: the config's EOS ids). Each step runs the model
+// on the whole sequence so far (no KV cache yet), so it is meant for short
+// continuations. Returns the new tokens only.
+struct GenerateOptions {
+  int64_t max_new_tokens = 32;
+  double temperature = 0.0;
+  double top_p = 1.0;
+  uint64_t seed = 0;
+  std::optional<std::vector<int64_t>> stop_ids;
+};
+std::vector<int64_t> generate(Model& model, const std::vector<int64_t>& prompt, const GenerateOptions& options = {});
+
+// What one training step at `tokens` tokens per step should hold, in bytes,
+// by the accounting of docs/models.md: parameters and gradients in `dtype`,
+// optimizer state (AdamW8bit: 2 bytes per parameter plus one fp32 scale per
+// 256; else fp32 AdamW: 8 bytes per parameter), and the activations the
+// TrainingOptions keep for backward plus one layer's working set. An
+// estimate, not a measurement: bench/bench_model.py measures.
+struct TrainingMemoryEstimate {
+  double parameters = 0, gradients = 0, optimizer = 0, activations = 0;
+  double total() const { return parameters + gradients + optimizer + activations; }
+};
+TrainingMemoryEstimate estimate_training_memory(const ModelConfig& config, int64_t tokens,
+                                                const TrainingOptions& options = {},
+                                                torch::ScalarType dtype = torch::kBFloat16, bool eight_bit_optimizer = true);
+
 }  // namespace unswag

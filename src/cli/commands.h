@@ -33,4 +33,21 @@ struct TokenizeOptions {
 void add_tokenize_options(CLI::App& cmd, TokenizeOptions& o);
 int run_tokenize(const TokenizeOptions& o);
 
+struct InspectOptions {
+  std::string model;
+  int64_t context = 16384;
+};
+void add_inspect_options(CLI::App& cmd, InspectOptions& o);
+int run_inspect(const InspectOptions& o);
+
+struct GenerateCliOptions {
+  std::string model, tokenizer, prompt, device = "cpu";
+  std::vector<int64_t> prompt_ids;
+  int64_t max_new_tokens = 32;
+  double temperature = 0.0, top_p = 1.0;
+  uint64_t seed = 0;
+};
+void add_generate_options(CLI::App& cmd, GenerateCliOptions& o);
+int run_generate(const GenerateCliOptions& o);
+
 }  // namespace unswag::cli

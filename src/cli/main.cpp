@@ -1,7 +1,8 @@
 // The `unswag` command line: `unswag demo` (the default) trains a small MLP
 // with and without compressed activations and prints memory and gradient
 // agreement; `unswag tables` prints the few-bit derivative tables; `unswag
-// tokenize` turns text into token shards.
+// tokenize` turns text into token shards; `unswag inspect` and `unswag
+// generate` look into and continue with a checkpoint.
 #include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
 #include <fmt/core.h>
@@ -20,10 +21,18 @@ int main(int argc, char** argv) {
   unswag::cli::TokenizeOptions tokenize;
   auto* tokenize_cmd = app.add_subcommand("tokenize", "tokenize text / JSONL into token shards (docs/data.md)");
   unswag::cli::add_tokenize_options(*tokenize_cmd, tokenize);
+  unswag::cli::InspectOptions inspect;
+  auto* inspect_cmd = app.add_subcommand("inspect", "a checkpoint's config, parameters and estimated training memory");
+  unswag::cli::add_inspect_options(*inspect_cmd, inspect);
+  unswag::cli::GenerateCliOptions generate;
+  auto* generate_cmd = app.add_subcommand("generate", "continue a prompt with a checkpoint (greedy or top-p)");
+  unswag::cli::add_generate_options(*generate_cmd, generate);
   CLI11_PARSE(app, argc, argv);
   try {
     if (app.got_subcommand("tables")) return unswag::cli::run_tables();
     if (app.got_subcommand("tokenize")) return unswag::cli::run_tokenize(tokenize);
+    if (app.got_subcommand("inspect")) return unswag::cli::run_inspect(inspect);
+    if (app.got_subcommand("generate")) return unswag::cli::run_generate(generate);
     return unswag::cli::run_demo(demo);
   } catch (const c10::Error& e) {  // its what() carries a C++ backtrace; users need the message
     fmt::print(stderr, "unswag: error: {}\n", e.what_without_backtrace());

@@ -192,6 +192,18 @@ void ModelConfig::validate(const std::string& src) const {
   if (sliding_window) positive("sliding_window", *sliding_window);
 }
 
+int64_t ModelConfig::num_parameters() const {
+  const int64_t q = num_attention_heads * head_dim, kv = num_key_value_heads * head_dim;
+  int64_t layer = hidden_size * q + 2 * hidden_size * kv + q * hidden_size  // q, k, v, o
+                  + 3 * hidden_size * intermediate_size                     // gate, up, down
+                  + 2 * hidden_size;                                        // the two norms
+  if (qkv_bias()) layer += q + 2 * kv;
+  if (o_bias()) layer += hidden_size;
+  if (mlp_bias) layer += 2 * intermediate_size + hidden_size;
+  const int64_t embed = vocab_size * hidden_size;
+  return embed + num_hidden_layers * layer + hidden_size + (tie_word_embeddings ? 0 : embed);
+}
+
 ModelConfig ModelConfig::llama3_2_1b() {
   ModelConfig c;
   c.model_type = "llama";

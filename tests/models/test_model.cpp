@@ -378,3 +378,80 @@ TEST(ModelFromConfig, InitialisesLikeTransformers) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(ModelConfigParameters, CountsMatchTheBuiltModel) {
+  for (const char* family : {"llama", "mistral", "qwen2", "gemma"}) {
+    const Model m = Model::from_pretrained(fixture(family));
+    EXPECT_EQ(m.config().num_parameters(), m.num_parameters()) << family;
+  }
+  // meta-llama/Llama-3.2-1B has 1,235,814,400 parameters (tied embeddings).
+  EXPECT_EQ(ModelConfig::llama3_2_1b().num_parameters(), 1235814400);
+}
+
+TEST(ModelMemoryEstimate, OrdersThePolicies) {
+  const ModelConfig c = ModelConfig::llama3_2_1b();
+  unswag::TrainingOptions none, selective, full;
+  selective.recompute = "selective";
+  full.recompute = "full";
+  const auto plain = unswag::estimate_training_memory(c, 16384, unswag::TrainingOptions::plain(), torch::kBFloat16, false);
+  const auto a = unswag::estimate_training_memory(c, 16384, none);
+  const auto b = unswag::estimate_training_memory(c, 16384, selective);
+  const auto f = unswag::estimate_training_memory(c, 16384, full);
+  EXPECT_GT(plain.total(), a.total());
+  EXPECT_GT(a.total(), b.total());
+  EXPECT_GT(b.total(), f.total());
+  EXPECT_DOUBLE_EQ(a.parameters, 2.0 * 1235814400);
+  // Measured on the H100 (docs/BENCHMARKS.md): 23.4 GiB without recompute at
+  // 16k. The estimate is an accounting, not a measurement: within 20%.
+  EXPECT_NEAR(a.total() / double(1 << 30), 23.4, 0.2 * 23.4);
+  expect_error([&] { unswag::estimate_training_memory(c, 0); }, {"tokens must be positive"});
+}
+
+TEST(Generate, GreedyMatchesTransformers) {
+  UNSWAG_REQUIRE_PYTHON("torch, transformers");
+  for (const char* family : {"llama", "gemma"}) {
+    Model m = Model::from_pretrained(fixture(family));
+    const std::vector<int64_t> prompt = {5, 77, 191, 3, 250};
+    unswag::GenerateOptions o;
+    o.max_new_tokens = 10;
+    o.stop_ids = std::vector<int64_t>{};  // exactly 10 tokens, as the reference
+    const auto got = unswag::generate(m, prompt, o);
+    ASSERT_EQ(got.size(), 10u);
+    std::string cmd = "'" + python() + "' '" + source_dir() + "/tests/models/transformers_greedy.py' '" +
+                      fixture(family) + "' 10";
+    for (int64_t t : prompt) cmd += " " + std::to_string(t);
+    FILE* pipe = ::popen(cmd.c_str(), "r");
+    ASSERT_NE(pipe, nullptr);
+    std::vector<int64_t> want;
+    long long v;
+    while (std::fscanf(pipe, "%lld", &v) == 1) want.push_back(v);
+    ASSERT_EQ(::pclose(pipe), 0) << cmd;
+    EXPECT_EQ(got, want) << family;
+  }
+}
+
+TEST(Generate, SamplingIsSeededAndRespectsTopP) {
+  Model m = Model::from_pretrained(fixture("qwen2"));
+  unswag::GenerateOptions o;
+  o.max_new_tokens = 12;
+  o.temperature = 1.0;
+  o.top_p = 0.9;
+  o.seed = 42;
+  o.stop_ids = std::vector<int64_t>{};
+  const auto a = unswag::generate(m, {1, 2, 3}, o), b = unswag::generate(m, {1, 2, 3}, o);
+  EXPECT_EQ(a, b);
+  // A tiny top_p keeps only the most probable token: sampling becomes greedy.
+  o.top_p = 1e-9;
+  unswag::GenerateOptions greedy;
+  greedy.max_new_tokens = 12;
+  greedy.stop_ids = std::vector<int64_t>{};
+  EXPECT_EQ(unswag::generate(m, {1, 2, 3}, o), unswag::generate(m, {1, 2, 3}, greedy));
+  expect_error([&] { unswag::generate(m, {}, o); }, {"prompt"});
+  expect_error([&] { unswag::generate(m, {1, 999}, o); }, {"999", "vocabulary"});
+  o.top_p = 0;
+  expect_error([&] { unswag::generate(m, {1}, o); }, {"top_p"});
+}
+
+}  // namespace

@@ -53,3 +53,19 @@ def test_tokenize_bad_arguments(tmp_path):
         out = subprocess.run([str(CLI), "tokenize"] + args, capture_output=True, text=True)
         assert out.returncode != 0
         assert fragment in out.stderr + out.stdout, out.stderr
+
+
+def test_inspect_and_generate():
+    fixture = ROOT / "tests" / "fixtures" / "models" / "llama"
+    out = subprocess.run([str(CLI), "inspect", str(fixture), "--context", "4096"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "parameters 119104" in out.stdout and "lean, full recompute" in out.stdout
+    out = subprocess.run([str(CLI), "generate", "--model", str(fixture), "--prompt-ids", "5", "77", "191",
+                          "--max-new-tokens", "4"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    ids = [int(t) for t in out.stdout.split()]
+    assert 1 <= len(ids) <= 4 and all(0 <= t < 256 for t in ids)
+    out = subprocess.run([str(CLI), "inspect", "/nonexistent"], capture_output=True, text=True)
+    assert out.returncode != 0 and "/nonexistent" in out.stderr
+    out = subprocess.run([str(CLI), "generate", "--model", str(fixture)], capture_output=True, text=True)
+    assert out.returncode != 0 and "--prompt" in out.stderr

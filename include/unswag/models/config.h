@@ -68,6 +68,10 @@ struct ModelConfig {
 
   std::string original_json;  // the text this config was parsed from, if any
 
+  // Parameters of the model this config describes (embeddings, attention,
+  // MLP, norms, biases, the LM head unless tied), without building it.
+  int64_t num_parameters() const;
+
   // Throws when sizes are inconsistent (non-positive, heads not dividing, ...).
   void validate(const std::string& source = "config") const;
 };
