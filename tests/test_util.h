@@ -7,10 +7,12 @@
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
+#include <ftw.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <random>
+#include <stdexcept>
 #include <string>
 
 namespace unswag::test {
@@ -50,6 +52,30 @@ inline bool python_has(const std::string& modules) {
   ASSERT_TRUE(unswag::test::python_has(modules))                                                               \
       << "python '" << unswag::test::python_executable() << "' cannot import " << (modules)                   \
       << ": this test compares against it (run scripts/setup.sh, or set UNSWAG_PYTHON)"
+
+// A fresh directory under $TMPDIR (or /tmp), removed with everything in it
+// when the object goes.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& prefix = "unswag") {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string pattern = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/" + prefix + "_XXXXXX";
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp " + pattern + " failed");
+    path_ = pattern;
+  }
+  ~TempDir() {
+    // Depth-first, so files go before their directories.
+    ::nftw(path_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
+           FTW_DEPTH | FTW_PHYS);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
 
 // Base fixture for tests parameterised by device name ("cpu" / "cuda").
 class DeviceTest : public ::testing::TestWithParam<std::string> {

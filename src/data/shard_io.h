@@ -16,16 +16,7 @@
 
 namespace unswag::data::detail {
 
-// Owns a file descriptor so that every early return (error) closes it.
-struct Fd {
-  int fd = -1;
-  explicit Fd(int f) : fd(f) {}
-  ~Fd() {
-    if (fd >= 0) ::close(fd);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-};
+using io::Fd;
 
 // The directory part of `path` ("." when it has none).
 inline std::string parent_dir(const std::string& path) {

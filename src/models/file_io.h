@@ -6,10 +6,23 @@
 // the dynamic linker may bind instead of libstdc++'s, and those crash.
 #pragma once
 
+#include <unistd.h>
+
 #include <functional>
 #include <string>
 
 namespace unswag::io {
+
+// Owns a file descriptor so every early return (error) closes it.
+struct Fd {
+  int fd = -1;
+  explicit Fd(int f) : fd(f) {}
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+};
 
 std::string join(const std::string& dir, const std::string& name);
 bool exists(const std::string& path);

@@ -73,16 +73,7 @@ using io::errno_text;
 using io::exists;
 using io::join;
 
-// Owns a file descriptor so every early return (error) closes it.
-struct Fd {
-  int fd = -1;
-  explicit Fd(int f) : fd(f) {}
-  ~Fd() {
-    if (fd >= 0) ::close(fd);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-};
+using io::Fd;
 
 uint64_t read_u64_le(const uint8_t* p) {
   uint64_t v = 0;

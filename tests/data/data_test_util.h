@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <fstream>
 #include <random>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -90,21 +91,15 @@ class DataTest : public ::testing::Test {
   void SetUp() override {
     seed_ = fresh_seed();
     rng_.seed(seed_);
-    const char* tmp = std::getenv("TMPDIR");
-    std::string pattern = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/unswag_data_XXXXXX";
-    ASSERT_NE(::mkdtemp(pattern.data()), nullptr) << "mkdtemp " << pattern;
-    dir_ = pattern;
-  }
-  void TearDown() override {
-    if (dir_.empty()) return;
-    ::nftw(dir_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-           FTW_DEPTH | FTW_PHYS);
+    tmp_ = std::make_unique<test::TempDir>("unswag_data");
+    dir_ = tmp_->path();
   }
   std::string in_dir(const std::string& name) const { return dir_ + "/" + name; }
   std::string trace() const { return "seed " + std::to_string(seed_); }
 
   uint64_t seed_ = 0;
   std::mt19937_64 rng_;
+  std::unique_ptr<test::TempDir> tmp_;
   std::string dir_;
 };
 

@@ -38,15 +38,7 @@ std::string read_text(const std::string& path) {
 
 void write_text(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
-struct TempDir {
-  TempDir() {
-    char tmpl[] = "/tmp/unswag-model-XXXXXX";
-    path = ::mkdtemp(tmpl);
-  }
-  ~TempDir() { std::system(("rm -rf '" + path + "'").c_str()); }
-  std::string operator/(const std::string& name) const { return path + "/" + name; }
-  std::string path;
-};
+using TempDir = unswag::test::TempDir;
 
 // transformers' labels=input_ids as UnSwag's targets: the next token, -100 last.
 torch::Tensor next_token_targets(const torch::Tensor& ids) {
@@ -203,17 +195,17 @@ TEST_P(FixtureParity, SaveLoadsBackInTransformers) {
   Model model = Model::from_pretrained(dir);
   for (int64_t shard_bytes : {int64_t(5) << 30, int64_t(100000)}) {
     TempDir out;
-    model.save_pretrained(out.path, shard_bytes);
+    model.save_pretrained(out.path(), shard_bytes);
     const bool sharded = shard_bytes < (1 << 20);
     EXPECT_EQ(::access((out / "model.safetensors.index.json").c_str(), F_OK) == 0, sharded);
     // UnSwag reads its own output back bit-identically...
-    Model back = Model::from_pretrained(out.path);
+    Model back = Model::from_pretrained(out.path());
     auto a = model.named_parameters(), b = back.named_parameters();
     ASSERT_EQ(a.size(), b.size());
     for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << a[i].first;
     // ...and transformers loads it to the reference logits.
     const std::string cmd = "'" + python() + "' '" + source_dir() + "/tests/models/transformers_check.py' '" +
-                            out.path + "' '" + dir + "/reference.safetensors' 1e-4";
+                            out.path() + "' '" + dir + "/reference.safetensors' 1e-4";
     EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
   }
 }
@@ -225,7 +217,7 @@ INSTANTIATE_TEST_SUITE_P(Families, FixtureParity, ::testing::Values("llama", "mi
 class BadCheckpoint : public ::testing::Test {
  protected:
   void SetUp() override {
-    std::system(("cp '" + fixture("qwen2") + "/config.json' '" + fixture("qwen2") + "/model.safetensors' '" + dir.path +
+    std::system(("cp '" + fixture("qwen2") + "/config.json' '" + fixture("qwen2") + "/model.safetensors' '" + dir.path() +
                  "/'")
                     .c_str());
     tensors = unswag::safetensors::load(dir / "model.safetensors");
@@ -238,24 +230,24 @@ class BadCheckpoint : public ::testing::Test {
 TEST_F(BadCheckpoint, MissingTensor) {
   tensors.erase("model.layers.1.mlp.down_proj.weight");
   rewrite();
-  expect_error([&] { Model::from_pretrained(dir.path); }, {"lacks tensor", "model.layers.1.mlp.down_proj.weight"});
+  expect_error([&] { Model::from_pretrained(dir.path()); }, {"lacks tensor", "model.layers.1.mlp.down_proj.weight"});
 }
 
 TEST_F(BadCheckpoint, WrongShape) {
   tensors["model.layers.0.self_attn.q_proj.weight"] = torch::zeros({64, 63});
   rewrite();
-  expect_error([&] { Model::from_pretrained(dir.path); }, {"model.layers.0.self_attn.q_proj.weight", "[64, 63]"});
+  expect_error([&] { Model::from_pretrained(dir.path()); }, {"model.layers.0.self_attn.q_proj.weight", "[64, 63]"});
 }
 
 TEST_F(BadCheckpoint, UnexpectedTensor) {
   tensors["model.layers.7.mlp.up_proj.weight"] = torch::zeros({4});
   rewrite();
-  expect_error([&] { Model::from_pretrained(dir.path); }, {"unexpected tensor", "model.layers.7.mlp.up_proj.weight"});
+  expect_error([&] { Model::from_pretrained(dir.path()); }, {"unexpected tensor", "model.layers.7.mlp.up_proj.weight"});
 }
 
 TEST_F(BadCheckpoint, MissingConfigOrDirectory) {
   ::unlink((dir / "config.json").c_str());
-  expect_error([&] { Model::from_pretrained(dir.path); }, {"no config.json"});
+  expect_error([&] { Model::from_pretrained(dir.path()); }, {"no config.json"});
   expect_error([&] { Model::from_pretrained(dir / "nope"); }, {"does not exist"});
 }
 
@@ -263,7 +255,7 @@ TEST_F(BadCheckpoint, UnsupportedArchitectureNamed) {
   auto j = nlohmann::json::parse(read_text(dir / "config.json"));
   j["model_type"] = "gpt_neox";
   write_text(dir / "config.json", j.dump());
-  expect_error([&] { Model::from_pretrained(dir.path); }, {"gpt_neox"});
+  expect_error([&] { Model::from_pretrained(dir.path()); }, {"gpt_neox"});
 }
 
 // ------------------------------------------------ for_training equivalence --

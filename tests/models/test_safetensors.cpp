@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <set>
 #include <sstream>
 #include <tuple>
@@ -113,16 +114,8 @@ class Safetensors : public ::testing::Test {
   void SetUp() override {
     seed_ = test::fresh_seed();
     torch::manual_seed(seed_);
-    const char* tmp = std::getenv("TMPDIR");
-    std::string pattern = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/unswag_safetensors_XXXXXX";
-    ASSERT_NE(::mkdtemp(pattern.data()), nullptr) << "mkdtemp " << pattern;
-    dir_ = pattern;
-  }
-  void TearDown() override {
-    if (dir_.empty()) return;
-    // Depth-first, so files go before their directories.
-    ::nftw(dir_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-           FTW_DEPTH | FTW_PHYS);
+    tmp_ = std::make_unique<test::TempDir>("unswag_safetensors");
+    dir_ = tmp_->path();
   }
   std::string in_dir(const std::string& name) const { return dir_ + "/" + name; }
 
@@ -151,6 +144,7 @@ class Safetensors : public ::testing::Test {
   }
 
   uint64_t seed_ = 0;
+  std::unique_ptr<test::TempDir> tmp_;
   std::string dir_;
 };
 
