@@ -92,6 +92,11 @@ def environment_header(device: str, command: str) -> dict[str, Any]:
 
 
 def _git_commit() -> str:
+    """HEAD of the checkout; on the GPU machine, whose copy of .git may be stale,
+    the commit written to .source-commit before the call (scripts/gpu-check.sh)."""
+    marker = REPO_ROOT / ".source-commit"
+    if marker.exists() and marker.read_text().strip():
+        return marker.read_text().strip()
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=5)

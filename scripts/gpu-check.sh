@@ -17,7 +17,9 @@
 #   JOBS (default 16): build parallelism.
 #   GPU_CHECK_USE_DEBS=1: use the carried CLI11/GTest/nlohmann_json even if the system has them.
 #   CTEST_PARALLEL_LEVEL: ctest's own knob (unset: one test at a time).
-# Carry ".whl" (wheels + .debs) with the device call. Writes under out/gpu-check/.
+# Carry ".whl" (wheels + .debs) with the device call, and ".source-commit" written by
+# `git describe --always --dirty > .source-commit` just before it (the device copy's .git
+# can be stale; the benchmarks record this commit). Writes under out/gpu-check/.
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
