@@ -63,8 +63,10 @@ class File {
   std::map<std::string, std::string> metadata_;
 };
 
-// All tensors of `path`, copied into tensors that own their memory.
-std::map<std::string, at::Tensor> load(const std::string& path);
+// All tensors of `path`, copied into tensors that own their memory; with
+// copy = false, views of the mapping (File::get) instead, which cost no memory
+// until read (for a caller that copies them once into their final place).
+std::map<std::string, at::Tensor> load(const std::string& path, bool copy = true);
 
 // Writes `tensors` (moved to CPU, made contiguous) to `path`. Like the Python
 // library, the data is ordered by element size (largest first) then by name,
@@ -79,6 +81,6 @@ void save(const std::map<std::string, at::Tensor>& tensors, const std::string& p
 // "model.safetensors.index.json" ({"weight_map": {tensor: file}}), or else the
 // single file "model.safetensors". Every tensor of the weight map must be in
 // its shard, and every tensor of a shard must be listed for that shard.
-std::map<std::string, at::Tensor> load_sharded(const std::string& dir);
+std::map<std::string, at::Tensor> load_sharded(const std::string& dir, bool copy = true);
 
 }  // namespace unswag::safetensors

@@ -39,7 +39,7 @@ int run_inspect(const InspectOptions& o) {
                m.optimizer / g, m.activations / g, m.total() / g);
   };
   TrainingOptions plain = TrainingOptions::plain();
-  row("plain autograd, fp32 AdamW", plain, false);
+  row("plain, eager attention, fp32 AdamW", plain, false);
   row("lean, no recompute", TrainingOptions{});
   TrainingOptions selective;
   selective.recompute = "selective";

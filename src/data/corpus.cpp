@@ -15,7 +15,7 @@
 #include <cstring>
 #include <memory>
 
-#include "data/shard_io.h"
+#include "models/file_io.h"
 #include "unswag/data/shards.h"
 
 namespace unswag::data {
@@ -84,7 +84,7 @@ class BlockReader {
     }
   }
   std::string path_;
-  detail::Fd fd_;
+  io::Fd fd_;
   std::string buffer_;
   size_t begin_ = 0, end_ = 0;
   int64_t bytes_read_ = 0;
@@ -209,8 +209,8 @@ bool is_output_shard(const std::string& file, const std::string& out_prefix) {
   const std::string name = file_slash == std::string::npos ? file : file.substr(file_slash + 1);
   if (name.compare(0, stem.size(), stem) != 0 || name.find(".bin", stem.size()) == std::string::npos) return false;
   char a[PATH_MAX], b[PATH_MAX];
-  return ::realpath(detail::parent_dir(file).c_str(), a) != nullptr &&
-         ::realpath(detail::parent_dir(out_prefix).c_str(), b) != nullptr && std::strcmp(a, b) == 0;
+  return ::realpath(io::parent_dir(file).c_str(), a) != nullptr &&
+         ::realpath(io::parent_dir(out_prefix).c_str(), b) != nullptr && std::strcmp(a, b) == 0;
 }
 
 bool is_blank(const std::string& line) {
@@ -240,7 +240,7 @@ CorpusStats write_corpus_shards(const std::vector<std::string>& inputs, const En
   TORCH_CHECK(options.vocab_size <= max_id + 1, "corpus: vocab_size ", options.vocab_size, " does not fit ",
               to_string(stats.dtype), " shards");
   {
-    const std::string dir = detail::parent_dir(out_prefix);
+    const std::string dir = io::parent_dir(out_prefix);
     struct stat st {};
     TORCH_CHECK(::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "corpus: the directory of out_prefix \"",
                 out_prefix, "\" (", dir, ") does not exist");

@@ -17,7 +17,7 @@
 #include <cerrno>
 #include <cstring>
 
-#include "data/shard_io.h"
+#include "models/file_io.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "token shards are little-endian; this reader does not byte-swap"
@@ -112,7 +112,7 @@ void widen(const T* src, int64_t count, int64_t* out) {
 }  // namespace
 
 TokenShard TokenShard::open(const std::string& path, ShardFormat format, int64_t vocab_size) {
-  detail::Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  io::Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   TORCH_CHECK(fd.fd >= 0, "data: cannot open token shard ", path, ": ", io::errno_text());
   struct stat st {};
   TORCH_CHECK(::fstat(fd.fd, &st) == 0, "data: cannot stat ", path, ": ", io::errno_text());
@@ -283,7 +283,7 @@ void ShardWriter::close() {
   put64(32, uint64_t(num_documents_));
   TORCH_CHECK(::pwrite(fd_, header, sizeof(header), 0) == ssize_t(sizeof(header)), "data: writing the header of ",
               tmp_, " failed: ", io::errno_text());
-  detail::commit_file(fd_, tmp_, path_);  // closes fd_ and renames, or throws
+  io::commit_temp_file(fd_, tmp_, path_);  // closes fd_ and renames, or throws
   fd_ = -1;
 }
 

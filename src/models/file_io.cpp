@@ -42,31 +42,39 @@ void write_all(int fd, const void* data, size_t size, const std::string& what) {
   }
 }
 
+std::string parent_dir(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+}
+
+void commit_temp_file(int fd, const std::string& tmp, const std::string& path) {
+  const bool synced = ::fsync(fd) == 0;
+  const std::string sync_error = synced ? "" : errno_text();
+  const bool closed = ::close(fd) == 0;
+  const std::string close_error = closed ? "" : errno_text();
+  if (!synced || !closed || ::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string error = !synced ? "fsync: " + sync_error : !closed ? "close: " + close_error
+                                                                         : "rename: " + errno_text();
+    ::unlink(tmp.c_str());
+    TORCH_CHECK(false, "writing ", path, " failed (", error, ")");
+  }
+  // A failure to sync the directory leaves a complete file: not an error.
+  Fd dir_fd(::open(parent_dir(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dir_fd.fd >= 0) ::fsync(dir_fd.fd);
+}
+
 void write_atomic(const std::string& path, const std::function<void(int fd)>& write) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   TORCH_CHECK(fd >= 0, "cannot create ", tmp, ": ", errno_text());
   try {
     write(fd);
-    TORCH_CHECK(::fsync(fd) == 0, "fsync of ", tmp, " failed: ", errno_text());
-    const int closed = ::close(fd);
-    fd = -1;
-    TORCH_CHECK(closed == 0, "closing ", tmp, " failed: ", errno_text());
-    TORCH_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, "renaming ", tmp, " to ", path, " failed: ", errno_text());
   } catch (...) {
-    if (fd >= 0) ::close(fd);
+    ::close(fd);
     ::unlink(tmp.c_str());
     throw;
   }
-  // Make the rename itself durable; a failure here leaves a complete file, so
-  // it is not an error.
-  const size_t slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
-  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd >= 0) {
-    ::fsync(dir_fd);
-    ::close(dir_fd);
-  }
+  commit_temp_file(fd, tmp, path);
 }
 
 void write_text_atomic(const std::string& path, const std::string& text) {

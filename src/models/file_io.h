@@ -31,6 +31,13 @@ std::string errno_text();
 void make_dirs(const std::string& dir);
 // Writes `size` bytes to `fd` (retrying short writes); `what` names the file in errors.
 void write_all(int fd, const void* data, size_t size, const std::string& what);
+// The directory part of `path` ("." when it has none).
+std::string parent_dir(const std::string& path);
+// fsyncs and closes `fd` (the temporary file `tmp`, written whole), renames it
+// over `path`, then fsyncs the directory so the rename itself is durable. `fd`
+// is closed in every case; on error `tmp` is removed and `path` is untouched.
+// For files written as a stream; write_atomic wraps it for one callback.
+void commit_temp_file(int fd, const std::string& tmp, const std::string& path);
 // Calls write(fd) on "<path>.tmp.<pid>", then fsyncs and renames it over
 // `path`. On any error the temporary file is removed and `path` is untouched.
 void write_atomic(const std::string& path, const std::function<void(int fd)>& write);

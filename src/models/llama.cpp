@@ -390,7 +390,8 @@ Model Model::from_pretrained(const std::string& dir, const LoadOptions& options)
   TORCH_CHECK(io::exists(config_path), "from_pretrained: ", dir, " has no config.json (expected a Hugging Face ",
               "checkpoint directory)");
   ModelConfig config = ModelConfig::from_file(config_path);
-  std::map<std::string, at::Tensor> tensors = safetensors::load_sharded(dir);
+  // Views of the mapped files: each tensor is read once, straight into its parameter.
+  std::map<std::string, at::Tensor> tensors = safetensors::load_sharded(dir, /*copy=*/false);
   const auto dtype = options.dtype.value_or(config.dtype);
   config.dtype = dtype;
   auto impl = std::make_shared<CausalLMImpl>(config);

@@ -292,10 +292,10 @@ at::Tensor File::get(const std::string& name) const {
   return view;
 }
 
-std::map<std::string, at::Tensor> load(const std::string& path) {
+std::map<std::string, at::Tensor> load(const std::string& path, bool copy) {
   const File file = File::open(path);
   std::map<std::string, at::Tensor> out;
-  for (const TensorInfo& t : file.tensors()) out.emplace(t.name, file.get(t.name).clone());
+  for (const TensorInfo& t : file.tensors()) out.emplace(t.name, copy ? file.get(t.name).clone() : file.get(t.name));
   return out;
 }
 
@@ -359,13 +359,13 @@ void save(const std::map<std::string, at::Tensor>& tensors, const std::string& p
 
 // ---------------------------------------------------------------- shards ---
 
-std::map<std::string, at::Tensor> load_sharded(const std::string& dir) {
+std::map<std::string, at::Tensor> load_sharded(const std::string& dir, bool copy) {
   const std::string index_path = join(dir, "model.safetensors.index.json");
   if (!exists(index_path)) {
     const std::string single = join(dir, "model.safetensors");
     TORCH_CHECK(exists(single), "safetensors: ", dir, ": neither model.safetensors.index.json nor ",
                 "model.safetensors exists");
-    return load(single);
+    return load(single, copy);
   }
 
   std::ifstream in(index_path);
@@ -405,7 +405,7 @@ std::map<std::string, at::Tensor> load_sharded(const std::string& dir) {
     for (const TensorInfo& t : shard.tensors())
       TORCH_CHECK(names.count(t.name), "safetensors: ", shard_path, ": tensor \"", t.name,
                   "\" is not assigned to this shard by ", index_path);
-    for (const std::string& name : names) out.emplace(name, shard.get(name).clone());
+    for (const std::string& name : names) out.emplace(name, copy ? shard.get(name).clone() : shard.get(name));
   }
   return out;
 }

@@ -45,15 +45,12 @@ Span span_of(int64_t s, int64_t e, int64_t window, const at::Device& device) {
   return sp;
 }
 
-// Softmax statistics and accumulators: fp32, or fp64 for fp64 inputs.
-at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Scores of chunk rows [s, e) in acc_type: q5 [B, Hkv, G, T, D], k [B, Hkv, T, D].
+// Scores of chunk rows [s, e) in ops::opmath_type (fp32; fp64 for fp64 inputs): q5 [B, Hkv, G, T, D], k [B, Hkv, T, D].
 at::Tensor chunk_scores(const at::Tensor& q5, const at::Tensor& k, int64_t s, int64_t e, const Span& sp,
                         double scale) {
   const at::Tensor qc = q5.narrow(3, s, e - s);
   const at::Tensor kr = k.narrow(2, sp.k0, sp.k1 - sp.k0).unsqueeze(2);  // [B, Hkv, 1, K, D]
-  at::Tensor scores = at::matmul(qc, kr.transpose(-1, -2)).to(acc_type(q5)).mul_(scale);
+  at::Tensor scores = at::matmul(qc, kr.transpose(-1, -2)).to(ops::opmath_type(q5)).mul_(scale);
   return scores.masked_fill_(sp.masked, -std::numeric_limits<float>::infinity());
 }
 
@@ -63,7 +60,7 @@ struct ChunkedAttentionFunction : public torch::autograd::Function<ChunkedAttent
     const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
     const at::Tensor q5 = q.view({B, Hkv, H / Hkv, T, D});
     at::Tensor out = at::empty({B, Hkv, H / Hkv, T, v.size(3)}, q.options());
-    at::Tensor lse = at::empty({B, Hkv, H / Hkv, T}, q.options().dtype(acc_type(q)));
+    at::Tensor lse = at::empty({B, Hkv, H / Hkv, T}, q.options().dtype(ops::opmath_type(q)));
     for (int64_t s = 0; s < T; s += chunk) {
       const int64_t e = std::min(T, s + chunk);
       const Span sp = span_of(s, e, window, q.device());
@@ -89,10 +86,10 @@ struct ChunkedAttentionFunction : public torch::autograd::Function<ChunkedAttent
     const at::Tensor q5 = q.view({B, Hkv, G, T, D});
     const at::Tensor dout = grads[0].contiguous().view({B, Hkv, G, T, v.size(3)});
     // delta_i = sum_d dO_id O_id (= sum_j P_ij dP_ij), fp32.
-    const at::Tensor delta = (dout.to(acc_type(q)) * out.to(acc_type(q))).sum(-1, true);
+    const at::Tensor delta = (dout.to(ops::opmath_type(q)) * out.to(ops::opmath_type(q))).sum(-1, true);
     at::Tensor dq = at::empty_like(q5);
-    at::Tensor dk = at::zeros(k.sizes(), k.options().dtype(acc_type(q)));
-    at::Tensor dv = at::zeros(v.sizes(), v.options().dtype(acc_type(q)));
+    at::Tensor dk = at::zeros(k.sizes(), k.options().dtype(ops::opmath_type(q)));
+    at::Tensor dv = at::zeros(v.sizes(), v.options().dtype(ops::opmath_type(q)));
     for (int64_t s = 0; s < T; s += chunk) {
       const int64_t e = std::min(T, s + chunk);
       const Span sp = span_of(s, e, window, q.device());
@@ -102,11 +99,11 @@ struct ChunkedAttentionFunction : public torch::autograd::Function<ChunkedAttent
       const at::Tensor doc = dout.narrow(3, s, e - s);
       const at::Tensor kr = k.narrow(2, sp.k0, K).unsqueeze(2), vr = v.narrow(2, sp.k0, K).unsqueeze(2);
       // dV_r += sum over G of P^T dO.
-      dv.narrow(2, sp.k0, K).add_(at::matmul(p.to(q.scalar_type()).transpose(-1, -2), doc).to(acc_type(q)).sum(2));
-      const at::Tensor dp = at::matmul(doc, vr.transpose(-1, -2)).to(acc_type(q));
+      dv.narrow(2, sp.k0, K).add_(at::matmul(p.to(q.scalar_type()).transpose(-1, -2), doc).to(ops::opmath_type(q)).sum(2));
+      const at::Tensor dp = at::matmul(doc, vr.transpose(-1, -2)).to(ops::opmath_type(q));
       const at::Tensor ds = (p * (dp - delta.narrow(3, s, e - s))).mul_(scale).to(q.scalar_type());
       dq.narrow(3, s, e - s).copy_(at::matmul(ds, kr));
-      dk.narrow(2, sp.k0, K).add_(at::matmul(ds.transpose(-1, -2), q5.narrow(3, s, e - s)).to(acc_type(q)).sum(2));
+      dk.narrow(2, sp.k0, K).add_(at::matmul(ds.transpose(-1, -2), q5.narrow(3, s, e - s)).to(ops::opmath_type(q)).sum(2));
     }
     return {dq.view({B, H, T, D}), dk.to(k.scalar_type()), dv.to(v.scalar_type()), at::Tensor(), at::Tensor(),
             at::Tensor()};

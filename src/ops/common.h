@@ -22,6 +22,10 @@ void check_same(const at::Tensor& t, const at::Tensor& ref, const char* op, cons
 void check_codes(const at::Tensor& codes, const at::Tensor& ref, int64_t words, const char* op, const char* arg);
 
 kernels::DType to_kernel_dtype(at::ScalarType t);
+// The dtype ATen-composed ops compute in: float64 for float64 tensors, else float32.
+inline at::ScalarType opmath_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 // "relu", "relu2", "gelu", "gelu_tanh", "silu"; anything else is an error naming `op`.
 kernels::Act parse_activation(const std::string& name, const char* op);
 // The few-bit table for (act, bits), with user-facing checks of bits.

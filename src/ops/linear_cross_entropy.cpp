@@ -8,7 +8,8 @@
 //   dz = (softmax(z) - onehot(t)) * g / n_valid  (0 on ignored rows)
 //   dh_c = dz W,   dW += dz^T h_c  (accumulated in fp32 across chunks)
 // One extra chunk matmul (the recomputed z) buys freedom from the logits:
-// at 16k tokens and a 128256 vocab they are 8.4 GB in fp32.
+// at 16k tokens and a 128256 vocab they are 8.4 GB in fp32. (float64 inputs
+// compute in float64 throughout.)
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -20,9 +21,6 @@
 namespace unswag {
 namespace {
 
-// Logits and loss in fp32 (as transformers), fp64 for fp64 inputs.
-at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -31,12 +29,12 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
                             int64_t chunk, int64_t ignore_index) {
     const int64_t N = h.size(0);
     const at::Tensor valid = targets != ignore_index;
-    const at::Tensor n_valid = valid.sum().to(acc_type(h));
-    at::Tensor loss_sum = at::zeros({}, h.options().dtype(acc_type(h)));
-    at::Tensor lse = at::empty({N}, h.options().dtype(acc_type(h)));
+    const at::Tensor n_valid = valid.sum().to(ops::opmath_type(h));
+    at::Tensor loss_sum = at::zeros({}, h.options().dtype(ops::opmath_type(h)));
+    at::Tensor lse = at::empty({N}, h.options().dtype(ops::opmath_type(h)));
     for (int64_t s = 0; s < N; s += chunk) {
       const int64_t e = std::min(N, s + chunk);
-      const at::Tensor z = at::matmul(h.narrow(0, s, e - s), w.t()).to(acc_type(h));
+      const at::Tensor z = at::matmul(h.narrow(0, s, e - s), w.t()).to(ops::opmath_type(h));
       const at::Tensor l = at::logsumexp(z, -1);
       const at::Tensor t = targets.narrow(0, s, e - s);
       const at::Tensor v = valid.narrow(0, s, e - s);
@@ -56,17 +54,17 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
     const int64_t chunk = ctx->saved_data["chunk"].toInt(), ignore_index = ctx->saved_data["ignore_index"].toInt();
     const bool want_h = ctx->needs_input_grad(0), want_w = ctx->needs_input_grad(1);
     const int64_t N = h.size(0);
-    const at::Tensor scale = grads[0].to(acc_type(h)) / n_valid;
+    const at::Tensor scale = grads[0].to(ops::opmath_type(h)) / n_valid;
     at::Tensor dh = want_h ? at::empty_like(h) : at::Tensor();
-    at::Tensor dw = want_w ? at::zeros(w.sizes(), w.options().dtype(acc_type(h))) : at::Tensor();
+    at::Tensor dw = want_w ? at::zeros(w.sizes(), w.options().dtype(ops::opmath_type(h))) : at::Tensor();
     for (int64_t s = 0; s < N; s += chunk) {
       const int64_t e = std::min(N, s + chunk);
       const at::Tensor hc = h.narrow(0, s, e - s);
       const at::Tensor t = targets.narrow(0, s, e - s);
-      const at::Tensor z = at::matmul(hc, w.t()).to(acc_type(h));
+      const at::Tensor z = at::matmul(hc, w.t()).to(ops::opmath_type(h));
       at::Tensor dz = (z - lse.narrow(0, s, e - s).unsqueeze(1)).exp_();
       dz.scatter_add_(1, t.clamp_min(0).unsqueeze(1), at::full({e - s, 1}, -1.0f, dz.options()));
-      dz.mul_(((t != ignore_index).to(acc_type(h)) * scale).unsqueeze(1));
+      dz.mul_(((t != ignore_index).to(ops::opmath_type(h)) * scale).unsqueeze(1));
       const at::Tensor dzc = dz.to(h.scalar_type());
       if (want_h) dh.narrow(0, s, e - s).copy_(at::matmul(dzc, w));
       if (want_w) dw.add_(at::matmul(dzc.t(), hc));

@@ -23,9 +23,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// fp32 math, fp64 for fp64 inputs.
-at::ScalarType opmath(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
   static bool fused(const at::Tensor& x, const at::Tensor& w) {
     return x.scalar_type() != at::kDouble && w.scalar_type() == x.scalar_type();
@@ -60,7 +57,7 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     }
     const at::Tensor& x = x_in;
     const at::Tensor& w = w_in;
-    const auto acc = opmath(x);
+    const auto acc = ops::opmath_type(x);
     const at::Tensor xf = x.to(acc);
     const at::Tensor rstd = at::rsqrt(xf.pow(2).mean(-1, true) + eps);
     const at::Tensor xh = xf * rstd;
@@ -92,7 +89,7 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       if (partial.defined()) dw = (p.rows == 0 ? at::zeros({p.n}, partial.options()) : partial.sum(0)).to(w.scalar_type());
       return {dx, dw, at::Tensor(), at::Tensor()};
     }
-    const auto acc = opmath(x);
+    const auto acc = ops::opmath_type(x);
     const at::Tensor dy = grads[0].to(acc);
     const at::Tensor xh = x.to(acc) * rstd;
     // The value dw multiplies: xh itself (Gemma) or its cast to x's dtype (Llama).

@@ -185,8 +185,9 @@ TEST_P(FixtureParity, Bfloat16LoadStaysClose) {
   torch::NoGradGuard no_grad;
   const auto logits = model.forward(ref.at("input_ids"));
   EXPECT_EQ(logits.scalar_type(), torch::kBFloat16);
-  // Two layers of bf16 rounding (unit roundoff 2^-8 per op): a few percent.
-  EXPECT_LT(rel_l2(logits, ref.at("logits")), 5e-2);
+  // transformers' own bf16 forward of these fixtures is 0.7-1.5% from the
+  // fp32 reference (measured); allow the same rounding from our side.
+  EXPECT_LT(rel_l2(logits, ref.at("logits")), 2.5e-2);
 }
 
 TEST_P(FixtureParity, SaveLoadsBackInTransformers) {
@@ -396,8 +397,8 @@ TEST(ModelMemoryEstimate, OrdersThePolicies) {
   EXPECT_GT(b.total(), f.total());
   EXPECT_DOUBLE_EQ(a.parameters, 2.0 * 1235814400);
   // Measured on the H100 (docs/BENCHMARKS.md): 23.4 GiB without recompute at
-  // 16k. The estimate is an accounting, not a measurement: within 20%.
-  EXPECT_NEAR(a.total() / double(1 << 30), 23.4, 0.2 * 23.4);
+  // 16k (the estimate says 24.9: the accounting of docs/models.md, within 10%).
+  EXPECT_NEAR(a.total() / double(1 << 30), 23.4, 0.1 * 23.4);
   expect_error([&] { unswag::estimate_training_memory(c, 0); }, {"tokens must be positive"});
 }
 
