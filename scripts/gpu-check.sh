@@ -10,7 +10,7 @@
 #   --skip-build   reuse build-cuda/ as it is (it must hold libunswag.so)
 #   --only X       run only the tests or only the benchmarks (after the build)
 # Environment: GPU_CHECK_BUDGET_S (default 570): seconds for the whole script;
-#   GPU_CHECK_BENCHES: which benchmarks (default "bench_activations bench_mlp bench_optim bench_model");
+#   GPU_CHECK_BENCHES: which benchmarks (default "bench_activations bench_mlp bench_optim bench_psa bench_model");
 #   GPU_CHECK_MODEL_SERIES: bench_model.py --series (comma-separated; default all);
 #   each step gets what is left, so the summary and $OUT always get written.
 #   GPU_CHECK_ALLOW_PY_SKIPS=1: do not fail on skipped Python tests.
@@ -90,7 +90,8 @@ collect() {
   mkdir -p "$OUT"
   local f
   for f in "$LOG" "$CTEST_LOG" "$BENCH_DIR"/bench_activations.json "$BENCH_DIR"/bench_activations.md \
-           "$BENCH_DIR"/bench_mlp.json "$BENCH_DIR"/bench_mlp.md "$BENCH_DIR"/bench_*.json; do
+           "$BENCH_DIR"/bench_mlp.json "$BENCH_DIR"/bench_mlp.md "$BENCH_DIR"/bench_*.json \
+           "$BENCH_DIR"/bench_*.md "$BENCH_DIR"/psa_quality/quality.svg "$BENCH_DIR"/*.svg; do
     [[ -f "$f" ]] && cp -f "$f" "$OUT"/
   done
   if [[ -f "$PYTEST_LOG" ]]; then cat "$PYTEST_LOG" >"$OUT/pytest.log"; fi
@@ -387,7 +388,7 @@ if [[ "$ONLY" != tests ]] && ((build_ok)); then
   quick_flag=()
   ((QUICK)) && quick_flag=(--quick)
   # bench_optim before bench_model, which spends whatever time is left.
-  for bench in ${GPU_CHECK_BENCHES:-bench_activations bench_mlp bench_optim bench_model}; do
+  for bench in ${GPU_CHECK_BENCHES:-bench_activations bench_mlp bench_optim bench_psa bench_model}; do
     t0=$SECONDS
     case "$bench" in
       bench_model)  # whole-model training step vs transformers; spends at most what is left

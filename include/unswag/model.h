@@ -9,6 +9,8 @@
 //   model.save_pretrained("out/");               // transformers loads it back
 //
 // Parameter names are Hugging Face's ("model.layers.0.self_attn.q_proj.weight").
+// Layers may use Packet-Switched Attention (docs/psa.md) instead of dense
+// attention: from a config with "unswag_psa", or through for_training().
 #pragma once
 
 #include <torch/nn/module.h>
@@ -63,6 +65,16 @@ struct TrainingOptions {
   // RMSNorm that keeps its input and the fp32 1/rms for backward, not the
   // fp32 copies autograd keeps.
   bool lean_norm = true;
+  // Packet-Switched Attention (docs/psa.md): the layers whose attention
+  // for_training() replaces by PSA, keeping q/k/v/o and RoPE and initialising
+  // the router, conv, decays and lambdas: empty = none (layers already PSA
+  // stay PSA), a list of indices, or all_layers(). The settings of new PSA
+  // layers: `psa`. PSA layers under recompute "full" run as "selective" (the
+  // attention half is kept: a recomputation would draw new routing noise and
+  // lose the aux loss's graph).
+  std::vector<int64_t> psa_layers;
+  nn::PSAConfig psa;
+  static std::vector<int64_t> all_layers() { return {-1}; }
 
   static TrainingOptions plain() {
     TrainingOptions o;
@@ -77,6 +89,20 @@ struct TrainingOptions {
 namespace models {
 class CausalLMImpl;
 }
+
+// The state of cached generation for one sequence (batch 1): per layer, a
+// dense KV cache (keys and values of every token) or a PSA cache (the signal
+// tokens' keys and values only, the conv tail, the summary register).
+struct InferenceCache {
+  std::vector<nn::KVBuffer> kv;   // per layer; empty for PSA layers
+  std::vector<nn::PSACache> psa;  // per layer; empty for dense layers
+  int64_t tokens = 0;             // tokens consumed so far (the next token's position)
+  // Bytes the caches hold (allocated capacity, not filled length).
+  int64_t kv_bytes() const;
+  int64_t psa_bytes() const;
+  int64_t bytes_allocated() const { return kv_bytes() + psa_bytes(); }
+  void clear() { *this = InferenceCache(); }
+};
 
 class Model {
  public:
@@ -104,8 +130,25 @@ class Model {
   // of each position; -100 = ignored) from input_ids. Transformers'
   // labels=input_ids corresponds to targets = [input_ids[:, 1:], -100].
   // With chunked_loss the logits are never materialised whole.
+  // In training mode a model with PSA layers adds their aux losses (load
+  // balance and router z-loss, weighted; psa_aux_loss()) to the returned loss.
   torch::Tensor loss(const torch::Tensor& input_ids, const torch::Tensor& targets,
                      const torch::Tensor& position_ids = {});
+
+  // Eval-mode logits [1, T, vocab] of input_ids [1, T] continuing the sequence
+  // held by `cache` (positions cache.tokens ..), which it extends: prefill with
+  // the prompt, then one token per call. No autograd.
+  torch::Tensor forward_cached(const torch::Tensor& input_ids, InferenceCache& cache);
+
+  // PSA: the summed weighted aux losses of the last forward (0-dim fp32; zero
+  // in eval mode or without PSA layers); the Gumbel temperature of every PSA
+  // layer (annealed ~1 -> 0.3 by whoever trains); the route-bias controller
+  // step, to call after each optimizer step; the last forward's route
+  // fractions and train/eval agreement per PSA layer (layer index, stats).
+  torch::Tensor psa_aux_loss() const;
+  void set_psa_temperature(double tau);
+  void update_psa_controller();
+  std::vector<std::pair<int64_t, nn::PSARouteStats>> psa_route_stats() const;
 
   const ModelConfig& config() const;
   std::vector<std::pair<std::string, torch::Tensor>> named_parameters() const;
@@ -126,17 +169,21 @@ class Model {
 // Continues `prompt` (token ids) by up to max_new_tokens tokens: greedy when
 // temperature is 0, else sampling from softmax(logits / temperature) cut to
 // the smallest set of tokens whose probability reaches top_p. Stops after a
-// token in stop_ids (default: the config's EOS ids). Each step runs the model
-// on the whole sequence so far (no KV cache yet), so it is meant for short
-// continuations. Returns the new tokens only.
+// token in stop_ids (default: the config's EOS ids). With use_cache the
+// prompt is run once into an InferenceCache and each step runs one token;
+// without, each step reruns the whole sequence (the reference). Returns the
+// new tokens only. `cache` (optional): the cache to use (cleared first), left
+// filled so its bytes can be read.
 struct GenerateOptions {
   int64_t max_new_tokens = 32;
   double temperature = 0.0;
   double top_p = 1.0;
   uint64_t seed = 0;
   std::optional<std::vector<int64_t>> stop_ids;
+  bool use_cache = true;
 };
-std::vector<int64_t> generate(Model& model, const std::vector<int64_t>& prompt, const GenerateOptions& options = {});
+std::vector<int64_t> generate(Model& model, const std::vector<int64_t>& prompt, const GenerateOptions& options = {},
+                              InferenceCache* cache = nullptr);
 
 // What one training step at `tokens` tokens per step should hold, in bytes,
 // by the accounting of docs/models.md: parameters and gradients in `dtype`,

@@ -9,8 +9,10 @@
 // alone), the whole CTA for B = 2048 (shuffles, then the eight warp maxima
 // through shared memory). Each element is read once and written once per step:
 // dequantize, update, block absmax of the new moments, requantize, in
-// registers. The two 256-code maps sit in shared memory, where the 8-step
-// binary search of quantize_nearest runs.
+// registers. The two 256-code maps and their quantize tables (optim.h:
+// quantize_lookup, 4 shared-memory reads per value) sit in shared memory; the
+// grid is persistent (a few CTAs per SM striding over the tensor), so each CTA
+// loads those 15 KB once rather than once per 2048 elements.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -119,69 +121,86 @@ __device__ __forceinline__ void load_map(float* shared, const float* __restrict_
   for (int i = threadIdx.x; i < kMapSize; i += kThreads) shared[i] = map[i];
 }
 
+// The table in 16-byte pieces (kQuantTableSize is a multiple of 16; the
+// tables are separate allocations, so 16-byte aligned).
+__device__ __forceinline__ void load_table(uint8_t* shared, const uint8_t* __restrict__ starts) {
+  static_assert(kQuantTableSize % 16 == 0, "table copied in 16-byte pieces");
+  for (int i = threadIdx.x; i < kQuantTableSize / 16; i += kThreads)
+    reinterpret_cast<uint4*>(shared)[i] = reinterpret_cast<const uint4*>(starts)[i];
+}
+
 template <typename T, int kBlock, bool kAligned>
 __global__ void __launch_bounds__(kThreads) adamw8bit_kernel(AdamW8bitParams p) {
   constexpr int kGroup = kBlock / kPerThread;
   __shared__ float map1[kMapSize], map2[kMapSize];
+  __shared__ __align__(16) uint8_t starts1[kQuantTableSize], starts2[kQuantTableSize];
   __shared__ float scratch1[kThreads / 32], scratch2[kThreads / 32];
   load_map(map1, p.map1);
   load_map(map2, p.map2);
+  load_table(starts1, p.starts1);
+  load_table(starts2, p.starts2);
   __syncthreads();
 
   T* param = static_cast<T*>(p.param);
   const T* grad = static_cast<const T*>(p.grad);
-  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kPerThread;
-  const int64_t block = i / kBlock;
-  const bool active = i < p.n;  // inactive threads still join the reductions
-  const bool vector = kAligned && i + kPerThread <= p.n;
+  constexpr int64_t kTile = int64_t(kThreads) * kPerThread;
+  // The loop bound depends on blockIdx only, so every thread of the CTA runs
+  // the same iterations (group_max may __syncthreads).
+  for (int64_t tile = blockIdx.x; tile * kTile < p.n; tile += gridDim.x) {
+    const int64_t i = tile * kTile + int64_t(threadIdx.x) * kPerThread;
+    const int64_t block = i / kBlock;
+    const bool active = i < p.n;  // inactive threads still join the reductions
+    const bool vector = kAligned && i + kPerThread <= p.n;
 
-  float pv[8], gv[8], m[8], v[8];
-  uint8_t q1[8], q2[8];
-  float absmax1 = 0.f, absmax2 = 0.f;
-  if (active) {
-    const float old_absmax1 = p.absmax1[block], old_absmax2 = p.absmax2[block];
-    if (vector) {
-      load8<true>(param, i, p.n, pv);
-      load8<true>(grad, i, p.n, gv);
-      load_codes8<true>(p.state1, i, p.n, q1);
-      load_codes8<true>(p.state2, i, p.n, q2);
-    } else {
-      load8<false>(param, i, p.n, pv);
-      load8<false>(grad, i, p.n, gv);
-      load_codes8<false>(p.state1, i, p.n, q1);
-      load_codes8<false>(p.state2, i, p.n, q2);
+    float pv[8], gv[8], m[8], v[8];
+    uint8_t q1[8], q2[8];
+    float absmax1 = 0.f, absmax2 = 0.f;
+    if (active) {
+      const float old_absmax1 = p.absmax1[block], old_absmax2 = p.absmax2[block];
+      if (vector) {
+        load8<true>(param, i, p.n, pv);
+        load8<true>(grad, i, p.n, gv);
+        load_codes8<true>(p.state1, i, p.n, q1);
+        load_codes8<true>(p.state2, i, p.n, q2);
+      } else {
+        load8<false>(param, i, p.n, pv);
+        load8<false>(grad, i, p.n, gv);
+        load_codes8<false>(p.state1, i, p.n, q1);
+        load_codes8<false>(p.state2, i, p.n, q2);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        m[j] = dequantize(map1, q1[j], old_absmax1);
+        v[j] = dequantize(map2, q2[j], old_absmax2);
+        adamw_update(pv[j], gv[j], m[j], v[j], p.s);
+        if (i + j < p.n) {  // padding lanes past n must not raise the absmax
+          absmax1 = fmaxf(absmax1, fabsf(m[j]));
+          absmax2 = fmaxf(absmax2, fabsf(v[j]));
+        }
+      }
+    }
+    absmax1 = group_max<kGroup>(absmax1, scratch1);
+    absmax2 = group_max<kGroup>(absmax2, scratch2);
+    if (kGroup > 32) __syncthreads();  // the scratch is reused by the next tile
+    if (!active) continue;
+    if (i % kBlock == 0) {
+      p.absmax1[block] = absmax1;
+      p.absmax2[block] = absmax2;
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      m[j] = dequantize(map1, q1[j], old_absmax1);
-      v[j] = dequantize(map2, q2[j], old_absmax2);
-      adamw_update(pv[j], gv[j], m[j], v[j], p.s);
-      if (i + j < p.n) {  // padding lanes past n must not raise the absmax
-        absmax1 = fmaxf(absmax1, fabsf(m[j]));
-        absmax2 = fmaxf(absmax2, fabsf(v[j]));
-      }
+      q1[j] = quantize_lookup(map1, starts1, p.advance1, normalize(m[j], absmax1));
+      q2[j] = quantize_lookup(map2, starts2, p.advance2, normalize(v[j], absmax2));
     }
-  }
-  absmax1 = group_max<kGroup>(absmax1, scratch1);
-  absmax2 = group_max<kGroup>(absmax2, scratch2);
-  if (!active) return;
-  if (i % kBlock == 0) {
-    p.absmax1[block] = absmax1;
-    p.absmax2[block] = absmax2;
-  }
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    q1[j] = quantize_nearest(map1, normalize(m[j], absmax1));
-    q2[j] = quantize_nearest(map2, normalize(v[j], absmax2));
-  }
-  if (vector) {
-    store8<true>(param, i, p.n, pv);
-    store_codes8<true>(p.state1, i, p.n, q1);
-    store_codes8<true>(p.state2, i, p.n, q2);
-  } else {
-    store8<false>(param, i, p.n, pv);
-    store_codes8<false>(p.state1, i, p.n, q1);
-    store_codes8<false>(p.state2, i, p.n, q2);
+    if (vector) {
+      store8<true>(param, i, p.n, pv);
+      store_codes8<true>(p.state1, i, p.n, q1);
+      store_codes8<true>(p.state2, i, p.n, q2);
+    } else {
+      store8<false>(param, i, p.n, pv);
+      store_codes8<false>(p.state1, i, p.n, q1);
+      store_codes8<false>(p.state2, i, p.n, q2);
+    }
   }
 }
 
@@ -222,8 +241,10 @@ template <int kBlock>
 __global__ void __launch_bounds__(kThreads) quantize_kernel(BlockwiseParams p) {
   constexpr int kGroup = kBlock / kPerThread;
   __shared__ float map[kMapSize];
+  __shared__ __align__(16) uint8_t starts[kQuantTableSize];
   __shared__ float scratch[kThreads / 32];
   load_map(map, p.map);
+  load_table(starts, p.starts);
   __syncthreads();
   const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kPerThread;
   float x[8];
@@ -236,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(BlockwiseParams p) {
   if (i % kBlock == 0) p.absmax[i / kBlock] = absmax;
   uint8_t q[8];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) q[j] = quantize_nearest(map, normalize(x[j], absmax));
+  for (int j = 0; j < 8; ++j) q[j] = quantize_lookup(map, starts, p.advance, normalize(x[j], absmax));
   store_codes8<false>(p.q, i, p.n, q);
 }
 
@@ -250,10 +271,19 @@ bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>
 
 int64_t ctas_for(int64_t n) { return (n + kThreads * kPerThread - 1) / (kThreads * kPerThread); }
 
+// A persistent grid: enough CTAs to fill the GPU (8 of 256 threads per SM),
+// never more than there are tiles.
+int64_t persistent_ctas(int64_t n) {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return std::min<int64_t>(ctas_for(n), int64_t(sms) * 8);
+}
+
 template <typename T>
 void launch_adamw8bit(const AdamW8bitParams& p, cudaStream_t stream) {
   const bool vec = aligned(p.param, 16) && aligned(p.grad, 16) && aligned(p.state1, 8) && aligned(p.state2, 8);
-  const dim3 grid(unsigned(ctas_for(p.n)));
+  const dim3 grid(unsigned(persistent_ctas(p.n)));
   if (p.block_size == 2048) {
     if (vec)
       adamw8bit_kernel<T, 2048, true><<<grid, kThreads, 0, stream>>>(p);
@@ -270,11 +300,8 @@ void launch_adamw8bit(const AdamW8bitParams& p, cudaStream_t stream) {
 template <typename T>
 void launch_adamw32bit(const AdamW32bitParams& p, cudaStream_t stream) {
   const bool vec = aligned(p.param, 16) && aligned(p.grad, 16) && aligned(p.exp_avg, 16) && aligned(p.exp_avg_sq, 16);
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   // A grid-stride loop over at most 8 CTAs per SM: enough to saturate memory.
-  const dim3 grid(unsigned(std::min<int64_t>(ctas_for(p.n), int64_t(sms) * 8)));
+  const dim3 grid(unsigned(persistent_ctas(p.n)));
   if (vec)
     adamw32bit_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
   else

@@ -95,6 +95,57 @@ UNSWAG_HD uint8_t quantize_nearest(const float* codes, float x) {
   return uint8_t(lo);
 }
 
+// Quantization by table lookup: what the kernels run (quantize_nearest above
+// is its reference, and a test checks they agree on every kind of input).
+// The binary search costs 10 dependent reads of the map per value; instead, a
+// table indexed by the sign, the exponent and the top kQuantMantissaBits
+// mantissa bits of x gives a start index: the largest code <= every x of that
+// bucket (0 if none). At most `advance` further codes can lie in a bucket, so
+// `advance` compare-and-step rounds from the start reach the largest code
+// <= x, exactly the search's answer, and the same nearest-of-two comparison
+// follows. For the dynamic maps advance is 1 (a bucket is 1/128 of an octave,
+// narrower than the maps' code spacing): 4 reads per value instead of 10, and
+// the number of rounds is the same for every value (no divergence on a GPU).
+// Buckets: 0 holds |x| < 2^-24 (and zeros), bucket (r << kQuantMantissaBits | m)
+// for r = 1..25 holds |x| in 2^(r - 25) * [1 + m / 128, 1 + (m + 1) / 128);
+// larger |x| (beyond the maps' [-1, 1], infinities) falls in the last bucket.
+constexpr int kQuantMantissaBits = 7;
+constexpr int kQuantRows = 26;
+constexpr int kQuantBuckets = kQuantRows << kQuantMantissaBits;
+constexpr int kQuantTableSize = 2 * kQuantBuckets;  // starts[sign][bucket], sign 1 = negative
+
+UNSWAG_HD uint32_t bits_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t b;
+  __builtin_memcpy(&b, &x, sizeof b);
+  return b;
+#endif
+}
+
+UNSWAG_HD int quant_bucket(uint32_t abs_bits) {
+  const int e = int(abs_bits >> 23);  // biased exponent (the sign bit is clear)
+  if (e < 103) return 0;
+  if (e > 127) return kQuantBuckets - 1;
+  return (e - 102) << kQuantMantissaBits | int((abs_bits >> (23 - kQuantMantissaBits)) & ((1u << kQuantMantissaBits) - 1));
+}
+
+UNSWAG_HD uint8_t quantize_lookup(const float* codes, const uint8_t* starts, int advance, float x) {
+  const uint32_t bits = bits_of(x);
+  int lo = starts[(bits >> 31) * kQuantBuckets + quant_bucket(bits & 0x7fffffffu)];
+  for (int round = 0; round < advance; ++round) {
+    const int next = lo + int(lo < kMapSize - 1);
+    lo = next != lo && codes[next] <= x ? next : lo;
+  }
+  const int has_next = int(lo < kMapSize - 1);
+  lo += has_next & int(sub_rn(codes[lo + has_next], x) < sub_rn(x, codes[lo]));
+  return x == x ? uint8_t(lo) : uint8_t(0);  // NaN: 0, as the search gives
+}
+
+// Fills starts[kQuantTableSize] for an ascending map and returns `advance`.
+int build_quantize_table(const float* codes, uint8_t* starts);  // optim_cpu.cpp
+
 // x / absmax on the map's scale; a block of zeros (absmax 0) maps to 0.
 UNSWAG_HD float normalize(float x, float absmax) { return absmax > 0.f ? div_rn(x, absmax) : 0.f; }
 
@@ -139,6 +190,9 @@ struct AdamW8bitParams {
   float* absmax2 = nullptr;    // [blocks(n)]
   const float* map1 = nullptr;  // [kMapSize], ascending
   const float* map2 = nullptr;  // [kMapSize], ascending
+  const uint8_t* starts1 = nullptr;  // [kQuantTableSize]: build_quantize_table(map1)
+  const uint8_t* starts2 = nullptr;  // [kQuantTableSize]: build_quantize_table(map2)
+  int32_t advance1 = 0, advance2 = 0;
   int64_t n = 0;
   int64_t block_size = 256;  // 256 or 2048
   ParamDType dtype = ParamDType::kFloat32;
@@ -163,6 +217,8 @@ struct BlockwiseParams {
   uint8_t* q = nullptr;       // [n]
   float* absmax = nullptr;    // [quant_blocks(n, block_size)]
   const float* map = nullptr;  // [kMapSize]
+  const uint8_t* starts = nullptr;  // [kQuantTableSize]: build_quantize_table(map)
+  int32_t advance = 0;
   int64_t n = 0;
   int64_t block_size = 256;
 };

@@ -45,6 +45,39 @@ AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps, do
   return s;
 }
 
+int build_quantize_table(const float* codes, uint8_t* starts) {
+  // Bucket k of |x| is [low, high) (see optim.h); the last one also takes
+  // everything larger. For x >= 0 in it the search's answer is at least the
+  // largest code <= low, for x < 0 at least the largest code <= -high; the
+  // codes between that start and x lie in (low, high) or (-high, -low].
+  int advance = 0;
+  for (int k = 0; k < kQuantBuckets; ++k) {
+    const int row = k >> kQuantMantissaBits, m = k & ((1 << kQuantMantissaBits) - 1);
+    double low = 0, high = std::ldexp(1.0, -24);
+    if (row > 0) {
+      low = std::ldexp(1.0 + double(m) / (1 << kQuantMantissaBits), row - 25);
+      high = std::ldexp(1.0 + double(m + 1) / (1 << kQuantMantissaBits), row - 25);
+    }
+    if (k == kQuantBuckets - 1) high = HUGE_VAL;
+    const auto last_at_or_below = [&](double bound) {
+      int idx = 0;
+      for (int i = 0; i < kMapSize; ++i)
+        if (double(codes[i]) <= bound) idx = i;
+      return idx;
+    };
+    starts[k] = uint8_t(last_at_or_below(low));
+    starts[kQuantBuckets + k] = uint8_t(last_at_or_below(-high));
+    int inside_pos = 0, inside_neg = 0;
+    for (int i = 0; i < kMapSize; ++i) {
+      const double c = codes[i];
+      inside_pos += int(c > low && c < high);
+      inside_neg += int(c > -high && c <= -low);
+    }
+    advance = std::max({advance, inside_pos, inside_neg});
+  }
+  return advance;
+}
+
 namespace {
 
 template <typename T>
@@ -72,8 +105,8 @@ void adamw8bit_blocks(const AdamW8bitParams& p, int64_t b0, int64_t b1) {
     p.absmax1[b] = absmax1;
     p.absmax2[b] = absmax2;
     for (int64_t i = begin; i < end; ++i) {
-      p.state1[i] = quantize_nearest(p.map1, normalize(m[i - begin], absmax1));
-      p.state2[i] = quantize_nearest(p.map2, normalize(v[i - begin], absmax2));
+      p.state1[i] = quantize_lookup(p.map1, p.starts1, p.advance1, normalize(m[i - begin], absmax1));
+      p.state2[i] = quantize_lookup(p.map2, p.starts2, p.advance2, normalize(v[i - begin], absmax2));
     }
   }
 }
@@ -112,7 +145,7 @@ void quantize_blockwise_cpu(const BlockwiseParams& p, int64_t b0, int64_t b1) {
     float absmax = 0.f;
     for (int64_t i = begin; i < end; ++i) absmax = std::fmax(absmax, std::fabs(p.x[i]));
     p.absmax[b] = absmax;
-    for (int64_t i = begin; i < end; ++i) p.q[i] = quantize_nearest(p.map, normalize(p.x[i], absmax));
+    for (int64_t i = begin; i < end; ++i) p.q[i] = quantize_lookup(p.map, p.starts, p.advance, normalize(p.x[i], absmax));
   }
 }
 

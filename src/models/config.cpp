@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <fstream>
 #include <map>
 #include <set>
@@ -105,7 +106,48 @@ RopeConfig parse_rope(const json& j, const std::string& src) {
   return r;
 }
 
+// "unswag_psa": the PSA layers and their settings (absent fields keep PSAConfig's defaults).
+void parse_psa(const json& j, ModelConfig& c, const std::string& src) {
+  if (!j.contains("unswag_psa") || j["unswag_psa"].is_null()) return;
+  const json& p = j["unswag_psa"];
+  const std::string where = src + ": unswag_psa";
+  TORCH_CHECK(p.is_object(), where, " must be an object, got ", p.dump());
+  TORCH_CHECK(p.contains("layers") && p["layers"].is_array(), where, ".layers must be a list of layer indices, got ",
+              p.contains("layers") ? p["layers"].dump() : std::string("nothing"));
+  for (const auto& v : p["layers"]) {
+    TORCH_CHECK(v.is_number_integer(), where, ".layers must hold integers, got ", v.dump());
+    c.psa_layers.push_back(v.get<int64_t>());
+  }
+  std::sort(c.psa_layers.begin(), c.psa_layers.end());
+  c.psa_layers.erase(std::unique(c.psa_layers.begin(), c.psa_layers.end()), c.psa_layers.end());
+  nn::PSAConfig& q = c.psa;
+  if (p.contains("kernel_size")) q.kernel_size = get_int(p, "kernel_size", where);
+  if (p.contains("target_shares")) {
+    const json& t = p["target_shares"];
+    TORCH_CHECK(t.is_array() && t.size() == 4, where,
+                ".target_shares must be 4 numbers (prune, local, summary, signal), got ", t.dump());
+    for (size_t r = 0; r < 4; ++r) {
+      TORCH_CHECK(t[r].is_number(), where, ".target_shares must hold numbers, got ", t[r].dump());
+      q.target_shares[r] = t[r].get<double>();
+    }
+  }
+  q.load_loss_weight = get_number(p, "load_loss_weight", q.load_loss_weight, where);
+  q.z_loss_weight = get_number(p, "z_loss_weight", q.z_loss_weight, where);
+  q.controller_gamma = get_number(p, "controller_gamma", q.controller_gamma, where);
+  q.random_router = get_bool(p, "random_router", q.random_router, where);
+  if (p.contains("seed")) {
+    TORCH_CHECK(p["seed"].is_number_unsigned() || p["seed"].is_number_integer(), where,
+                ".seed must be a non-negative integer, got ", p["seed"].dump());
+    q.seed = p["seed"].get<uint64_t>();
+  }
+  q.temperature = get_number(p, "temperature", q.temperature, where);
+}
+
 }  // namespace
+
+bool ModelConfig::is_psa_layer(int64_t layer) const {
+  return std::binary_search(psa_layers.begin(), psa_layers.end(), layer);
+}
 
 ModelConfig ModelConfig::from_json(const std::string& text, const std::string& src) {
   json j;
@@ -162,6 +204,7 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& s
   c.bos_token_ids = get_ids(j, "bos_token_id", src);
   c.eos_token_ids = get_ids(j, "eos_token_id", src);
   if (j.contains("pad_token_id") && j["pad_token_id"].is_number_integer()) c.pad_token_id = j["pad_token_id"];
+  parse_psa(j, c, src);
   c.validate(src);
   return c;
 }
@@ -190,6 +233,10 @@ void ModelConfig::validate(const std::string& src) const {
   TORCH_CHECK(head_dim % 2 == 0, src, ": head_dim must be even for RoPE, got ", head_dim);
   TORCH_CHECK(rms_norm_eps > 0, src, ": rms_norm_eps must be positive, got ", rms_norm_eps);
   if (sliding_window) positive("sliding_window", *sliding_window);
+  for (int64_t l : psa_layers)
+    TORCH_CHECK(l >= 0 && l < num_hidden_layers, src, ": unswag_psa.layers holds ", l, "; the model has layers 0..",
+                num_hidden_layers - 1);
+  if (!psa_layers.empty()) psa.validate(src + ": unswag_psa");
 }
 
 int64_t ModelConfig::num_parameters() const {
@@ -201,7 +248,11 @@ int64_t ModelConfig::num_parameters() const {
   if (o_bias()) layer += hidden_size;
   if (mlp_bias) layer += 2 * intermediate_size + hidden_size;
   const int64_t embed = vocab_size * hidden_size;
-  return embed + num_hidden_layers * layer + hidden_size + (tie_word_embeddings ? 0 : embed);
+  // PSA layers add the router (4d + 4), the conv (kv * Kc), the decays (kv)
+  // and the two lambdas (2 q); the controller bias is a buffer.
+  const int64_t psa_extra = 4 * hidden_size + 4 + kv * psa.kernel_size + kv + 2 * q;
+  return embed + int64_t(psa_layers.size()) * psa_extra + num_hidden_layers * layer + hidden_size +
+         (tie_word_embeddings ? 0 : embed);
 }
 
 ModelConfig ModelConfig::llama3_2_1b() {
@@ -276,6 +327,19 @@ std::string ModelConfig::to_json() const {
   j["bos_token_id"] = ids(bos_token_ids);
   j["eos_token_id"] = ids(eos_token_ids);
   j["pad_token_id"] = pad_token_id ? json(*pad_token_id) : json(nullptr);
+  if (psa_layers.empty()) {
+    j.erase("unswag_psa");
+  } else {
+    j["unswag_psa"] = {{"layers", psa_layers},
+                       {"kernel_size", psa.kernel_size},
+                       {"target_shares", psa.target_shares},
+                       {"load_loss_weight", psa.load_loss_weight},
+                       {"z_loss_weight", psa.z_loss_weight},
+                       {"controller_gamma", psa.controller_gamma},
+                       {"random_router", psa.random_router},
+                       {"seed", psa.seed},
+                       {"temperature", psa.temperature}};
+  }
   return j.dump(2) + "\n";
 }
 

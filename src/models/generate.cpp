@@ -1,5 +1,7 @@
-// Text continuation and the training-memory estimate of unswag::Model
-// (include/unswag/model.h).
+// Text continuation (cached: the prompt prefilled once into an
+// InferenceCache, then one token per step; or the uncached reference that
+// reruns the whole sequence) and the training-memory estimate of
+// unswag::Model (include/unswag/model.h).
 #include <c10/util/Exception.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
@@ -10,7 +12,8 @@
 
 namespace unswag {
 
-std::vector<int64_t> generate(Model& model, const std::vector<int64_t>& prompt, const GenerateOptions& o) {
+std::vector<int64_t> generate(Model& model, const std::vector<int64_t>& prompt, const GenerateOptions& o,
+                              InferenceCache* cache_out) {
   TORCH_CHECK(!prompt.empty(), "generate: the prompt must hold at least one token");
   TORCH_CHECK(o.max_new_tokens >= 0, "generate: max_new_tokens must be >= 0, got ", o.max_new_tokens);
   TORCH_CHECK(o.temperature >= 0, "generate: temperature must be >= 0 (0 = greedy), got ", o.temperature);
@@ -23,10 +26,20 @@ std::vector<int64_t> generate(Model& model, const std::vector<int64_t>& prompt, 
   const bool was_training = model.module().is_training();
   model.eval();
   auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  InferenceCache local_cache;
+  InferenceCache& cache = cache_out != nullptr ? *cache_out : local_cache;
+  cache.clear();
   std::vector<int64_t> seq = prompt, out;
   for (int64_t step = 0; step < o.max_new_tokens; ++step) {
-    const auto ids = torch::tensor(seq, torch::kLong).unsqueeze(0).to(model.device());
-    const auto logits = model.forward(ids).select(1, int64_t(seq.size()) - 1).squeeze(0).to(torch::kCPU, torch::kFloat);
+    torch::Tensor last;  // [1, T, vocab]: the logits of the tokens just run
+    if (o.use_cache) {
+      // Step 0 prefills the prompt; later steps run the one token appended last.
+      const std::vector<int64_t> fresh(seq.begin() + cache.tokens, seq.end());
+      last = model.forward_cached(torch::tensor(fresh, torch::kLong).unsqueeze(0).to(model.device()), cache);
+    } else {
+      last = model.forward(torch::tensor(seq, torch::kLong).unsqueeze(0).to(model.device()));
+    }
+    const auto logits = last.select(1, last.size(1) - 1).squeeze(0).to(torch::kCPU, torch::kFloat);
     int64_t next;
     if (o.temperature == 0) {
       next = logits.argmax().item<int64_t>();

@@ -1,8 +1,10 @@
 // The Llama-family causal LM behind unswag::Model (include/unswag/model.h):
 // modules named as Hugging Face names them, the forward pass of transformers'
 // LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / GemmaForCausalLM
-// (same casts, so float32 logits agree to rounding), and the memory-lean
-// training paths that for_training() switches on.
+// (same casts, so float32 logits agree to rounding), the memory-lean
+// training paths that for_training() switches on, Packet-Switched Attention
+// layers (src/nn/psa.cpp) and cached generation (a KV cache per dense layer, a
+// PSA cache per PSA layer).
 #include <c10/util/Exception.h>
 #include <torch/autograd.h>
 #include <torch/nn/modules/container/modulelist.h>
@@ -19,6 +21,7 @@
 #include "models/file_io.h"
 #include "unswag/model.h"
 #include "unswag/nn/functional.h"
+#include "unswag/nn/psa.h"
 #include "unswag/ops.h"
 #include "unswag/safetensors.h"
 
@@ -102,7 +105,8 @@ struct RMSNormImpl : torch::nn::Module {
 TORCH_MODULE(RMSNorm);
 
 struct Rope {
-  Tensor cos, sin;  // [B, 1, T, D], the compute dtype
+  Tensor cos, sin;    // [B, 1, T, D], the compute dtype
+  Tensor positions;   // [B, T] int64 (PSA's random router hashes them)
 };
 
 struct AttentionImpl : torch::nn::Module {
@@ -143,6 +147,30 @@ struct AttentionImpl : torch::nn::Module {
     return o_proj(out.transpose(1, 2).reshape({B, T, heads * head_dim}));
   }
 
+  // Batch 1, no autograd: the chunk's keys and values join `cache`, its
+  // queries (at cache positions L..L+T-1) attend to everything cached up to
+  // themselves (and within the sliding window).
+  Tensor forward_cached(const Tensor& x, const Rope& rope, nn::KVBuffer& cache) {
+    const int64_t T = x.size(1), L = cache.length;
+    const Tensor q = apply_rope(q_proj(x).view({1, T, heads, head_dim}).transpose(1, 2), rope.cos, rope.sin);
+    const Tensor k = apply_rope(k_proj(x).view({1, T, kv_heads, head_dim}).transpose(1, 2), rope.cos, rope.sin);
+    const Tensor v = v_proj(x).view({1, T, kv_heads, head_dim}).transpose(1, 2);
+    cache.append(k, v);
+    const int64_t G = heads / kv_heads;
+    const Tensor keys = cache.keys().repeat_interleave(G, 1), values = cache.values().repeat_interleave(G, 1);
+    std::optional<Tensor> mask;
+    if (T > 1 || (window > 0 && L + 1 > window)) {
+      const auto lopt = torch::TensorOptions().device(x.device()).dtype(torch::kLong);
+      const Tensor i = (L + torch::arange(T, lopt)).unsqueeze(1), j = torch::arange(L + T, lopt).unsqueeze(0);
+      Tensor allowed = j <= i;
+      if (window > 0) allowed = allowed.logical_and(j > i - window);
+      mask = allowed;
+    }
+    const Tensor out = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, false,
+                                                        1.0 / std::sqrt(double(head_dim)));
+    return o_proj(out.transpose(1, 2).reshape({1, T, heads * head_dim}));
+  }
+
   int64_t heads, kv_heads, head_dim, window;
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
 };
@@ -168,15 +196,42 @@ struct MLPImpl : torch::nn::Module {
 TORCH_MODULE(MLP);
 
 struct DecoderLayerImpl : torch::nn::Module {
-  explicit DecoderLayerImpl(const ModelConfig& c) {
-    self_attn = register_module("self_attn", Attention(c));
+  DecoderLayerImpl(const ModelConfig& c, int64_t index_) : index(index_) {
+    if (c.is_psa_layer(index)) psa = register_module("self_attn", make_psa(c, c.psa));
+    else self_attn = register_module("self_attn", Attention(c));
     mlp = register_module("mlp", MLP(c));
     input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_adds_one()));
     post_attention_layernorm =
         register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_adds_one()));
   }
+  nn::PacketSwitchedAttention make_psa(const ModelConfig& c, const nn::PSAConfig& pc) const {
+    return nn::PacketSwitchedAttention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                       c.qkv_bias(), c.o_bias(), pc, index);
+  }
+  // Replaces dense attention by PSA with the same q/k/v/o (RoPE is applied
+  // by PSA itself at the original positions) and fresh PSA parameters.
+  void use_psa(const ModelConfig& c, const nn::PSAConfig& pc) {
+    if (psa) return;
+    nn::PacketSwitchedAttention p = make_psa(c, pc);
+    const Tensor& w = self_attn->q_proj->weight;
+    p->to(w.device(), w.scalar_type());
+    torch::NoGradGuard no_grad;
+    const std::vector<std::pair<torch::nn::Linear, torch::nn::Linear>> pairs = {
+        {p->q_proj, self_attn->q_proj}, {p->k_proj, self_attn->k_proj},
+        {p->v_proj, self_attn->v_proj}, {p->o_proj, self_attn->o_proj}};
+    for (const auto& [to, from] : pairs) {
+      to->weight.copy_(from->weight);
+      if (from->bias.defined()) to->bias.copy_(from->bias);
+    }
+    p->train(is_training());
+    psa = replace_module("self_attn", p);
+    self_attn = nullptr;
+  }
+  Tensor attend(const Tensor& h, const Rope& rope, const TrainingOptions& o) {
+    return psa ? psa->forward(h, rope.positions, rope.cos, rope.sin) : self_attn->forward(h, rope, o);
+  }
   Tensor attention_half(const Tensor& x, const Rope& rope, const TrainingOptions& o) {
-    return x + self_attn->forward(input_layernorm->forward(x, o.lean_norm), rope, o);
+    return x + attend(input_layernorm->forward(x, o.lean_norm), rope, o);
   }
   Tensor mlp_half(const Tensor& h, const TrainingOptions& o) {
     return h + mlp->forward(post_attention_layernorm->forward(h, o.lean_norm), o);
@@ -184,7 +239,15 @@ struct DecoderLayerImpl : torch::nn::Module {
   Tensor forward(const Tensor& x, const Rope& rope, const TrainingOptions& o) {
     return mlp_half(attention_half(x, rope, o), o);
   }
-  Attention self_attn{nullptr};
+  Tensor forward_cached(const Tensor& x, const Rope& rope, const TrainingOptions& o, InferenceCache& cache) {
+    const Tensor h = input_layernorm->forward(x, o.lean_norm);
+    const Tensor a = psa ? psa->forward_cached(h, rope.positions, rope.cos, rope.sin, cache.psa[index])
+                         : self_attn->forward_cached(h, rope, cache.kv[index]);
+    return mlp_half(x + a, o);
+  }
+  int64_t index;
+  Attention self_attn{nullptr};       // dense attention, or
+  nn::PacketSwitchedAttention psa{nullptr};  // PSA, registered under the same name "self_attn"
   MLP mlp{nullptr};
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
 };
@@ -207,7 +270,7 @@ struct LayerCheckpoint : public torch::autograd::Function<LayerCheckpoint> {
     ctx->saved_data["part"] = part;
     ctx->saved_data["options"] = options;
     torch::NoGradGuard no_grad;
-    return run(layer, part, x, Rope{cos, sin}, *reinterpret_cast<const TrainingOptions*>(options));
+    return run(layer, part, x, Rope{cos, sin, Tensor()}, *reinterpret_cast<const TrainingOptions*>(options));
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
@@ -216,7 +279,8 @@ struct LayerCheckpoint : public torch::autograd::Function<LayerCheckpoint> {
     Tensor y;
     {
       torch::AutoGradMode grad_on(true);
-      y = run(ctx->saved_data["layer"].toInt(), ctx->saved_data["part"].toInt(), x, Rope{saved[1], saved[2]},
+      y = run(ctx->saved_data["layer"].toInt(), ctx->saved_data["part"].toInt(), x,
+              Rope{saved[1], saved[2], Tensor()},
               *reinterpret_cast<const TrainingOptions*>(ctx->saved_data["options"].toInt()));
     }
     torch::autograd::backward({y}, {grads[0]});
@@ -231,7 +295,7 @@ struct BackboneImpl : torch::nn::Module {
     if (c.pad_token_id && *c.pad_token_id >= 0 && *c.pad_token_id < c.vocab_size) eo.padding_idx(*c.pad_token_id);
     embed_tokens = register_module("embed_tokens", torch::nn::Embedding(eo));
     layers = register_module("layers", torch::nn::ModuleList());
-    for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c));
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c, i));
     norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_adds_one()));
   }
   torch::nn::Embedding embed_tokens{nullptr};
@@ -268,18 +332,13 @@ class CausalLMImpl : public torch::nn::Module {
     if (!position_ids.defined()) position_ids = torch::arange(T, input_ids.options()).unsqueeze(0).expand({B, T});
     TORCH_CHECK(position_ids.sizes() == input_ids.sizes(), "Model: position_ids must have the shape of input_ids ",
                 input_ids.sizes(), ", got ", position_ids.sizes());
-    // RoPE angles in fp32 (transformers disables autocast there), cos/sin cast to the compute dtype.
-    const Tensor freqs = position_ids.to(torch::kFloat).unsqueeze(-1) * inv_freq.to(w.device()).view({1, 1, -1});
-    const Tensor emb = torch::cat({freqs, freqs}, -1).unsqueeze(1);
-    const Rope rope{emb.cos().to(w.scalar_type()), emb.sin().to(w.scalar_type())};
-
-    Tensor x = model->embed_tokens(input_ids);
-    if (config.scales_embeddings())
-      x = x * torch::tensor(std::sqrt(double(config.hidden_size)), x.options()).to(x.scalar_type());
+    const Rope rope = rope_at(position_ids.to(w.device()));
+    Tensor x = embed(input_ids);
     const bool grad = torch::GradMode::is_enabled();
     for (size_t i = 0; i < model->layers->size(); ++i) {
       auto layer = model->layers[i]->as<DecoderLayerImpl>();
-      const std::string policy = recompute_policy(int64_t(i));
+      std::string policy = recompute_policy(int64_t(i));
+      if (layer->psa && policy == "full") policy = "selective";  // see TrainingOptions::psa_layers
       if (!grad || policy == "none") {
         x = layer->forward(x, rope, options);
       } else if (policy == "full") {
@@ -292,6 +351,64 @@ class CausalLMImpl : public torch::nn::Module {
       }
     }
     return model->norm->forward(x, options.lean_norm);
+  }
+
+  // RoPE angles in fp32 (transformers disables autocast there), cos/sin cast to the compute dtype.
+  Rope rope_at(const Tensor& position_ids) const {
+    const auto& w = model->embed_tokens->weight;
+    const Tensor freqs = position_ids.to(torch::kFloat).unsqueeze(-1) * inv_freq.to(w.device()).view({1, 1, -1});
+    const Tensor emb = torch::cat({freqs, freqs}, -1).unsqueeze(1);
+    return Rope{emb.cos().to(w.scalar_type()), emb.sin().to(w.scalar_type()), position_ids};
+  }
+
+  Tensor embed(const Tensor& input_ids) {
+    Tensor x = model->embed_tokens(input_ids);
+    if (config.scales_embeddings())
+      x = x * torch::tensor(std::sqrt(double(config.hidden_size)), x.options()).to(x.scalar_type());
+    return x;
+  }
+
+  // Eval-mode hidden states of input_ids [1, T] continuing `cache`.
+  Tensor hidden_states_cached(const Tensor& input_ids, InferenceCache& cache) {
+    TORCH_CHECK(input_ids.dim() == 2 && input_ids.size(0) == 1 && input_ids.scalar_type() == torch::kLong,
+                "Model::forward_cached: input_ids must be int64 [1, tokens] (the cache holds one sequence), got ",
+                input_ids.scalar_type(), " ", input_ids.sizes());
+    TORCH_CHECK(!is_training(), "Model::forward_cached: call eval() first (cached generation is inference)");
+    const auto& w = model->embed_tokens->weight;
+    TORCH_CHECK(input_ids.device() == w.device(), "Model::forward_cached: input_ids are on ", input_ids.device(),
+                " but the model is on ", w.device());
+    const size_t n = model->layers->size();
+    if (cache.kv.empty() && cache.psa.empty() && cache.tokens == 0) {
+      cache.kv.resize(n);
+      cache.psa.resize(n);
+    }
+    TORCH_CHECK(cache.kv.size() == n && cache.psa.size() == n, "Model::forward_cached: the cache was made for ",
+                cache.kv.size(), " layers, the model has ", n, " (use a fresh InferenceCache per model)");
+    torch::NoGradGuard no_grad;
+    const int64_t T = input_ids.size(1);
+    const Tensor positions = torch::arange(cache.tokens, cache.tokens + T, input_ids.options()).unsqueeze(0);
+    const Rope rope = rope_at(positions);
+    Tensor x = embed(input_ids);
+    for (size_t i = 0; i < n; ++i)
+      x = model->layers[i]->as<DecoderLayerImpl>()->forward_cached(x, rope, options, cache);
+    cache.tokens += T;
+    return model->norm->forward(x, options.lean_norm);
+  }
+
+  std::vector<std::pair<int64_t, nn::PacketSwitchedAttentionImpl*>> psa_layers() {
+    std::vector<std::pair<int64_t, nn::PacketSwitchedAttentionImpl*>> out;
+    for (size_t i = 0; i < model->layers->size(); ++i) {
+      auto layer = model->layers[i]->as<DecoderLayerImpl>();
+      if (layer->psa) out.emplace_back(int64_t(i), layer->psa.get());
+    }
+    return out;
+  }
+
+  Tensor psa_aux_loss() {
+    Tensor total = torch::zeros({}, model->embed_tokens->weight.options().dtype(torch::kFloat));
+    for (const auto& [i, p] : psa_layers())
+      if (p->aux_loss().defined()) total = total + p->aux_loss();
+    return total;
   }
 
   std::string recompute_policy(int64_t layer) const {
@@ -311,13 +428,18 @@ class CausalLMImpl : public torch::nn::Module {
                 targets.scalar_type(), " ", targets.sizes());
     const Tensor h = hidden_states(input_ids, position_ids);
     const Tensor flat_targets = targets.reshape({-1}).to(h.device());
-    if (options.chunked_loss)
-      return unswag::linear_cross_entropy(h.reshape({-1, h.size(-1)}), lm_weight(), flat_targets,
-                                          options.loss_chunk_tokens);
-    const Tensor z = torch::matmul(h, lm_weight().t()).to(torch::kFloat);
-    return torch::nn::functional::cross_entropy(
-        z.reshape({-1, z.size(-1)}), flat_targets,
-        torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+    Tensor ce;
+    if (options.chunked_loss) {
+      ce = unswag::linear_cross_entropy(h.reshape({-1, h.size(-1)}), lm_weight(), flat_targets,
+                                        options.loss_chunk_tokens);
+    } else {
+      const Tensor z = torch::matmul(h, lm_weight().t()).to(torch::kFloat);
+      ce = torch::nn::functional::cross_entropy(z.reshape({-1, z.size(-1)}), flat_targets,
+                                                torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+    }
+    // PSA's router losses join the objective in training (docs/psa.md).
+    if (is_training() && !psa_layers().empty()) ce = ce + psa_aux_loss().to(ce.scalar_type());
+    return ce;
   }
 
   ModelConfig config;
@@ -345,6 +467,19 @@ void check_training_options(const TrainingOptions& o, int64_t layers) {
   for (int64_t l : o.recompute_layers)
     TORCH_CHECK(l >= 0 && l < layers, "for_training: recompute_layers holds ", l, "; the model has layers 0..",
                 layers - 1);
+  if (o.psa_layers != TrainingOptions::all_layers())
+    for (int64_t l : o.psa_layers)
+      TORCH_CHECK(l >= 0 && l < layers, "for_training: psa_layers holds ", l, "; the model has layers 0..",
+                  layers - 1, " (or TrainingOptions::all_layers())");
+  if (!o.psa_layers.empty()) o.psa.validate("for_training: psa");
+}
+
+// The parameters and buffers (PSA's controller bias) a checkpoint holds, by name.
+std::vector<std::pair<std::string, at::Tensor>> checkpoint_tensors(const torch::nn::Module& m) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& kv : m.named_parameters()) out.emplace_back(kv.key(), kv.value());
+  for (const auto& kv : m.named_buffers()) out.emplace_back(kv.key(), kv.value());
+  return out;
 }
 
 // Parameter names a checkpoint may hold that the model does not use.
@@ -366,6 +501,8 @@ void init_like_transformers(CausalLMImpl& m, uint64_t seed) {
   }
   if (m.config.pad_token_id && *m.config.pad_token_id >= 0 && *m.config.pad_token_id < m.config.vocab_size)
     m.model->embed_tokens->weight[*m.config.pad_token_id].zero_();  // as transformers does for padding_idx
+  // PSA's own initialisation (router bias log(targets), conv 1/Kc, ...), still from the seeded generator.
+  for (const auto& [i, p] : m.psa_layers()) p->reset_psa_parameters();
 }
 
 }  // namespace
@@ -398,9 +535,7 @@ Model Model::from_pretrained(const std::string& dir, const LoadOptions& options)
   impl->to(options.device, dtype);
   torch::NoGradGuard no_grad;
   std::set<std::string> used;
-  for (auto& kv : impl->named_parameters()) {
-    const std::string& name = kv.key();
-    at::Tensor& p = kv.value();
+  for (auto& [name, p] : models::checkpoint_tensors(*impl)) {
     auto it = tensors.find(name);
     TORCH_CHECK(it != tensors.end(), "from_pretrained: ", dir, ": the checkpoint lacks tensor \"", name,
                 "\" of shape ", p.sizes(), " (model_type ", config.model_type, ")");
@@ -422,7 +557,7 @@ void Model::save_pretrained(const std::string& dir, int64_t max_shard_bytes) con
   TORCH_CHECK(max_shard_bytes > 0, "save_pretrained: max_shard_bytes must be positive, got ", max_shard_bytes);
   io::make_dirs(dir);
   std::vector<std::pair<std::string, at::Tensor>> params;
-  for (const auto& kv : impl_->named_parameters()) params.emplace_back(kv.key(), kv.value().detach());
+  for (const auto& [name, t] : models::checkpoint_tensors(*impl_)) params.emplace_back(name, t.detach());
   // Greedy shards in parameter order, as transformers splits them.
   std::vector<std::map<std::string, at::Tensor>> shards(1);
   int64_t shard_bytes = 0, total = 0;
@@ -468,7 +603,26 @@ void Model::save_pretrained(const std::string& dir, int64_t max_shard_bytes) con
 }
 
 Model& Model::for_training(const TrainingOptions& options) {
-  models::check_training_options(options, impl_->config.num_hidden_layers);
+  auto& c = impl_->config;
+  models::check_training_options(options, c.num_hidden_layers);
+  if (!options.psa_layers.empty()) {
+    TORCH_CHECK(c.psa_layers.empty() || c.psa.kernel_size == options.psa.kernel_size,
+                "for_training: the model's PSA layers have kernel_size ", c.psa.kernel_size,
+                "; new PSA layers must use the same (one unswag_psa section describes them all), got ",
+                options.psa.kernel_size);
+    std::vector<int64_t> layers = options.psa_layers;
+    if (layers == TrainingOptions::all_layers()) {
+      layers.clear();
+      for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers.push_back(i);
+    }
+    for (int64_t l : layers) {
+      impl_->model->layers[l]->as<models::DecoderLayerImpl>()->use_psa(c, options.psa);
+      c.psa_layers.push_back(l);
+    }
+    std::sort(c.psa_layers.begin(), c.psa_layers.end());
+    c.psa_layers.erase(std::unique(c.psa_layers.begin(), c.psa_layers.end()), c.psa_layers.end());
+    c.psa = options.psa;
+  }
   impl_->options = options;
   impl_->train(true);
   return *this;
@@ -483,6 +637,39 @@ torch::Tensor Model::forward(const torch::Tensor& input_ids, const torch::Tensor
 torch::Tensor Model::loss(const torch::Tensor& input_ids, const torch::Tensor& targets,
                           const torch::Tensor& position_ids) {
   return impl_->loss(input_ids, targets, position_ids);
+}
+
+torch::Tensor Model::forward_cached(const torch::Tensor& input_ids, InferenceCache& cache) {
+  return torch::matmul(impl_->hidden_states_cached(input_ids, cache), impl_->lm_weight().t());
+}
+
+torch::Tensor Model::psa_aux_loss() const { return impl_->psa_aux_loss(); }
+
+void Model::set_psa_temperature(double tau) {
+  for (const auto& [i, p] : impl_->psa_layers()) p->set_temperature(tau);
+  impl_->config.psa.temperature = tau;
+}
+
+void Model::update_psa_controller() {
+  for (const auto& [i, p] : impl_->psa_layers()) p->update_controller();
+}
+
+std::vector<std::pair<int64_t, nn::PSARouteStats>> Model::psa_route_stats() const {
+  std::vector<std::pair<int64_t, nn::PSARouteStats>> out;
+  for (const auto& [i, p] : impl_->psa_layers()) out.emplace_back(i, p->route_stats());
+  return out;
+}
+
+int64_t InferenceCache::kv_bytes() const {
+  int64_t b = 0;
+  for (const auto& k : kv) b += k.bytes_allocated();
+  return b;
+}
+
+int64_t InferenceCache::psa_bytes() const {
+  int64_t b = 0;
+  for (const auto& p : psa) b += p.bytes_allocated();
+  return b;
 }
 
 const ModelConfig& Model::config() const { return impl_->config; }

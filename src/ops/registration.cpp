@@ -30,4 +30,7 @@ TORCH_LIBRARY(unswag, m) {
   m.def(
       "fused_mlp(Tensor x, Tensor w_up, Tensor w_down, Tensor? w_gate, str activation, str policy=\"compressed\", "
       "int storage_bits=16, int derivative_bits=2) -> Tensor");
+  // Packet-Switched Attention's sequence primitives (include/unswag/nn/psa_ops.h).
+  m.def("causal_depthwise_conv1d(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("linear_scan(Tensor a, Tensor x, Tensor? h0=None) -> Tensor");
 }

@@ -83,7 +83,8 @@ void check_map(const at::Tensor& map, const at::Device& device, const char* who,
 }
 
 // Ascending, finite, within [-1, 1]: what quantize_nearest's search assumes.
-// (Checked where maps enter: construction and loading, not every step.)
+// (Checked where maps enter: construction, loading, and the functional ops,
+// which build a quantize table from their map on every call.)
 void check_map_values(const at::Tensor& map, const std::string& what) {
   const at::Tensor m = map.to(at::kCPU, at::kFloat).contiguous();
   TORCH_CHECK(m.numel() == kernels::kMapSize, what, " must hold ", kernels::kMapSize, " codes, got ", m.numel());
@@ -117,14 +118,32 @@ bool matches_any(const std::string& name, const std::vector<std::string>& patter
   return false;
 }
 
+// A map's quantize table (kernels/optim.h: quantize_lookup) on the map's
+// device. Built on the host from the map's values: the optimizer makes it once
+// per device; the functional ops, which take any map, once per call.
+struct QuantTable {
+  at::Tensor starts;  // uint8 [kQuantTableSize]
+  int advance = 0;
+};
+QuantTable quant_table(const at::Tensor& map) {
+  const at::Tensor host = map.to(at::kCPU).contiguous();
+  at::Tensor starts = at::empty({kernels::kQuantTableSize}, at::kByte);
+  const int advance = kernels::build_quantize_table(host.data_ptr<float>(), starts.data_ptr<uint8_t>());
+  return {starts.to(map.device()), advance};
+}
+
 // The kernels' view of a block-wise quantized tensor (checked by the caller).
 kernels::BlockwiseParams blockwise_params(const at::Tensor& x, const at::Tensor& q, const at::Tensor& absmax,
-                                          const at::Tensor& map, int64_t block_size) {
+                                          const at::Tensor& map, int64_t block_size, const QuantTable* table = nullptr) {
   kernels::BlockwiseParams p;
   p.x = x.data_ptr<float>();
   p.q = q.data_ptr<uint8_t>();
   p.absmax = absmax.data_ptr<float>();
   p.map = map.data_ptr<float>();
+  if (table != nullptr) {
+    p.starts = table->starts.data_ptr<uint8_t>();
+    p.advance = table->advance;
+  }
   p.n = x.numel();
   p.block_size = block_size;
   return p;
@@ -151,9 +170,11 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_blockwise(const torch::Tensor&
   const int64_t n = x.numel(), blocks = kernels::quant_blocks(n, block_size);
   at::Tensor q = at::empty({n}, x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, x.options());
-  const auto p = blockwise_params(x, q, absmax, map, block_size);
-  if (blocks > 0)
-    ops::launch(x.device(), p, blocks, &kernels::quantize_blockwise_cpu, UNSWAG_CUDA_FN(quantize_blockwise_cuda));
+  if (blocks == 0) return {q, absmax};
+  check_map_values(map, who);
+  const QuantTable table = quant_table(map);
+  const auto p = blockwise_params(x, q, absmax, map, block_size, &table);
+  ops::launch(x.device(), p, blocks, &kernels::quantize_blockwise_cpu, UNSWAG_CUDA_FN(quantize_blockwise_cuda));
   return {q, absmax};
 }
 
@@ -175,10 +196,14 @@ torch::Tensor dequantize_blockwise(const torch::Tensor& codes, const torch::Tens
   return x;
 }
 
-void adamw8bit_step_(torch::Tensor& param, const torch::Tensor& grad_in, torch::Tensor& state1, torch::Tensor& state2,
-                     torch::Tensor& absmax1, torch::Tensor& absmax2, const torch::Tensor& map1,
-                     const torch::Tensor& map2, double lr, double beta1, double beta2, double eps,
-                     double weight_decay, int64_t step, int64_t block_size) {
+namespace {
+
+// adamw8bit_step_ with the maps' quantize tables given (the optimizer keeps them).
+void adamw8bit_step_with_tables(torch::Tensor& param, const torch::Tensor& grad_in, torch::Tensor& state1,
+                                torch::Tensor& state2, torch::Tensor& absmax1, torch::Tensor& absmax2,
+                                const torch::Tensor& map1, const torch::Tensor& map2, const QuantTable* table1,
+                                const QuantTable* table2, double lr, double beta1, double beta2, double eps,
+                                double weight_decay, int64_t step, int64_t block_size) {
   const char* who = "unswag::adamw8bit_step_";
   const kernels::ParamDType dtype = param_dtype(param, who);
   const at::Tensor grad = checked_grad(grad_in, param, who);
@@ -193,6 +218,15 @@ void adamw8bit_step_(torch::Tensor& param, const torch::Tensor& grad_in, torch::
   check_map(map1, param.device(), who, "map1");
   check_map(map2, param.device(), who, "map2");
   if (n == 0) return;
+  QuantTable made1, made2;
+  if (table1 == nullptr) {
+    check_map_values(map1, std::string(who) + " map1");
+    check_map_values(map2, std::string(who) + " map2");
+    made1 = quant_table(map1);
+    made2 = quant_table(map2);
+    table1 = &made1;
+    table2 = &made2;
+  }
   kernels::AdamW8bitParams p;
   p.param = param.data_ptr();
   p.grad = grad.data_ptr();
@@ -202,11 +236,25 @@ void adamw8bit_step_(torch::Tensor& param, const torch::Tensor& grad_in, torch::
   p.absmax2 = absmax2.data_ptr<float>();
   p.map1 = map1.data_ptr<float>();
   p.map2 = map2.data_ptr<float>();
+  p.starts1 = table1->starts.data_ptr<uint8_t>();
+  p.starts2 = table2->starts.data_ptr<uint8_t>();
+  p.advance1 = table1->advance;
+  p.advance2 = table2->advance;
   p.n = n;
   p.block_size = block_size;
   p.dtype = dtype;
   p.s = kernels::adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
   ops::launch(param.device(), p, blocks, &kernels::adamw8bit_step_cpu, UNSWAG_CUDA_FN(adamw8bit_step_cuda));
+}
+
+}  // namespace
+
+void adamw8bit_step_(torch::Tensor& param, const torch::Tensor& grad, torch::Tensor& state1, torch::Tensor& state2,
+                     torch::Tensor& absmax1, torch::Tensor& absmax2, const torch::Tensor& map1,
+                     const torch::Tensor& map2, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, int64_t step, int64_t block_size) {
+  adamw8bit_step_with_tables(param, grad, state1, state2, absmax1, absmax2, map1, map2, nullptr, nullptr, lr, beta1,
+                             beta2, eps, weight_decay, step, block_size);
 }
 
 void adamw_step_(torch::Tensor& param, const torch::Tensor& grad_in, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
@@ -264,10 +312,18 @@ AdamW::AdamW(NamedParameters params, AdamWOptions options, bool eight_bit)
   }
 }
 
-const std::pair<torch::Tensor, torch::Tensor>& AdamW::maps_on(const torch::Device& device) const {
+const AdamW::DeviceMaps& AdamW::maps_on(const torch::Device& device) const {
   auto it = maps_.find(device.str());
   if (it == maps_.end()) {
-    it = maps_.emplace(device.str(), std::make_pair(dynamic_map(true).to(device), dynamic_map(false).to(device))).first;
+    DeviceMaps d;
+    d.map1 = dynamic_map(true).to(device);
+    d.map2 = dynamic_map(false).to(device);
+    QuantTable t1 = quant_table(d.map1), t2 = quant_table(d.map2);
+    d.starts1 = t1.starts;
+    d.starts2 = t2.starts;
+    d.advance1 = t1.advance;
+    d.advance2 = t2.advance;
+    it = maps_.emplace(device.str(), std::move(d)).first;
   }
   return it->second;
 }
@@ -277,7 +333,9 @@ void AdamW::init_state(Slot& s) {
   const int64_t n = s.param.numel();
   if (s.wants_8bit) {
     // Zero moments: code of 0.0 under absmax 0 (dequantizes to 0 whatever the code).
-    const auto& [map1, map2] = maps_on(s.param.device());
+    const DeviceMaps& maps = maps_on(s.param.device());
+    const at::Tensor& map1 = maps.map1;
+    const at::Tensor& map2 = maps.map2;
     const int64_t blocks = kernels::quant_blocks(n, options_.block_size());
     s.absmax1 = at::zeros({blocks}, opts);
     s.absmax2 = at::zeros({blocks}, opts);
@@ -300,9 +358,10 @@ void AdamW::step() {
     if (!s.has_state()) init_state(s);
     ++s.step;
     if (s.state1.defined()) {
-      const auto& [map1, map2] = maps_on(s.param.device());
-      adamw8bit_step_(s.param, grad, s.state1, s.state2, s.absmax1, s.absmax2, map1, map2, o.lr(), o.beta1(),
-                      o.beta2(), o.eps(), o.weight_decay(), s.step, o.block_size());
+      const DeviceMaps& d = maps_on(s.param.device());
+      const QuantTable t1{d.starts1, d.advance1}, t2{d.starts2, d.advance2};
+      adamw8bit_step_with_tables(s.param, grad, s.state1, s.state2, s.absmax1, s.absmax2, d.map1, d.map2, &t1, &t2,
+                                 o.lr(), o.beta1(), o.beta2(), o.eps(), o.weight_decay(), s.step, o.block_size());
     } else {
       adamw_step_(s.param, grad, s.exp_avg, s.exp_avg_sq, o.lr(), o.beta1(), o.beta2(), o.eps(), o.weight_decay(),
                   s.step);
@@ -344,7 +403,8 @@ int64_t AdamW::state_bytes() const {
   for (const auto& s : slots_)
     for (const auto* t : {&s.exp_avg, &s.exp_avg_sq, &s.state1, &s.state2, &s.absmax1, &s.absmax2})
       if (t->defined()) bytes += t->nbytes();
-  for (const auto& [device, maps] : maps_) bytes += maps.first.nbytes() + maps.second.nbytes();
+  for (const auto& [device, d] : maps_)
+    bytes += d.map1.nbytes() + d.map2.nbytes() + d.starts1.nbytes() + d.starts2.nbytes();
   return bytes;
 }
 
@@ -352,9 +412,9 @@ std::pair<torch::Tensor, torch::Tensor> AdamW::moments(const std::string& name) 
   const Slot& s = slot(name);
   if (!s.has_state()) return {};
   if (!s.state1.defined()) return {s.exp_avg, s.exp_avg_sq};
-  const auto& [map1, map2] = maps_on(s.param.device());
-  return {dequantize_blockwise(s.state1, s.absmax1, map1, options_.block_size()).view(s.param.sizes()),
-          dequantize_blockwise(s.state2, s.absmax2, map2, options_.block_size()).view(s.param.sizes())};
+  const DeviceMaps& d = maps_on(s.param.device());
+  return {dequantize_blockwise(s.state1, s.absmax1, d.map1, options_.block_size()).view(s.param.sizes()),
+          dequantize_blockwise(s.state2, s.absmax2, d.map2, options_.block_size()).view(s.param.sizes())};
 }
 
 // --- state save / load -----------------------------------------------------
@@ -522,9 +582,9 @@ void AdamW::load_state_dict(const OptimizerState& state) {
       s.absmax1 = st.a1.clone();
       s.absmax2 = st.a2.clone();
     } else if (s.wants_8bit) {
-      const auto& [map1, map2] = maps_on(s.param.device());
-      std::tie(s.state1, s.absmax1) = quantize_blockwise(st.m, map1, options_.block_size());
-      std::tie(s.state2, s.absmax2) = quantize_blockwise(st.v, map2, options_.block_size());
+      const DeviceMaps& d = maps_on(s.param.device());
+      std::tie(s.state1, s.absmax1) = quantize_blockwise(st.m, d.map1, options_.block_size());
+      std::tie(s.state2, s.absmax2) = quantize_blockwise(st.v, d.map2, options_.block_size());
     } else {
       s.exp_avg = st.m.view(s.param.sizes()).clone();
       s.exp_avg_sq = st.v.view(s.param.sizes()).clone();

@@ -12,8 +12,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
+#include <random>
 #include <sstream>
 
+#include "kernels/optim.h"
 #include "test_util.h"
 #include "unswag/optim/adamw.h"
 
@@ -207,6 +210,64 @@ TEST(AdamW8bitMaps, Properties) {
       EXPECT_EQ(count, (is_signed ? 2 : 1) * (int64_t(1) << ((is_signed ? 6 : 7) - z))) << "decade 10^-" << z;
     }
     EXPECT_NEAR(map.abs().masked_fill(map == 0, 2).min().item<double>(), is_signed ? 0.55e-6 : 0.325e-6, 1e-12);
+  }
+}
+
+// The table-driven quantizer the kernels run equals the binary search it
+// replaces, for the dynamic maps and for other ascending maps (a uniform one,
+// and one with codes clustered tighter than a table bucket, which needs more
+// than one advance round), on every kind of input: the codes themselves, the
+// midpoints between neighbours and the floats next to them (the tie rule),
+// signed zeros, NaN, infinities, subnormals, magnitudes above 1 and random
+// values on linear and log scales.
+TEST(AdamW8bitMaps, QuantizeLookupEqualsBinarySearch) {
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  std::vector<std::pair<std::string, std::vector<float>>> maps;
+  for (const bool is_signed : {true, false}) {
+    const auto m = optim::dynamic_map(is_signed);
+    maps.emplace_back(is_signed ? "dynamic signed" : "dynamic unsigned",
+                      std::vector<float>(m.data_ptr<float>(), m.data_ptr<float>() + 256));
+  }
+  std::vector<float> uniform(256), clustered(256);
+  for (int i = 0; i < 256; ++i) uniform[i] = -1.f + 2.f * float(i) / 255.f;
+  for (int i = 0; i < 256; ++i) clustered[i] = i < 128 ? -1.f + float(i) * 1e-4f : 0.5f + float(i - 128) * 1e-5f;
+  maps.emplace_back("uniform", uniform);
+  maps.emplace_back("clustered", clustered);
+  std::uniform_real_distribution<float> unit(-1.f, 1.f), log_mag(-40.f, 0.5f);
+  for (const auto& [name, codes] : maps) {
+    SCOPED_TRACE(name);
+    std::vector<uint8_t> starts(kernels::kQuantTableSize);
+    const int advance = kernels::build_quantize_table(codes.data(), starts.data());
+    if (name.rfind("dynamic", 0) == 0) EXPECT_EQ(advance, 1);  // what the kernels' speed rests on
+    if (name == "clustered") EXPECT_GT(advance, 1);
+    std::vector<float> xs = {0.f, -0.f, 1.f, -1.f, 2.f, -2.f, 1e30f, -1e30f, std::numeric_limits<float>::infinity(),
+                             -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(),
+                             std::numeric_limits<float>::denorm_min(), -std::numeric_limits<float>::denorm_min(),
+                             1e-39f, -1e-39f, 5.9604645e-8f, -5.9604645e-8f};
+    for (int i = 0; i < 256; ++i) {
+      xs.push_back(codes[i]);
+      xs.push_back(std::nextafter(codes[i], 2.f));
+      xs.push_back(std::nextafter(codes[i], -2.f));
+      if (i + 1 < 256) {
+        const float mid = codes[i] + (codes[i + 1] - codes[i]) * 0.5f;
+        for (const float x : {mid, std::nextafter(mid, 2.f), std::nextafter(mid, -2.f)}) xs.push_back(x);
+      }
+    }
+    for (int i = 0; i < 200000; ++i) {
+      xs.push_back(unit(rng));
+      const float mag = std::exp2(log_mag(rng));
+      xs.push_back(rng() & 1 ? mag : -mag);
+    }
+    int64_t mismatches = 0;
+    for (const float x : xs) {
+      const int expected = kernels::quantize_nearest(codes.data(), x);
+      const int got = kernels::quantize_lookup(codes.data(), starts.data(), advance, x);
+      if (got != expected && ++mismatches <= 5)
+        ADD_FAILURE() << "x = " << x << ": lookup gives code " << got << ", the search " << expected;
+    }
+    EXPECT_EQ(mismatches, 0) << "of " << xs.size() << " values";
   }
 }
 
@@ -419,8 +480,10 @@ TEST_P(AdamW8bitTest, SmallTensorsAndPatternsKeepFp32State) {
   EXPECT_TRUE(opt.has_8bit_state("big"));
   EXPECT_FALSE(opt.has_8bit_state("model.embed_tokens.weight"));
   EXPECT_FALSE(opt.has_8bit_state("tiny"));
-  // Bytes: 8 per fp32-state element; 2 per 8-bit element + 2 fp32 scales per block; the two maps.
-  EXPECT_EQ(opt.state_bytes(), 8 * (4095 + 6400 + 3) + (2 * 4096 + 2 * 4 * 16) + 2 * 256 * 4);
+  // Bytes: 8 per fp32-state element; 2 per 8-bit element + 2 fp32 scales per block; the two maps and
+  // their quantize tables.
+  EXPECT_EQ(opt.state_bytes(),
+            8 * (4095 + 6400 + 3) + (2 * 4096 + 2 * 4 * 16) + 2 * 256 * 4 + 2 * kernels::kQuantTableSize);
   // The fp32 twin never quantizes.
   auto e = make_param(f, {8192});
   AdamW twin({{"e", e}});

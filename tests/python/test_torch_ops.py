@@ -103,3 +103,63 @@ def test_transformer_ops_match_autograd_in_float64(device):
     loss = ops.linear_cross_entropy(h, wv, t, 6)
     torch.testing.assert_close(loss.double(), torch.nn.functional.cross_entropy(h @ wv.t(), t), rtol=1e-6, atol=1e-7)
     assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy(a, b, t, 6).double(), (h, wv))
+
+
+# ---- PSA sequence primitives (include/unswag/nn/psa_ops.h) ------------------
+
+def _conv_reference(x, w, b):
+    """Causal depthwise conv as a left-padded grouped conv1d."""
+    xt = torch.nn.functional.pad(x.transpose(1, 2), (w.shape[1] - 1, 0))
+    return torch.nn.functional.conv1d(xt, w.unsqueeze(1), b, groups=x.shape[2]).transpose(1, 2)
+
+
+def _scan_reference(a, x, h0):
+    """h_t = a_t h_{t-1} + x_t as an explicit loop over time."""
+    h = h0 if h0 is not None else x.new_zeros(x.shape[0], x.shape[2])
+    out = []
+    for t in range(x.shape[1]):
+        h = a[:, t] * h + x[:, t]
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("taps", [1, 4, 19])
+def test_causal_depthwise_conv1d_passes_gradcheck(device, taps):
+    g = torch.Generator(device="cpu").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    x, w, b = mk(2, 9, 3), mk(3, taps), mk(3)
+    torch.testing.assert_close(ops.causal_depthwise_conv1d(x, w, b), _conv_reference(x, w, b))
+    assert torch.autograd.gradcheck(ops.causal_depthwise_conv1d, (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: ops.causal_depthwise_conv1d(x, w, None), (x, w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_scan_passes_gradcheck(device):
+    g = torch.Generator(device="cpu").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device)
+    a = (torch.rand(2, 7, 3, generator=g, dtype=torch.float64).to(device) * 2 - 1).requires_grad_()
+    x, h0 = mk(2, 7, 3).requires_grad_(), mk(2, 3).requires_grad_()
+    torch.testing.assert_close(ops.linear_scan(a, x, h0), _scan_reference(a, x, h0))
+    assert torch.autograd.gradcheck(ops.linear_scan, (a, x, h0))
+    assert torch.autograd.gradcheck(lambda a, x: ops.linear_scan(a, x, None), (a, x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_scan_long_sequence_keeps_an_fp32_state(device, dtype):
+    """T = 3000 (across the GPU's 256-step chunks) with decays near 1: within two
+    roundings of the dtype from a float64 loop, values and gradients."""
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    a = (0.999 + 0.001 * torch.rand(2, 3000, 4, device=device)).to(dtype).requires_grad_()
+    x = (0.05 * torch.randn(2, 3000, 4, device=device)).to(dtype).requires_grad_()
+    h = ops.linear_scan(a, x, None)
+    a64, x64 = a.detach().double().requires_grad_(), x.detach().double().requires_grad_()
+    ref = _scan_reference(a64, x64, None)
+    tol = {torch.float32: 1e-5, torch.float16: 2 / 2048, torch.bfloat16: 2 / 256}[dtype]
+    rel = lambda got, want: ((got.double() - want).norm() / want.norm()).item()
+    assert rel(h, ref) <= tol
+    dh = torch.randn_like(h)
+    h.backward(dh)
+    ref.backward(dh.double())
+    assert rel(a.grad, a64.grad) <= tol and rel(x.grad, x64.grad) <= tol

@@ -3,7 +3,9 @@
 // "linear"), Mistral (sliding window), Qwen2 (q/k/v biases), Gemma ((1 + w)
 // RMSNorm, sqrt(hidden)-scaled embeddings, GELU-tanh). Both the transformers 4
 // keys (rope_theta, rope_scaling, torch_dtype) and the transformers 5 ones
-// (rope_parameters, dtype) are read.
+// (rope_parameters, dtype) are read. An UnSwag-only key, "unswag_psa", says
+// which layers are Packet-Switched Attention (docs/psa.md) and with what
+// settings; transformers ignores it (and cannot load such a model).
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -12,6 +14,8 @@
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "unswag/nn/psa.h"
 
 namespace unswag::models {
 
@@ -45,6 +49,13 @@ struct ModelConfig {
   c10::ScalarType dtype = c10::ScalarType::Float;  // torch_dtype / dtype
   std::vector<int64_t> bos_token_ids, eos_token_ids;
   std::optional<int64_t> pad_token_id;
+  // Layers whose attention is PSA (sorted, unique; empty: a dense model) and
+  // their settings. config.json: "unswag_psa": {"layers": [...], "kernel_size":
+  // 8, "target_shares": [prune, local, summary, signal], "load_loss_weight",
+  // "z_loss_weight", "controller_gamma", "random_router", "seed", "temperature"}.
+  std::vector<int64_t> psa_layers;
+  nn::PSAConfig psa;
+  bool is_psa_layer(int64_t layer) const;
 
   // Family traits derived from model_type.
   bool qkv_bias() const { return attention_bias || model_type == "qwen2"; }

@@ -104,8 +104,13 @@ class AdamW {
   void init_state(Slot& slot);
   const Slot& slot(const std::string& name) const;
   Slot& slot(const std::string& name);
-  // The maps (map1 signed, map2 unsigned) on `device`, made once per device.
-  const std::pair<torch::Tensor, torch::Tensor>& maps_on(const torch::Device& device) const;
+  // The maps (map1 signed, map2 unsigned) and their quantize tables
+  // (kernels/optim.h: quantize_lookup) on `device`, made once per device.
+  struct DeviceMaps {
+    torch::Tensor map1, map2, starts1, starts2;
+    int advance1 = 0, advance2 = 0;
+  };
+  const DeviceMaps& maps_on(const torch::Device& device) const;
 
   const char* class_name() const { return eight_bit_ ? "AdamW8bit" : "AdamW"; }
 
@@ -113,7 +118,7 @@ class AdamW {
   AdamWOptions options_;
   std::vector<Slot> slots_;
   std::map<std::string, size_t> index_;
-  mutable std::map<std::string, std::pair<torch::Tensor, torch::Tensor>> maps_;
+  mutable std::map<std::string, DeviceMaps> maps_;
 };
 
 class AdamW8bit : public AdamW {

@@ -1,0 +1,319 @@
+// Benchmark of Packet-Switched Attention against dense attention, one layer of
+// 16 heads x 128 (hidden 2048) in bf16, batch 1, measured side by side in one
+// process (bench/bench_psa.py runs it and writes docs/BENCHMARKS.md):
+//
+//   --mode speed   forward + backward of the whole layer (q/k/v/o
+//                  projections, RoPE, router, every route) against the same
+//                  layer with PyTorch's SDPA (causal; the backend it picked is
+//                  reported), and SDPA alone, at each --contexts length.
+//   --mode decode  generation: prefill a context of L tokens into the layer's
+//                  cache, then time single-token decode steps; the bytes the
+//                  cache actually allocated per token against a dense KV cache
+//                  of the same layer.
+//
+// Timing: CUDA events on the current stream after warm-up, medians. Each
+// result is one JSON line on stdout.
+#include <torch/torch.h>
+
+#ifdef UNSWAG_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#endif
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "unswag/nn/psa.h"
+
+namespace {
+
+using unswag::nn::PacketSwitchedAttention;
+using unswag::nn::PSACache;
+using unswag::nn::PSAConfig;
+
+struct Shape {
+  int64_t hidden = 2048, heads = 16, head_dim = 128;
+};
+
+bool on_cuda(const torch::Device& d) { return d.is_cuda(); }
+
+void synchronize(const torch::Device& device) {
+  if (on_cuda(device)) torch::cuda::synchronize();
+}
+
+// Milliseconds of each of `repeats` calls of fn after `warmup` calls: CUDA
+// events around each call on the current stream, wall clock on CPU.
+std::vector<double> time_calls(const torch::Device& device, int warmup, int repeats, const std::function<void()>& fn) {
+  for (int i = 0; i < warmup; ++i) fn();
+  synchronize(device);
+  std::vector<double> ms;
+  for (int i = 0; i < repeats; ++i) {
+#ifdef UNSWAG_WITH_CUDA
+    if (on_cuda(device)) {
+      cudaEvent_t start, stop;
+      cudaEventCreate(&start);
+      cudaEventCreate(&stop);
+      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+      cudaEventRecord(start, stream);
+      fn();
+      cudaEventRecord(stop, stream);
+      cudaEventSynchronize(stop);
+      float t = 0;
+      cudaEventElapsedTime(&t, start, stop);
+      cudaEventDestroy(start);
+      cudaEventDestroy(stop);
+      ms.push_back(t);
+      continue;
+    }
+#endif
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return ms;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n == 0 ? 0.0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
+}
+
+void reset_peak(const torch::Device& device) {
+#ifdef UNSWAG_WITH_CUDA
+  if (on_cuda(device)) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#endif
+}
+double peak_gib(const torch::Device& device) {
+#ifdef UNSWAG_WITH_CUDA
+  if (on_cuda(device)) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    return double(stats.allocated_bytes[0].peak) / double(int64_t(1) << 30);
+  }
+#endif
+  return 0.0;
+}
+
+// RoPE tables [1, 1, T, D] (the rotate-half convention of transformers' Llama).
+std::pair<torch::Tensor, torch::Tensor> rope(const torch::Tensor& positions, int64_t head_dim, torch::ScalarType dtype) {
+  auto opts = positions.options().dtype(torch::kFloat);
+  auto inv_freq = 1.0 / torch::pow(500000.0, torch::arange(0, head_dim, 2, opts) / double(head_dim));
+  auto freqs = positions.to(torch::kFloat).unsqueeze(-1) * inv_freq;  // [1, T, D/2]
+  auto emb = torch::cat({freqs, freqs}, -1).unsqueeze(1);              // [1, 1, T, D]
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+torch::Tensor rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  auto rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * cos + rotated * sin;
+}
+
+// The dense baseline: Llama attention with PyTorch's SDPA.
+struct DenseAttention : torch::nn::Module {
+  Shape s;
+  torch::nn::Linear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr};
+  explicit DenseAttention(const Shape& shape) : s(shape) {
+    const int64_t qd = s.heads * s.head_dim;
+    auto opt = [](int64_t i, int64_t o) { return torch::nn::LinearOptions(i, o).bias(false); };
+    q = register_module("q", torch::nn::Linear(opt(s.hidden, qd)));
+    k = register_module("k", torch::nn::Linear(opt(s.hidden, qd)));
+    v = register_module("v", torch::nn::Linear(opt(s.hidden, qd)));
+    o = register_module("o", torch::nn::Linear(opt(qd, s.hidden)));
+  }
+  torch::Tensor heads(const torch::Tensor& t) const {  // [B, T, H*D] -> [B, H, T, D]
+    return t.view({t.size(0), t.size(1), s.heads, s.head_dim}).transpose(1, 2);
+  }
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+    auto qh = rotate(heads(q(x)), cos, sin), kh = rotate(heads(k(x)), cos, sin), vh = heads(v(x));
+    auto a = at::scaled_dot_product_attention(qh, kh, vh, {}, 0.0, /*is_causal=*/true);
+    return o(a.transpose(1, 2).reshape({x.size(0), x.size(1), -1}));
+  }
+};
+
+// The backend SDPA picks for causal bf16 [1, H, T, D] inputs.
+std::string sdpa_backend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  const int64_t b = at::_fused_sdp_choice(q, k, v, {}, 0.0, true, std::nullopt, false);
+  switch (b) {
+    case 0: return "math";
+    case 1: return "flash_attention";
+    case 2: return "efficient_attention";
+    case 3: return "cudnn_attention";
+    default: return "backend " + std::to_string(b);
+  }
+}
+
+std::string json_shares(const std::array<double, 4>& f) {
+  std::ostringstream o;
+  o << "[" << f[0] << ", " << f[1] << ", " << f[2] << ", " << f[3] << "]";
+  return o.str();
+}
+
+PSAConfig psa_config(double signal_share, int64_t kernel) {
+  PSAConfig c;
+  c.kernel_size = kernel;
+  // Prune 12.5%, summary 31.25%, signal as asked, local the rest.
+  c.target_shares = {0.125, 1.0 - 0.125 - 0.3125 - signal_share, 0.3125, signal_share};
+  return c;
+}
+
+void bench_speed(const torch::Device& device, const Shape& s, const std::vector<int64_t>& contexts,
+                 const std::vector<double>& signal_shares, int64_t kernel, int repeats) {
+  const auto dtype = on_cuda(device) ? torch::kBFloat16 : torch::kFloat;
+  auto opts = torch::TensorOptions().device(device).dtype(dtype);
+  for (const int64_t T : contexts) {
+    const int reps = T >= 65536 ? std::max(2, repeats / 3) : repeats;
+    const int warmup = T >= 65536 ? 1 : 2;
+    auto positions = torch::arange(T, torch::TensorOptions().device(device).dtype(torch::kLong)).unsqueeze(0);
+    auto [cos, sin] = rope(positions, s.head_dim, dtype);
+    auto x = torch::randn({1, T, s.hidden}, opts).requires_grad_(true);
+    auto gy = torch::randn({1, T, s.hidden}, opts);
+
+    {  // SDPA alone, fwd + bwd.
+      auto q = torch::randn({1, s.heads, T, s.head_dim}, opts).requires_grad_(true);
+      auto k = torch::randn_like(q).requires_grad_(true), v = torch::randn_like(q).requires_grad_(true);
+      auto g = torch::randn_like(q);
+      const std::string backend = sdpa_backend(q, k, v);
+      const auto ms = time_calls(device, warmup, reps, [&] {
+        auto out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, true);
+        torch::autograd::backward({out}, {g});
+      });
+      std::printf("{\"mode\": \"speed\", \"what\": \"sdpa_kernel\", \"context\": %ld, \"ms\": %.4f, \"backend\": \"%s\"}\n",
+                  long(T), median(ms), backend.c_str());
+      std::fflush(stdout);
+    }
+    {  // The dense layer.
+      auto layer = std::make_shared<DenseAttention>(s);
+      layer->to(device, dtype);
+      reset_peak(device);
+      const auto ms = time_calls(device, warmup, reps, [&] {
+        auto y = layer->forward(x, cos, sin);
+        torch::autograd::backward({y}, {gy});
+      });
+      std::printf("{\"mode\": \"speed\", \"what\": \"dense_layer\", \"context\": %ld, \"ms\": %.4f, \"peak_gib\": %.3f}\n",
+                  long(T), median(ms), peak_gib(device));
+      std::fflush(stdout);
+    }
+    for (const double share : signal_shares) {
+      PacketSwitchedAttention psa(s.hidden, s.heads, s.heads, s.head_dim, false, false, psa_config(share, kernel));
+      psa->to(device, dtype);
+      psa->train();
+      reset_peak(device);
+      const auto ms = time_calls(device, warmup, reps, [&] {
+        auto y = psa->forward(x, positions, cos, sin);
+        torch::autograd::backward({y}, {gy});
+      });
+      const auto stats = psa->route_stats();
+      std::printf(
+          "{\"mode\": \"speed\", \"what\": \"psa_layer\", \"context\": %ld, \"target_signal\": %.4f, \"ms\": %.4f, "
+          "\"peak_gib\": %.3f, \"route_fractions\": %s}\n",
+          long(T), share, median(ms), peak_gib(device), json_shares(stats.fractions).c_str());
+      std::fflush(stdout);
+    }
+  }
+}
+
+void bench_decode(const torch::Device& device, const Shape& s, const std::vector<int64_t>& contexts,
+                  const std::vector<double>& signal_shares, int64_t kernel, int steps) {
+  torch::NoGradGuard no_grad;
+  const auto dtype = on_cuda(device) ? torch::kBFloat16 : torch::kFloat;
+  auto opts = torch::TensorOptions().device(device).dtype(dtype);
+  auto lopts = torch::TensorOptions().device(device).dtype(torch::kLong);
+  for (const int64_t L : contexts) {
+    auto positions = torch::arange(L + steps, lopts).unsqueeze(0);
+    auto [cos, sin] = rope(positions, s.head_dim, dtype);
+    auto x = torch::randn({1, L + steps, s.hidden}, opts);
+    const auto token = [&](int64_t i) { return x.narrow(1, i, 1); };
+    const auto cos_at = [&](int64_t i) { return cos.narrow(2, i, 1); };
+    const auto sin_at = [&](int64_t i) { return sin.narrow(2, i, 1); };
+
+    {  // Dense: a preallocated KV cache of L + steps tokens, SDPA over the filled part.
+      auto layer = std::make_shared<DenseAttention>(s);
+      layer->to(device, dtype);
+      auto K = torch::empty({1, s.heads, L + steps, s.head_dim}, opts), V = torch::empty_like(K);
+      for (int64_t c0 = 0; c0 < L; c0 += 8192) {  // prefill in chunks
+        const int64_t n = std::min<int64_t>(8192, L - c0);
+        auto xc = x.narrow(1, c0, n);
+        K.narrow(2, c0, n).copy_(rotate(layer->heads(layer->k(xc)), cos.narrow(2, c0, n), sin.narrow(2, c0, n)));
+        V.narrow(2, c0, n).copy_(layer->heads(layer->v(xc)));
+      }
+      int64_t len = L;
+      const auto ms = time_calls(device, 2, steps - 2, [&] {
+        auto xt = token(len);
+        auto q = rotate(layer->heads(layer->q(xt)), cos_at(len), sin_at(len));
+        K.narrow(2, len, 1).copy_(rotate(layer->heads(layer->k(xt)), cos_at(len), sin_at(len)));
+        V.narrow(2, len, 1).copy_(layer->heads(layer->v(xt)));
+        ++len;
+        auto a = at::scaled_dot_product_attention(q, K.narrow(2, 0, len), V.narrow(2, 0, len), {}, 0.0, false);
+        layer->o(a.transpose(1, 2).reshape({1, 1, -1}));
+      });
+      const double bytes = double(K.nbytes() + V.nbytes());
+      std::printf(
+          "{\"mode\": \"decode\", \"what\": \"dense\", \"context\": %ld, \"ms_per_token\": %.4f, "
+          "\"cache_bytes\": %.0f, \"cache_bytes_per_token\": %.1f}\n",
+          long(L), median(ms), bytes, bytes / double(L + steps));
+      std::fflush(stdout);
+    }
+    for (const double share : signal_shares) {
+      PacketSwitchedAttention psa(s.hidden, s.heads, s.heads, s.head_dim, false, false, psa_config(share, kernel));
+      psa->to(device, dtype);
+      psa->eval();
+      PSACache cache;
+      psa->forward_cached(x.narrow(1, 0, L), positions.narrow(1, 0, L), cos.narrow(2, 0, L), sin.narrow(2, 0, L),
+                          cache);
+      const auto prefill_routes = psa->route_stats();
+      int64_t len = L;
+      const auto ms = time_calls(device, 2, steps - 2, [&] {
+        psa->forward_cached(token(len), positions.narrow(1, len, 1), cos_at(len), sin_at(len), cache);
+        ++len;
+      });
+      const double bytes = double(cache.bytes_allocated());
+      std::printf(
+          "{\"mode\": \"decode\", \"what\": \"psa\", \"context\": %ld, \"target_signal\": %.4f, \"ms_per_token\": %.4f, "
+          "\"cache_bytes\": %.0f, \"cache_bytes_per_token\": %.1f, \"signal_tokens\": %ld, \"route_fractions\": %s}\n",
+          long(L), share, median(ms), bytes, bytes / double(len), long(cache.signal.length),
+          json_shares(prefill_routes.fractions).c_str());
+      std::fflush(stdout);
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"UnSwag: Packet-Switched Attention against dense attention (one layer)"};
+  std::string mode = "speed";
+  std::vector<int64_t> contexts;
+  std::vector<double> shares = {0.125, 0.25};
+  int64_t kernel = 8;
+  int repeats = 10, steps = 34;
+  std::string device_name = "auto";
+  app.add_option("--mode", mode, "speed | decode")->check(CLI::IsMember({"speed", "decode"}));
+  app.add_option("--contexts", contexts, "sequence lengths (default: speed 2k,8k,32k,128k; decode 4k,16k,64k)")
+      ->delimiter(',');
+  app.add_option("--signal-shares", shares, "target shares of signal tokens")->delimiter(',');
+  app.add_option("--kernel", kernel, "local conv kernel size");
+  app.add_option("--repeats", repeats, "timed repeats (speed)");
+  app.add_option("--steps", steps, "decode steps (the first 2 are warm-up)")->check(CLI::Range(3, 100000));
+  app.add_option("--device", device_name, "auto | cuda | cpu");
+  CLI11_PARSE(app, argc, argv);
+  if (contexts.empty())
+    contexts = mode == "speed" ? std::vector<int64_t>{2048, 8192, 32768, 131072}
+                               : std::vector<int64_t>{4096, 16384, 65536};
+  const bool cuda = device_name == "cuda" || (device_name == "auto" && torch::cuda::is_available());
+  const torch::Device device = cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+  torch::manual_seed(0);
+  const Shape shape;
+  if (mode == "speed")
+    bench_speed(device, shape, contexts, shares, kernel, repeats);
+  else
+    bench_decode(device, shape, contexts, shares, kernel, steps);
+  return 0;
+}

@@ -1,0 +1,156 @@
+// Packet-Switched Attention (docs/psa.md): an attention layer with Llama's
+// q/k/v/o projections in which a per-token router picks what each token
+// WRITES for later tokens (0 prune: nothing; 1 local: the causal depthwise
+// conv stream; 2 summary: an EMA register; 3 signal: its key and value for the
+// sparse attention), while every token READS the conv, the register and (if it
+// is a signal token) causal attention over the earlier signal tokens:
+//
+//   o_t = Wo( z_sig,t * attn(q_t; K_sig<=t, V_sig<=t) + lambda_local * c_t + lambda_summary * m_t )
+//
+// The signal attention gathers the signal tokens into a packed sequence, so it
+// costs O(S^2) in their number S; the conv is O(T * K), the register O(T).
+// Cached generation (PSACache) keeps only the signal tokens' K/V, the conv
+// tail and the register.
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+namespace unswag::nn {
+
+// Route indices.
+enum PSARoute : int64_t { kPrune = 0, kLocal = 1, kSummary = 2, kSignal = 3 };
+
+struct PSAConfig {
+  int64_t kernel_size = 8;  // Kc of the local causal conv
+  // Budgets of the four routes (prune, local, summary, signal); sum to 1.
+  std::array<double, 4> target_shares = {0.125, 0.375, 0.3125, 0.1875};
+  double load_loss_weight = 1.0;   // alpha: sum_r (mean_t p_r - target_r)^2
+  double z_loss_weight = 1e-3;     // beta: mean_t logsumexp(logits_t)^2
+  double controller_gamma = 0.02;  // c_r += gamma (target_r - f_r) per update_controller()
+  // The ablation: each token's route drawn i.i.d. from target_shares by a hash
+  // of (seed, layer, batch row, position), in training and eval alike.
+  bool random_router = false;
+  uint64_t seed = 0;         // the Gumbel noise generator's and the random router's seed
+  // tau: training routes are Gumbel-max draws from softmax(logits / tau) with
+  // the straight-through gradient of softmax(logits / tau + g); annealing tau
+  // (about 1 -> 0.3, by whoever trains) moves them toward eval's arg-max.
+  double temperature = 1.0;
+
+  // Throws naming the field when a value is out of range; `source` prefixes the message.
+  void validate(const std::string& source = "PSAConfig") const;
+};
+
+// The last forward's routing, per layer.
+struct PSARouteStats {
+  std::array<double, 4> fractions{};  // hard route fractions (prune, local, summary, signal)
+  // Fraction of tokens whose training-mode (noisy) choice equals the eval-mode
+  // arg-max; 1 in eval mode and for the random router.
+  double agreement = 1.0;
+  int64_t tokens = 0;
+};
+
+// A growing [1, Hkv, capacity, D] key/value store: the capacity grows by 1/8
+// when full, so appends are amortised O(1) and at most 12.5% is unfilled;
+// bytes_allocated() counts the capacity (what the allocator holds), not the
+// filled length.
+struct KVBuffer {
+  torch::Tensor k, v;  // [1, Hkv, capacity, D]
+  int64_t length = 0;
+  void append(const torch::Tensor& k_new, const torch::Tensor& v_new);  // [1, Hkv, n, D]
+  torch::Tensor keys() const;    // [1, Hkv, length, D] (a view)
+  torch::Tensor values() const;  // [1, Hkv, length, D] (a view)
+  int64_t bytes_allocated() const;
+  void clear() { *this = KVBuffer(); }
+};
+
+// The generation state of one PSA layer (batch 1).
+struct PSACache {
+  KVBuffer signal;          // keys (RoPE at the original positions) and values of the signal tokens only
+  torch::Tensor conv_tail;  // [1, Kc - 1, kv_dim]: the last Kc - 1 written local values u
+  torch::Tensor summary;    // [1, kv_dim] fp32 (fp64 for fp64 models): the register s
+  int64_t tokens = 0;       // tokens seen (all routes)
+  int64_t bytes_allocated() const;
+  void clear() { *this = PSACache(); }
+};
+
+class PacketSwitchedAttentionImpl : public torch::nn::Module {
+ public:
+  // Llama attention shapes: hidden d, H query heads, Hkv key/value heads of
+  // head_dim D; qkv_bias (Qwen2), o_bias. layer_index keys the random router's
+  // hash and the Gumbel generator's seed.
+  PacketSwitchedAttentionImpl(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, bool qkv_bias,
+                              bool o_bias, const PSAConfig& config, int64_t layer_index = 0);
+
+  // x [B, T, d] (the normed hidden state), positions [B, T] int64 (the tokens'
+  // original positions), cos/sin [B, 1, T, D] of RoPE at those positions in
+  // x's dtype. gumbel [B, T, 4] (optional, training only): the noise to use
+  // instead of drawing it. Returns [B, T, d].
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& cos,
+                        const torch::Tensor& sin, const torch::Tensor& gumbel = {});
+  // The same in eval mode over a chunk that continues `cache` (prefill: an
+  // empty cache; decode: T = 1), batch 1, no autograd; fills the cache.
+  torch::Tensor forward_cached(const torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& cos,
+                               const torch::Tensor& sin, PSACache& cache);
+
+  // The parameters PSA adds over Llama attention, initialised as docs/psa.md
+  // says (router N(0, 0.02) with bias log(targets), conv 1/Kc, decays spread
+  // over 0.9..0.999, lambdas 1, controller bias 0); q/k/v/o untouched.
+  void reset_psa_parameters();
+
+  void set_temperature(double tau);
+  double temperature() const { return config_.temperature; }
+  // c_r += gamma (target_r - f_r) with f the fractions of the noise-free
+  // arg-max routes (what eval and generation use) of the last training
+  // forward (no-op before one, and for the random router).
+  void update_controller();
+
+  // The last forward's weighted aux loss (alpha * load + beta * z; 0-dim fp32
+  // with the router's graph), zero in eval mode and for the random router.
+  torch::Tensor aux_loss() const { return aux_loss_; }
+  torch::Tensor load_loss() const { return load_loss_; }
+  torch::Tensor z_loss() const { return z_loss_; }
+  PSARouteStats route_stats() const;
+  torch::Tensor last_routes() const { return routes_; }   // [B, T] int64
+  torch::Tensor last_gumbel() const { return gumbel_; }   // [B, T, 4] fp32 (training mode)
+
+  const PSAConfig& config() const { return config_; }
+  int64_t heads, kv_heads, head_dim, kv_dim, kernel_size, layer_index;
+
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  torch::nn::Linear router{nullptr};  // [4, d] + bias [4]
+  torch::Tensor conv_weight;          // [kv_dim, Kc]
+  torch::Tensor summary_decay;        // theta [kv_dim]: the register keeps sigmoid(theta) per summary write
+  torch::Tensor lambda_local, lambda_summary;  // [H * D]
+  torch::Tensor route_bias;           // c [4], a buffer (the controller's, not trained)
+
+ private:
+  struct Routing {
+    torch::Tensor index;  // [B, T] int64
+    torch::Tensor gates;  // [B, T, 4] fp32: one-hot forward values, straight-through gradient
+  };
+  Routing route(const torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& gumbel);
+  torch::Tensor random_routes(const torch::Tensor& positions) const;
+  // The projections, writes and reads for given routes; with `cache` (batch 1,
+  // eval) the chunk continues the cached state and the cache is updated.
+  torch::Tensor compute(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const Routing& routing, PSACache* cache);
+  // z_sig,t * causal attention of the signal queries over the signal keys:
+  // q [B, H, T, D], k/v [B, Hkv, T, D] -> [B, T, H * D].
+  torch::Tensor signal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                 const Routing& routing, PSACache* cache);
+
+  PSAConfig config_;
+  torch::Tensor train_fractions_;  // arg-max (noise-free) fractions of the last training forward, for update_controller()
+  torch::Tensor aux_loss_, load_loss_, z_loss_, routes_, gumbel_, fractions_, agreement_;
+  at::Generator generator_;
+};
+TORCH_MODULE(PacketSwitchedAttention);
+
+}  // namespace unswag::nn

@@ -1,0 +1,31 @@
+// The sequence primitives of Packet-Switched Attention (docs/psa.md), each a
+// differentiable op with CPU and CUDA kernels, linear in the sequence length:
+//
+//   causal_depthwise_conv1d   y[b,t,c] = bias[c] + sum_{j<K} w[c,j] x[b,t-K+1+j,c]
+//                             (positions before 0 read zeros): every output
+//                             sees only its own and the K-1 earlier tokens
+//   linear_scan               h[b,t,c] = a[b,t,c] h[b,t-1,c] + x[b,t,c] with
+//                             h[b,-1,c] = h0[b,c] (zeros when absent), the
+//                             state carried in fp32 (bf16 recurrences drift)
+//
+// Both are also registered as torch.ops.unswag.<name>.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace unswag {
+
+// x [B, T, C] (fp32/fp16/bf16/fp64), weight [C, K] (K >= 1), bias [C] or
+// undefined; returns [B, T, C] in x's dtype. Math in fp32 (fp64 for fp64 x);
+// weight and bias may have another float dtype than x (fp32 parameters with
+// bf16 activations): their gradients come back in their own dtype, summed
+// deterministically. Gradients flow to x, weight and bias.
+at::Tensor causal_depthwise_conv1d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
+
+// a, x [B, T, C] of one dtype, h0 [B, C] (any float dtype, e.g. an fp32
+// state with bf16 a and x) or undefined; returns h [B, T, C] in x's dtype.
+// Gradients flow to a, x and h0; backward keeps only a, x, h0 and recomputes h
+// in fp32 (CPU and CUDA kernels: src/kernels/psa.h).
+at::Tensor linear_scan(const at::Tensor& a, const at::Tensor& x, const at::Tensor& h0 = {});
+
+}  // namespace unswag

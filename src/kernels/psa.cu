@@ -1,0 +1,487 @@
+// The PSA sequence primitives on the GPU (the math and layouts: psa.h).
+//
+// causal_conv: one thread per (b, time tile, c), consecutive threads on
+// consecutive channels (coalesced rows of [B, T, C]). A thread walks its tile
+// keeping the last K inputs in registers (K padded up to a power of two KP <=
+// 16 with leading zero taps, so each tap count is one of five unrolled
+// templates; larger K takes a plain loop). The backward walks forward once,
+// reading x and dy once: dw_j and dbias accumulate in registers, and dx_t =
+// sum_j w_j dy_{t+K-1-j} accumulates in a register ring of KP pending outputs,
+// the oldest of which is complete (and stored) at each step. dw/dbias leave as
+// per-(b, tile) partials, summed by the caller (deterministic).
+//
+// linear_scan: a three-pass chunked scan over chunks of kScanChunk steps,
+// one thread per (b, chunk, c):
+//   1. each chunk's affine map h_end = P h_before + E (and, in backward, the
+//      reverse map g_start = Eg + Qg g_after, computable walking forward as
+//      Eg = sum_t (a_{s+1} ... a_t) dh_t);
+//   2. one thread per (b, c) chains the maps over the chunks (T / 256 steps,
+//      8 chunks' loads issued before their dependent FMAs), leaving each
+//      chunk's incoming state;
+//   3. each chunk is replayed from its incoming state: forward writes h;
+//      backward first keeps h at its 16 sub-chunk starts in registers, then,
+//      last sub-chunk first, recomputes 16 steps of h into registers and runs
+//      the reverse scan over them, writing dx = g and da = g h_{t-1}.
+// All state is fp32 (fp64 for fp64) whatever the storage dtype.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <type_traits>
+
+#include "cuda_common.cuh"
+#include "psa.h"
+
+namespace unswag::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+unsigned blocks_for(int64_t threads) { return unsigned((threads + kThreads - 1) / kThreads); }
+
+template <typename Fn>
+void dispatch_cuda(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: fn(float{}); break;
+    case DType::kFloat16: fn(__half{}); break;
+    case DType::kBFloat16: fn(__nv_bfloat16{}); break;
+    case DType::kFloat64: fn(double{}); break;
+    default: throw std::runtime_error("unswag: PSA CUDA kernel: unsupported dtype");
+  }
+}
+
+// Thread -> (b, tile or chunk, c), c fastest.
+struct Coord {
+  int64_t b, tile, c, group;
+};
+__device__ __forceinline__ Coord coord(int64_t idx, int64_t channels, int64_t tiles) {
+  const int64_t c = idx % channels, g = idx / channels;
+  return {g / tiles, g % tiles, c, g};
+}
+
+// ---- causal depthwise conv1d ----------------------------------------------
+
+// KP >= K taps in registers, the first KP - K zero.
+template <typename A, int KP>
+__device__ __forceinline__ void load_taps(const A* __restrict__ w, int64_t c, int K, A (&wr)[KP]) {
+#pragma unroll
+  for (int j = 0; j < KP; ++j) wr[j] = j >= KP - K ? w[c * K + j - (KP - K)] : A(0);
+}
+
+template <typename T, int KP>
+__global__ void conv_forward_kernel(const T* __restrict__ x, const acc_t<T>* __restrict__ w,
+                                    const acc_t<T>* __restrict__ bias, T* __restrict__ y, int64_t time,
+                                    int64_t channels, int K, int64_t tile, int64_t tiles, int64_t threads) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= threads) return;
+  const Coord q = coord(idx, channels, tiles);
+  const int64_t t0 = q.tile * tile, t1 = min64(time, t0 + tile);
+  const T* xc = x + q.b * time * channels + q.c;
+  T* yc = y + q.b * time * channels + q.c;
+  A wr[KP];
+  load_taps(w, q.c, K, wr);
+  // win[j] = x[t - KP + 1 + j]; the halo before t0 (zeros before 0).
+  A win[KP];
+#pragma unroll
+  for (int j = 0; j < KP - 1; ++j) {
+    const int64_t t = t0 - (KP - 1) + j;
+    win[j] = t >= 0 ? A(to_f(xc[t * channels])) : A(0);
+  }
+  const A b0 = bias != nullptr ? bias[q.c] : A(0);
+#pragma unroll 4
+  for (int64_t t = t0; t < t1; ++t) {
+    win[KP - 1] = to_f(xc[t * channels]);
+    A acc = b0;
+#pragma unroll
+    for (int j = 0; j < KP; ++j) acc += wr[j] * win[j];
+    yc[t * channels] = from_f<T>(acc);
+#pragma unroll
+    for (int j = 0; j < KP - 1; ++j) win[j] = win[j + 1];
+  }
+}
+
+template <typename T, int KP>
+__global__ void conv_backward_kernel(const T* __restrict__ x, const acc_t<T>* __restrict__ w,
+                                     const T* __restrict__ dy, T* __restrict__ dx, acc_t<T>* __restrict__ dw_partial,
+                                     acc_t<T>* __restrict__ db_partial, int64_t time, int64_t channels, int K,
+                                     int64_t tile, int64_t tiles, int64_t threads) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= threads) return;
+  const Coord q = coord(idx, channels, tiles);
+  const int64_t t0 = q.tile * tile, t1 = min64(time, t0 + tile);
+  const int64_t off = q.b * time * channels + q.c;
+  const T *xc = x + off, *dyc = dy + off;
+  A wr[KP], win[KP], pending[KP], dw[KP];
+  load_taps(w, q.c, K, wr);
+#pragma unroll
+  for (int j = 0; j < KP; ++j) {
+    const int64_t t = t0 - (KP - 1) + j;
+    win[j] = j < KP - 1 && t >= 0 ? A(to_f(xc[t * channels])) : A(0);
+    pending[j] = dw[j] = A(0);
+  }
+  A db = 0;
+  // Step s reads dy_s (zero past T). pending[i] is dx at s - KP + 1 + i, to
+  // which dy_s adds w_i dy_s; pending[0] is then complete. Steps past t1 only
+  // finish the tile's last KP - 1 outputs.
+  for (int64_t s = t0; s < t1 + KP - 1; ++s) {
+    const A d = s < time ? A(to_f(dyc[s * channels])) : A(0);
+    if (s < t1) {
+      win[KP - 1] = to_f(xc[s * channels]);
+      db += d;
+#pragma unroll
+      for (int j = 0; j < KP; ++j) dw[j] += d * win[j];
+#pragma unroll
+      for (int j = 0; j < KP - 1; ++j) win[j] = win[j + 1];
+    }
+    if (dx != nullptr) {
+#pragma unroll
+      for (int i = 0; i < KP; ++i) pending[i] += wr[i] * d;
+      const int64_t done = s - (KP - 1);
+      if (done >= t0) dx[off + done * channels] = from_f<T>(pending[0]);
+#pragma unroll
+      for (int i = 0; i < KP - 1; ++i) pending[i] = pending[i + 1];
+      pending[KP - 1] = A(0);
+    }
+  }
+  if (dw_partial != nullptr) {
+#pragma unroll
+    for (int j = 0; j < KP; ++j)
+      if (j >= KP - K) dw_partial[(q.group * K + j - (KP - K)) * channels + q.c] = dw[j];
+  }
+  if (db_partial != nullptr) db_partial[q.group * channels + q.c] = db;
+}
+
+// Any K (taps beyond 16): the same sums as plain loops over global memory.
+template <typename T>
+__global__ void conv_forward_any_kernel(const T* __restrict__ x, const acc_t<T>* __restrict__ w,
+                                        const acc_t<T>* __restrict__ bias, T* __restrict__ y, int64_t time,
+                                        int64_t channels, int K, int64_t tile, int64_t tiles, int64_t threads) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= threads) return;
+  const Coord q = coord(idx, channels, tiles);
+  const int64_t t0 = q.tile * tile, t1 = min64(time, t0 + tile);
+  const int64_t off = q.b * time * channels + q.c;
+  const A* wc = w + q.c * K;
+  for (int64_t t = t0; t < t1; ++t) {
+    A acc = bias != nullptr ? bias[q.c] : A(0);
+    for (int64_t j = t - K + 1 >= 0 ? 0 : K - 1 - t; j < K; ++j) acc += wc[j] * A(to_f(x[off + (t - K + 1 + j) * channels]));
+    y[off + t * channels] = from_f<T>(acc);
+  }
+}
+
+template <typename T>
+__global__ void conv_backward_any_kernel(const T* __restrict__ x, const acc_t<T>* __restrict__ w,
+                                         const T* __restrict__ dy, T* __restrict__ dx,
+                                         acc_t<T>* __restrict__ dw_partial, acc_t<T>* __restrict__ db_partial,
+                                         int64_t time, int64_t channels, int K, int64_t tile, int64_t tiles,
+                                         int64_t threads) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= threads) return;
+  const Coord q = coord(idx, channels, tiles);
+  const int64_t t0 = q.tile * tile, t1 = min64(time, t0 + tile);
+  const int64_t off = q.b * time * channels + q.c;
+  const A* wc = w + q.c * K;
+  if (dx != nullptr)
+    for (int64_t t = t0; t < t1; ++t) {
+      A acc = 0;
+      for (int64_t j = t + K - 1 < time ? 0 : t + K - time; j < K; ++j)
+        acc += wc[j] * A(to_f(dy[off + (t + K - 1 - j) * channels]));
+      dx[off + t * channels] = from_f<T>(acc);
+    }
+  if (dw_partial != nullptr)
+    for (int64_t j = 0; j < K; ++j) {
+      A acc = 0;
+      for (int64_t t = t0 - K + 1 + j >= 0 ? t0 : K - 1 - j; t < t1; ++t)
+        acc += A(to_f(dy[off + t * channels])) * A(to_f(x[off + (t - K + 1 + j) * channels]));
+      dw_partial[(q.group * K + j) * channels + q.c] = acc;
+    }
+  if (db_partial != nullptr) {
+    A acc = 0;
+    for (int64_t t = t0; t < t1; ++t) acc += A(to_f(dy[off + t * channels]));
+    db_partial[q.group * channels + q.c] = acc;
+  }
+}
+
+// The register-window width for K taps (0: the plain-loop kernels).
+int window_for(int64_t K) { return K <= 1 ? 1 : K <= 2 ? 2 : K <= 4 ? 4 : K <= 8 ? 8 : K <= 16 ? 16 : 0; }
+
+template <typename Fn>
+void dispatch_window(int kp, Fn&& fn) {
+  switch (kp) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 8: fn(std::integral_constant<int, 8>{}); break;
+    case 16: fn(std::integral_constant<int, 16>{}); break;
+    default: fn(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+// ---- linear scan ------------------------------------------------------------
+
+// Pass 1. Forward map of the chunk [s, e): h_{e-1} = P h_{s-1} + E. Backward
+// also the reverse map g_s = Eg + Qg g_e with Eg = sum_t w_t dh_t,
+// w_t = a_{s+1} ... a_t, Qg = w_{e-1} a_e (0 when e = T, where g_T = 0).
+template <typename T, bool kBackward>
+__global__ void scan_summary_kernel(const T* __restrict__ a, const T* __restrict__ x, const T* __restrict__ dh,
+                                    acc_t<T>* __restrict__ E, acc_t<T>* __restrict__ P, acc_t<T>* __restrict__ Eg,
+                                    acc_t<T>* __restrict__ Qg, int64_t time, int64_t channels, int64_t chunks,
+                                    int64_t threads) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= threads) return;
+  const Coord q = coord(idx, channels, chunks);
+  const int64_t s = q.tile * kScanChunk, e = min64(time, s + kScanChunk);
+  const int64_t off = q.b * time * channels + q.c;
+  A h = 0, p = 1, eg = 0, wt = 1;
+#pragma unroll 4
+  for (int64_t t = s; t < e; ++t) {
+    const A at = to_f(a[off + t * channels]);
+    h = at * h + A(to_f(x[off + t * channels]));
+    p *= at;
+    if (kBackward) {
+      if (t > s) wt *= at;
+      eg += wt * A(to_f(dh[off + t * channels]));
+    }
+  }
+  E[idx] = h;  // idx = (b * chunks + chunk) * C + c: the [B, chunks, C] layout
+  P[idx] = p;
+  if (kBackward) {
+    Eg[idx] = eg;
+    Qg[idx] = e < time ? wt * A(to_f(a[off + e * channels])) : A(0);
+  }
+}
+
+constexpr int kCarryPrefetch = 8;
+
+// Pass 2, forward: E[b, k, c] becomes h before chunk k (h0 for k = 0).
+template <typename A>
+__global__ void scan_carry_forward_kernel(A* __restrict__ E, const A* __restrict__ P, const A* __restrict__ h0,
+                                          int64_t channels, int64_t chunks, int64_t threads) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= threads) return;
+  const int64_t b = idx / channels, c = idx % channels;
+  A* Ec = E + b * chunks * channels + c;
+  const A* Pc = P + b * chunks * channels + c;
+  A h = h0 != nullptr ? h0[idx] : A(0);
+  for (int64_t k0 = 0; k0 < chunks; k0 += kCarryPrefetch) {
+    A e[kCarryPrefetch], p[kCarryPrefetch];
+#pragma unroll
+    for (int u = 0; u < kCarryPrefetch; ++u)
+      if (k0 + u < chunks) e[u] = Ec[(k0 + u) * channels], p[u] = Pc[(k0 + u) * channels];
+#pragma unroll
+    for (int u = 0; u < kCarryPrefetch; ++u)
+      if (k0 + u < chunks) {
+        Ec[(k0 + u) * channels] = h;
+        h = p[u] * h + e[u];
+      }
+  }
+}
+
+// Pass 2, backward: Eg[b, k, c] becomes g at the step after chunk k (0 for the last).
+template <typename A>
+__global__ void scan_carry_backward_kernel(A* __restrict__ Eg, const A* __restrict__ Qg, int64_t channels,
+                                           int64_t chunks, int64_t threads) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= threads) return;
+  const int64_t b = idx / channels, c = idx % channels;
+  A* Ec = Eg + b * chunks * channels + c;
+  const A* Qc = Qg + b * chunks * channels + c;
+  A g = 0;
+  for (int64_t k0 = chunks - 1; k0 >= 0; k0 -= kCarryPrefetch) {
+    A e[kCarryPrefetch], qv[kCarryPrefetch];
+#pragma unroll
+    for (int u = 0; u < kCarryPrefetch; ++u)
+      if (k0 - u >= 0) e[u] = Ec[(k0 - u) * channels], qv[u] = Qc[(k0 - u) * channels];
+#pragma unroll
+    for (int u = 0; u < kCarryPrefetch; ++u)
+      if (k0 - u >= 0) {
+        Ec[(k0 - u) * channels] = g;
+        g = e[u] + qv[u] * g;
+      }
+  }
+}
+
+// Pass 3, forward: replay each chunk from its incoming state, writing h.
+template <typename T>
+__global__ void scan_forward_kernel(const T* __restrict__ a, const T* __restrict__ x,
+                                    const acc_t<T>* __restrict__ carry, T* __restrict__ h_out, int64_t time,
+                                    int64_t channels, int64_t chunks, int64_t threads) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= threads) return;
+  const Coord q = coord(idx, channels, chunks);
+  const int64_t s = q.tile * kScanChunk, e = min64(time, s + kScanChunk);
+  const int64_t off = q.b * time * channels + q.c;
+  A h = carry[idx];
+#pragma unroll 4
+  for (int64_t t = s; t < e; ++t) {
+    h = A(to_f(a[off + t * channels])) * h + A(to_f(x[off + t * channels]));
+    h_out[off + t * channels] = from_f<T>(h);
+  }
+}
+
+// Pass 3, backward (see the file comment). dh0 = a_0 g_0 from chunk 0.
+template <typename T>
+__global__ void scan_backward_kernel(const T* __restrict__ a, const T* __restrict__ x, const T* __restrict__ dh,
+                                     const acc_t<T>* __restrict__ h_carry, const acc_t<T>* __restrict__ g_carry,
+                                     T* __restrict__ da, T* __restrict__ dx, acc_t<T>* __restrict__ dh0,
+                                     int64_t time, int64_t channels, int64_t chunks, int64_t threads) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= threads) return;
+  const Coord q = coord(idx, channels, chunks);
+  const int64_t s = q.tile * kScanChunk, e = min64(time, s + kScanChunk);
+  const int64_t off = q.b * time * channels + q.c;
+  // checkpoint[u] = h just before sub-chunk u.
+  A checkpoint[kScanSub];
+  A h = h_carry[idx];
+#pragma unroll
+  for (int u = 0; u < kScanSub; ++u) {
+    checkpoint[u] = h;
+#pragma unroll
+    for (int i = 0; i < kScanSubLen; ++i) {
+      const int64_t t = s + u * kScanSubLen + i;
+      if (t < e) h = A(to_f(a[off + t * channels])) * h + A(to_f(x[off + t * channels]));
+    }
+  }
+  A g = g_carry[idx];
+  A a_next = e < time ? A(to_f(a[off + e * channels])) : A(0);
+#pragma unroll
+  for (int u = kScanSub - 1; u >= 0; --u) {
+    const int64_t su = s + u * kScanSubLen;
+    if (su >= e) continue;
+    A prev[kScanSubLen], as[kScanSubLen];  // h_{t-1} and a_t of the sub-chunk
+    A hh = checkpoint[u];
+#pragma unroll
+    for (int i = 0; i < kScanSubLen; ++i) {
+      const int64_t t = su + i;
+      if (t < e) {
+        as[i] = to_f(a[off + t * channels]);
+        prev[i] = hh;
+        hh = as[i] * hh + A(to_f(x[off + t * channels]));
+      }
+    }
+#pragma unroll
+    for (int i = kScanSubLen - 1; i >= 0; --i) {
+      const int64_t t = su + i;
+      if (t < e) {
+        g = A(to_f(dh[off + t * channels])) + a_next * g;
+        if (dx != nullptr) dx[off + t * channels] = from_f<T>(g);
+        if (da != nullptr) da[off + t * channels] = from_f<T>(g * prev[i]);
+        a_next = as[i];
+      }
+    }
+  }
+  if (q.tile == 0 && dh0 != nullptr) dh0[q.b * channels + q.c] = a_next * g;
+}
+
+}  // namespace
+
+void causal_conv_forward_cuda(const CausalConvParams& p, void* stream) {
+  const int64_t tiles = (p.time + p.time_tile - 1) / p.time_tile;
+  const int64_t threads = p.batch * tiles * p.channels;
+  if (threads == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  dispatch_cuda(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const auto* x = static_cast<const T*>(p.x);
+    const auto* w = static_cast<const A*>(p.weight);
+    const auto* bias = static_cast<const A*>(p.bias);
+    auto* y = static_cast<T*>(p.y);
+    dispatch_window(window_for(p.taps), [&](auto kp) {
+      constexpr int KP = decltype(kp)::value;
+      if constexpr (KP == 0)
+        conv_forward_any_kernel<T><<<blocks_for(threads), kThreads, 0, s>>>(
+            x, w, bias, y, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
+      else
+        conv_forward_kernel<T, KP><<<blocks_for(threads), kThreads, 0, s>>>(
+            x, w, bias, y, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
+    });
+  });
+  check_launch("causal_conv forward");
+}
+
+void causal_conv_backward_cuda(const CausalConvParams& p, void* stream) {
+  const int64_t tiles = (p.time + p.time_tile - 1) / p.time_tile;
+  const int64_t threads = p.batch * tiles * p.channels;
+  if (threads == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  dispatch_cuda(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const auto* x = static_cast<const T*>(p.x);
+    const auto* w = static_cast<const A*>(p.weight);
+    const auto* dy = static_cast<const T*>(p.dy);
+    auto* dx = static_cast<T*>(p.dx);
+    auto* dw = static_cast<A*>(p.dweight_partial);
+    auto* db = static_cast<A*>(p.dbias_partial);
+    dispatch_window(window_for(p.taps), [&](auto kp) {
+      constexpr int KP = decltype(kp)::value;
+      if constexpr (KP == 0)
+        conv_backward_any_kernel<T><<<blocks_for(threads), kThreads, 0, s>>>(
+            x, w, dy, dx, dw, db, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
+      else
+        conv_backward_kernel<T, KP><<<blocks_for(threads), kThreads, 0, s>>>(
+            x, w, dy, dx, dw, db, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
+    });
+  });
+  check_launch("causal_conv backward");
+}
+
+void linear_scan_forward_cuda(const LinearScanParams& p, void* stream) {
+  const int64_t chunks = scan_chunks(p.time);
+  const int64_t threads = p.batch * chunks * p.channels, rows = p.batch * p.channels;
+  if (threads == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  dispatch_cuda(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const auto* a = static_cast<const T*>(p.a);
+    const auto* x = static_cast<const T*>(p.x);
+    A* E = static_cast<A*>(p.workspace);
+    A* P = E + threads;
+    scan_summary_kernel<T, false><<<blocks_for(threads), kThreads, 0, s>>>(
+        a, x, nullptr, E, P, nullptr, nullptr, p.time, p.channels, chunks, threads);
+    scan_carry_forward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(E, P, static_cast<const A*>(p.h0),
+                                                                        p.channels, chunks, rows);
+    scan_forward_kernel<T><<<blocks_for(threads), kThreads, 0, s>>>(a, x, E, static_cast<T*>(p.h), p.time,
+                                                                    p.channels, chunks, threads);
+  });
+  check_launch("linear_scan forward");
+}
+
+void linear_scan_backward_cuda(const LinearScanParams& p, void* stream) {
+  const int64_t chunks = scan_chunks(p.time);
+  const int64_t threads = p.batch * chunks * p.channels, rows = p.batch * p.channels;
+  if (threads == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  dispatch_cuda(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const auto* a = static_cast<const T*>(p.a);
+    const auto* x = static_cast<const T*>(p.x);
+    const auto* dh = static_cast<const T*>(p.dh);
+    A* E = static_cast<A*>(p.workspace);
+    A *P = E + threads, *Eg = P + threads, *Qg = Eg + threads;
+    scan_summary_kernel<T, true><<<blocks_for(threads), kThreads, 0, s>>>(a, x, dh, E, P, Eg, Qg, p.time,
+                                                                          p.channels, chunks, threads);
+    scan_carry_forward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(E, P, static_cast<const A*>(p.h0),
+                                                                        p.channels, chunks, rows);
+    scan_carry_backward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(Eg, Qg, p.channels, chunks, rows);
+    scan_backward_kernel<T><<<blocks_for(threads), kThreads, 0, s>>>(
+        a, x, dh, E, Eg, static_cast<T*>(p.da), static_cast<T*>(p.dx), static_cast<A*>(p.dh0), p.time, p.channels,
+        chunks, threads);
+  });
+  check_launch("linear_scan backward");
+}
+
+}  // namespace unswag::kernels

@@ -1,0 +1,112 @@
+// The sequence primitives of Packet-Switched Attention on raw pointers (no
+// torch): a causal depthwise conv1d and a first-order linear recurrence, each
+// forward and backward, with a CPU reference (psa_cpu.cpp) and CUDA kernels
+// (psa.cu) computing the same thing. Layout [B, T, C] contiguous everywhere.
+// Storage dtype T (fp32/fp16/bf16/fp64) for the big tensors; the math, the
+// small parameters (conv weight and bias, h0) and their gradients are in the
+// accumulation type A: double for kFloat64, float otherwise.
+//
+// causal_conv (K taps, weight [C, K]):
+//   y[b,t,c]  = bias[c] + sum_{j<K} w[c,j] x[b,t-K+1+j,c]        (x[<0] = 0)
+//   dx[b,t,c] = sum_{j<K} w[c,j] dy[b,t+K-1-j,c]                 (dy[>=T] = 0)
+//   dw[c,j]   = sum_{b,t} dy[b,t,c] x[b,t-K+1+j,c],   dbias[c] = sum_{b,t} dy[b,t,c]
+// The time axis is cut into tiles of `time_tile` steps; a group is one
+// (b, tile) pair. dw and dbias are written as per-group partial sums (layout
+// [groups, K, C] and [groups, C], coalesced over c on the GPU) that the caller
+// reduces: deterministic, no atomics.
+//
+// linear_scan:
+//   h[b,t,c] = a[b,t,c] h[b,t-1,c] + x[b,t,c],   h[b,-1,c] = h0[b,c] (or 0)
+// backward, with dh the gradient of h and g the gradient of the state:
+//   g_t = dh_t + a_{t+1} g_{t+1} (g_T = 0),  dx_t = g_t,  da_t = g_t h_{t-1},
+//   dh0 = a_0 g_0.
+// The backward takes a, x, h0 (not h): it recomputes h in A, so nothing of size
+// T*C in fp32 is kept between forward and backward, and a bf16 h is never fed
+// back into the recurrence.
+#pragma once
+
+#include <cstdint>
+
+#include "elementwise.h"  // DType
+
+namespace unswag::kernels {
+
+// ---- causal depthwise conv1d ----------------------------------------------
+
+struct CausalConvParams {
+  DType dtype = DType::kFloat32;  // of x, y, dy, dx
+  int64_t batch = 0, time = 0, channels = 0, taps = 0;  // B, T, C, K (K >= 1)
+  int64_t time_tile = 256;        // steps per group (conv_time_tile)
+  const void* x = nullptr;        // [B, T, C]
+  const void* weight = nullptr;   // [C, K] in A
+  const void* bias = nullptr;     // [C] in A, or null
+  void* y = nullptr;              // forward: [B, T, C]
+  const void* dy = nullptr;       // backward: [B, T, C]
+  void* dx = nullptr;             // backward: [B, T, C], or null (not wanted)
+  void* dweight_partial = nullptr;  // backward: [conv_groups, K, C] in A, or null
+  void* dbias_partial = nullptr;    // backward: [conv_groups, C] in A, or null
+};
+
+// Tile length: on the CPU a fixed 256 steps (coarse work items for
+// at::parallel_for); on the GPU the longest power of two in [64, 1024] that
+// still gives >= 2^18 threads (one per (b, tile, c)), since each thread walks
+// its tile sequentially and re-reads K-1 halo steps, which longer tiles amortise.
+inline int64_t conv_time_tile(int64_t batch, int64_t time, int64_t channels, bool cuda) {
+  if (!cuda) return 256;
+  int64_t tile = 1024;
+  while (tile > 64 && batch * ((time + tile - 1) / tile) * channels < (int64_t(1) << 18)) tile /= 2;
+  return tile;
+}
+inline int64_t conv_groups(const CausalConvParams& p) {
+  return p.batch * ((p.time + p.time_tile - 1) / p.time_tile);
+}
+
+// CPU: groups [g0, g1) of conv_groups(p).
+void causal_conv_forward_cpu(const CausalConvParams& p, int64_t g0, int64_t g1);
+void causal_conv_backward_cpu(const CausalConvParams& p, int64_t g0, int64_t g1);
+
+// ---- linear scan ------------------------------------------------------------
+
+// The GPU splits T into chunks of kScanChunk steps (kScanSub sub-chunks of
+// kScanSubLen: the backward holds one sub-chunk of h in registers).
+constexpr int64_t kScanSubLen = 16;
+constexpr int64_t kScanSub = 16;
+constexpr int64_t kScanChunk = kScanSubLen * kScanSub;
+// The CPU works on blocks of this many channels of one batch row.
+constexpr int64_t kScanCpuChannels = 32;
+
+struct LinearScanParams {
+  DType dtype = DType::kFloat32;  // of a, x, h, dh, da, dx
+  int64_t batch = 0, time = 0, channels = 0;  // B, T, C
+  const void* a = nullptr;   // [B, T, C]
+  const void* x = nullptr;   // [B, T, C]
+  const void* h0 = nullptr;  // [B, C] in A, or null (zeros)
+  void* h = nullptr;         // forward: [B, T, C]
+  const void* dh = nullptr;  // backward: [B, T, C]
+  void* da = nullptr;        // backward: [B, T, C], or null
+  void* dx = nullptr;        // backward: [B, T, C], or null
+  void* dh0 = nullptr;       // backward: [B, C] in A, or null
+  void* workspace = nullptr;  // CUDA only: scan_cuda_workspace_elems(p, backward) elements of A
+};
+
+inline int64_t scan_chunks(int64_t time) { return (time + kScanChunk - 1) / kScanChunk; }
+inline int64_t scan_cuda_workspace_elems(const LinearScanParams& p, bool backward) {
+  return (backward ? 4 : 2) * p.batch * scan_chunks(p.time) * p.channels;
+}
+inline int64_t scan_cpu_groups(const LinearScanParams& p) {
+  return p.batch * ((p.channels + kScanCpuChannels - 1) / kScanCpuChannels);
+}
+
+// CPU: groups [g0, g1) of scan_cpu_groups(p) (one batch row, kScanCpuChannels channels each).
+void linear_scan_forward_cpu(const LinearScanParams& p, int64_t g0, int64_t g1);
+void linear_scan_backward_cpu(const LinearScanParams& p, int64_t g0, int64_t g1);
+
+#ifdef UNSWAG_WITH_CUDA
+// CUDA, on `stream` (a cudaStream_t); they check the launch.
+void causal_conv_forward_cuda(const CausalConvParams& p, void* stream);
+void causal_conv_backward_cuda(const CausalConvParams& p, void* stream);
+void linear_scan_forward_cuda(const LinearScanParams& p, void* stream);
+void linear_scan_backward_cuda(const LinearScanParams& p, void* stream);
+#endif
+
+}  // namespace unswag::kernels

@@ -1,0 +1,468 @@
+// unswag::nn::PacketSwitchedAttention against a float64 composition of the
+// same math written plainly here (dense attention masked to the signal
+// tokens, an explicit conv loop, an explicit EMA loop) with the same Gumbel
+// noise: outputs and every parameter's gradient; causality (training and
+// eval), batch invariance, prefill + decode against the full forward, what
+// the cache holds, the controller, the straight-through router and the
+// random router.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "test_util.h"
+#include "unswag/nn/psa.h"
+
+namespace {
+
+using torch::Tensor;
+using unswag::nn::PacketSwitchedAttention;
+using unswag::nn::PSAConfig;
+using unswag::test::expect_error;
+using unswag::test::rel_l2;
+
+struct Shape {
+  int64_t d = 20, H = 4, Hkv = 2, D = 6, Kc = 3;
+  bool qkv_bias = true, o_bias = true;
+};
+
+// A layer whose router separates tokens clearly (large weights), so every
+// route occurs and arg-max decisions are far from ties.
+PacketSwitchedAttention make_layer(const Shape& s, torch::ScalarType dtype, PSAConfig c = {}, int64_t layer = 0) {
+  c.kernel_size = s.Kc;
+  PacketSwitchedAttention m(s.d, s.H, s.Hkv, s.D, s.qkv_bias, s.o_bias, c, layer);
+  m->to(dtype);
+  torch::NoGradGuard no_grad;
+  m->router->weight.normal_(0.0, 1.0);
+  m->router->bias.normal_(0.0, 0.3);
+  for (auto* t : {&m->q_proj->bias, &m->k_proj->bias, &m->v_proj->bias, &m->o_proj->bias})
+    if (t->defined()) t->normal_(0.0, 0.1);
+  m->conv_weight.normal_(0.0, 0.5);
+  m->summary_decay.normal_(1.0, 1.0);
+  m->lambda_local.normal_(1.0, 0.3);
+  m->lambda_summary.normal_(1.0, 0.3);
+  m->route_bias.normal_(0.0, 0.2);
+  return m;
+}
+
+// RoPE cos/sin [B, 1, T, D] of positions [B, T] (theta 10000, halves rotated).
+std::pair<Tensor, Tensor> rope(const Tensor& positions, int64_t D, torch::ScalarType dtype) {
+  const Tensor inv = 1.0 / torch::pow(10000.0, torch::arange(0, D, 2, torch::kDouble) / double(D));
+  const Tensor f = positions.to(torch::kDouble).unsqueeze(-1) * inv;
+  const Tensor e = torch::cat({f, f}, -1).unsqueeze(1);
+  return {e.cos().to(dtype), e.sin().to(dtype)};
+}
+
+Tensor positions_of(int64_t B, int64_t T) { return torch::arange(T, torch::kLong).unsqueeze(0).repeat({B, 1}); }
+
+Tensor gumbel_noise(int64_t B, int64_t T) {
+  return -torch::log(-torch::log(torch::rand({B, T, 4}, torch::kDouble).clamp(1e-12, 1 - 1e-12)));
+}
+
+// The layer's math, plainly, in float64. `p` holds the parameters by name
+// (leaves of the caller's choosing). gumbel undefined: eval (arg-max, no noise).
+Tensor reference(const std::map<std::string, Tensor>& p, const Shape& s, const Tensor& x, const Tensor& cos,
+                 const Tensor& sin, const Tensor& gumbel, double tau, Tensor* routes = nullptr) {
+  const int64_t B = x.size(0), T = x.size(1), H = s.H, Hkv = s.Hkv, D = s.D, G = H / Hkv, K = s.Kc;
+  auto lin = [&](const Tensor& in, const std::string& name) {
+    Tensor y = torch::matmul(in, p.at(name + ".weight").t());
+    if (p.count(name + ".bias")) y = y + p.at(name + ".bias");
+    return y;
+  };
+  const Tensor biased = lin(x, "router") + p.at("route_bias");
+  Tensor z;
+  if (gumbel.defined()) {
+    const Tensor y = torch::softmax(biased / tau + gumbel, -1);
+    z = torch::one_hot(y.argmax(-1), 4).to(torch::kDouble) + (y - y.detach());
+  } else {
+    z = torch::one_hot(biased.argmax(-1), 4).to(torch::kDouble);
+  }
+  if (routes) *routes = z.argmax(-1);
+  const Tensor hard = z.detach().argmax(-1);
+  auto rot = [&](const Tensor& t) {  // t [B, heads, T, D]
+    const Tensor r = torch::cat({-t.narrow(-1, D / 2, D / 2), t.narrow(-1, 0, D / 2)}, -1);
+    return t * cos + r * sin;
+  };
+  const Tensor q = rot(lin(x, "q_proj").view({B, T, H, D}).transpose(1, 2));
+  const Tensor k = rot(lin(x, "k_proj").view({B, T, Hkv, D}).transpose(1, 2));
+  const Tensor v = lin(x, "v_proj");  // [B, T, Hkv*D]
+  // Local: explicit causal conv over u = (1 - z_prune) v.
+  const Tensor u = (1 - z.select(-1, 0).unsqueeze(-1)) * v;
+  std::vector<Tensor> conv;
+  for (int64_t t = 0; t < T; ++t) {
+    Tensor acc = torch::zeros({B, Hkv * D}, x.options());
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t src = t - K + 1 + j;
+      if (src >= 0) acc = acc + p.at("conv_weight").select(1, j) * u.select(1, src);
+    }
+    conv.push_back(acc);
+  }
+  // Summary: explicit EMA over summary-routed tokens.
+  std::vector<Tensor> ema;
+  Tensor state = torch::zeros({B, Hkv * D}, x.options());
+  const Tensor keep = torch::sigmoid(p.at("summary_decay"));
+  for (int64_t t = 0; t < T; ++t) {
+    const Tensor a = 1 - z.select(1, t).select(-1, 2).unsqueeze(-1) * (1 - keep);
+    state = a * state + (1 - a) * v.select(1, t);
+    ema.push_back(state);
+  }
+  // Signal: dense attention, keys restricted to earlier signal tokens.
+  const Tensor zs = z.select(-1, 3).view({B, 1, T, 1});
+  const Tensor sig = (hard == 3);  // [B, T]
+  const Tensor kr = (k * zs).repeat_interleave(G, 1), vr = (v.view({B, T, Hkv, D}).transpose(1, 2) * zs)
+                                                             .repeat_interleave(G, 1);
+  Tensor scores = torch::matmul(q, kr.transpose(2, 3)) / std::sqrt(double(D));
+  const Tensor i = torch::arange(T).view({1, T, 1}), j = torch::arange(T).view({1, 1, T});
+  Tensor allowed = (j <= i).logical_and(sig.view({B, 1, T}));
+  allowed = allowed.logical_or((i == j).logical_and(sig.logical_not().view({B, T, 1})));  // no empty rows
+  scores = scores.masked_fill(allowed.unsqueeze(1).logical_not(), -INFINITY);
+  Tensor attn = torch::matmul(torch::softmax(scores, -1), vr) * sig.view({B, 1, T, 1}).to(torch::kDouble) * zs;
+  attn = attn.transpose(1, 2).reshape({B, T, H * D});
+  auto expand = [&](const Tensor& t) {
+    return t.view({B, T, Hkv, 1, D}).expand({B, T, Hkv, G, D}).reshape({B, T, H * D});
+  };
+  const Tensor o = attn + p.at("lambda_local") * expand(torch::stack(conv, 1)) +
+                   p.at("lambda_summary") * expand(torch::stack(ema, 1));
+  return lin(o, "o_proj");
+}
+
+std::map<std::string, Tensor> leaf_copies(const PacketSwitchedAttention& m) {
+  std::map<std::string, Tensor> p;
+  for (const auto& kv : m->named_parameters()) p[kv.key()] = kv.value().detach().clone().requires_grad_(true);
+  for (const auto& kv : m->named_buffers()) p[kv.key()] = kv.value().detach().clone();
+  return p;
+}
+
+class PSALayer : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    seed_ = unswag::test::fresh_seed();
+    torch::manual_seed(seed_);
+  }
+  uint64_t seed_ = 0;
+};
+
+TEST_F(PSALayer, EveryRouteGradientMatchesFloat64Reference) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  for (bool training : {true, false}) {
+    Shape s;
+    s.qkv_bias = training;  // both with and without biases
+    auto m = make_layer(s, torch::kDouble);
+    m->train(training);
+    m->set_temperature(0.7);
+    const int64_t B = 2, T = 29;
+    // Non-contiguous x: a transposed [T, B, d] tensor.
+    const Tensor x0 = torch::randn({T, B, s.d}, torch::kDouble).transpose(0, 1);
+    const Tensor x = x0.detach().requires_grad_(true), xr = x0.detach().clone().requires_grad_(true);
+    const Tensor pos = positions_of(B, T);
+    const auto [cos, sin] = rope(pos, s.D, torch::kDouble);
+    const Tensor g = training ? gumbel_noise(B, T) : Tensor();
+    const Tensor out = m->forward(x, pos, cos, sin, g);
+    auto p = leaf_copies(m);
+    Tensor routes;
+    const Tensor want = reference(p, s, xr, cos, sin, g, 0.7, &routes);
+    ASSERT_TRUE(torch::equal(m->last_routes(), routes));
+    const Tensor counts = torch::one_hot(routes.flatten(), 4).sum(0);
+    EXPECT_GT(counts.min().item<int64_t>(), 0) << "every route should occur: " << counts;
+    EXPECT_LT(rel_l2(out, want), 1e-12);
+    const Tensor w = torch::randn_like(want);
+    (out * w).sum().backward();
+    (want * w).sum().backward();
+    EXPECT_LT(rel_l2(x.grad(), xr.grad()), 1e-10) << "x";
+    for (const auto& kv : m->named_parameters()) {
+      const Tensor& gw = p.at(kv.key()).grad();
+      if (!training && kv.key().rfind("router", 0) == 0) {  // eval: the arg-max carries no gradient
+        EXPECT_FALSE(kv.value().grad().defined() && kv.value().grad().abs().max().item<double>() > 0) << kv.key();
+        continue;
+      }
+      ASSERT_TRUE(kv.value().grad().defined()) << kv.key();
+      ASSERT_TRUE(gw.defined()) << kv.key();
+      EXPECT_LT(rel_l2(kv.value().grad(), gw), 1e-10) << kv.key() << (training ? " (training)" : " (eval)");
+      EXPECT_GT(gw.norm().item<double>(), 0) << kv.key() << " gets no gradient";
+    }
+  }
+}
+
+TEST_F(PSALayer, HardForwardStraightThroughGradientAndTemperature) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  auto m = make_layer(s, torch::kDouble);
+  const int64_t B = 1, T = 16;
+  const Tensor x = torch::randn({B, T, s.d}, torch::kDouble), pos = positions_of(B, T), g = gumbel_noise(B, T);
+  const auto [cos, sin] = rope(pos, s.D, torch::kDouble);
+  std::vector<Tensor> router_grads;
+  for (double tau : {1.0, 0.3}) {
+    m->zero_grad();
+    m->set_temperature(tau);
+    const Tensor out = m->forward(x, pos, cos, sin, g);
+    out.pow(2).sum().backward();
+    router_grads.push_back(m->router->weight.grad().clone());
+    // The forward is the hard choice (routes: the Gumbel-max draw from
+    // softmax(logits / tau)), equal to the reference with plain one-hot gates
+    // (no soft part in the value).
+    auto p = leaf_copies(m);
+    Tensor routes;
+    const Tensor want = reference(p, s, x, cos, sin, g, tau, &routes);
+    EXPECT_TRUE(torch::equal(routes, m->last_routes())) << "tau " << tau;
+    EXPECT_LT(rel_l2(out.detach(), want), 1e-12) << "tau " << tau;
+  }
+  EXPECT_GT(router_grads[0].norm().item<double>(), 0);
+  EXPECT_GT(rel_l2(router_grads[0], router_grads[1]), 1e-3) << "tau must shape the straight-through gradient";
+  // Annealed to a tiny temperature, training routes are eval's arg-max.
+  m->set_temperature(1e-4);
+  m->forward(x, pos, cos, sin, g);
+  const Tensor trained_routes = m->last_routes().clone();
+  EXPECT_NEAR(m->route_stats().agreement, 1.0, 1e-12);
+  m->eval();
+  m->forward(x, pos, cos, sin);
+  EXPECT_TRUE(torch::equal(trained_routes, m->last_routes()));
+  m->train();
+  expect_error([&] { m->set_temperature(0); }, {"tau must be positive"});
+  // The layer's own noise: recorded, and replaying it reproduces the output.
+  const Tensor drawn = m->forward(x, pos, cos, sin);
+  EXPECT_TRUE(torch::allclose(m->forward(x, pos, cos, sin, m->last_gumbel().to(torch::kDouble)), drawn));
+  EXPECT_GT(m->aux_loss().item<double>(), 0);
+}
+
+TEST_F(PSALayer, Causality) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  auto m = make_layer(s, torch::kDouble);
+  const int64_t B = 2, T = 23, t0 = 11;
+  const Tensor x = torch::randn({B, T, s.d}, torch::kDouble), pos = positions_of(B, T), g = gumbel_noise(B, T);
+  Tensor x2 = x.clone();
+  x2.narrow(1, t0, T - t0).normal_();
+  const auto [cos, sin] = rope(pos, s.D, torch::kDouble);
+  torch::NoGradGuard no_grad;
+  for (bool training : {true, false}) {
+    m->train(training);
+    const Tensor a = m->forward(x, pos, cos, sin, training ? g : Tensor());
+    const Tensor ra = m->last_routes();
+    const Tensor b = m->forward(x2, pos, cos, sin, training ? g : Tensor());
+    const Tensor rb = m->last_routes();
+    EXPECT_TRUE(torch::equal(ra.narrow(1, 0, t0), rb.narrow(1, 0, t0)));
+    EXPECT_LT((a.narrow(1, 0, t0) - b.narrow(1, 0, t0)).abs().max().item<double>(), 1e-12);
+    EXPECT_GT((a.narrow(1, t0, T - t0) - b.narrow(1, t0, T - t0)).abs().max().item<double>(), 1e-3);
+  }
+}
+
+TEST_F(PSALayer, BatchInvariance) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  for (auto dtype : {torch::kDouble, torch::kFloat}) {
+    auto m = make_layer(s, dtype);
+    const int64_t B = 3, T = 17;
+    const Tensor x = torch::randn({B, T, s.d}, dtype), pos = positions_of(B, T), g = gumbel_noise(B, T);
+    const auto [cos, sin] = rope(pos, s.D, dtype);
+    torch::NoGradGuard no_grad;
+    const Tensor all = m->forward(x, pos, cos, sin, g);
+    for (int64_t b = 0; b < B; ++b) {
+      const Tensor one = m->forward(x.narrow(0, b, 1), pos.narrow(0, b, 1), cos.narrow(0, b, 1),
+                                    sin.narrow(0, b, 1), g.narrow(0, b, 1));
+      EXPECT_LT(rel_l2(one, all.narrow(0, b, 1)), dtype == torch::kDouble ? 1e-13 : 1e-6) << "row " << b;
+    }
+  }
+}
+
+TEST_F(PSALayer, PrefillAndDecodeEqualFullForward) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  for (auto dtype : {torch::kDouble, torch::kFloat}) {
+    auto m = make_layer(s, dtype);
+    m->eval();
+    const int64_t T = 21, prompt = 7;
+    const Tensor x = torch::randn({1, T, s.d}, dtype), pos = positions_of(1, T);
+    const auto [cos, sin] = rope(pos, s.D, dtype);
+    torch::NoGradGuard no_grad;
+    const Tensor full = m->forward(x, pos, cos, sin);
+    const Tensor full_routes = m->last_routes();
+    unswag::nn::PSACache cache;
+    std::vector<Tensor> outs, routes;
+    // A prompt, a 3-token chunk, then one token at a time.
+    for (int64_t t = 0; t < T;) {
+      const int64_t n = t == 0 ? prompt : t == prompt ? 3 : 1;
+      outs.push_back(m->forward_cached(x.narrow(1, t, n), pos.narrow(1, t, n), cos.narrow(2, t, n),
+                                       sin.narrow(2, t, n), cache));
+      routes.push_back(m->last_routes());
+      t += n;
+    }
+    EXPECT_TRUE(torch::equal(torch::cat(routes, 1), full_routes));
+    EXPECT_LT(rel_l2(torch::cat(outs, 1), full), dtype == torch::kDouble ? 1e-12 : 1e-5);
+    EXPECT_EQ(cache.tokens, T);
+
+    // The cache holds exactly the signal tokens' keys and values, in order.
+    const Tensor signal = full_routes[0].eq(3).nonzero().squeeze(1);
+    const int64_t S = signal.size(0);
+    ASSERT_EQ(cache.signal.length, S);
+    const Tensor k = (m->k_proj(x).view({1, T, s.Hkv, s.D}).transpose(1, 2));
+    const Tensor kr = k * cos + torch::cat({-k.narrow(-1, s.D / 2, s.D / 2), k.narrow(-1, 0, s.D / 2)}, -1) * sin;
+    const Tensor v = m->v_proj(x).view({1, T, s.Hkv, s.D}).transpose(1, 2);
+    if (S > 0) {
+      EXPECT_LT(rel_l2(cache.signal.keys(), kr.index_select(2, signal)), 1e-6);
+      EXPECT_LT(rel_l2(cache.signal.values(), v.index_select(2, signal)), 1e-6);
+    }
+    // Pruned tokens never enter: the conv tail holds zeros where they were.
+    for (int64_t j = 0; j < s.Kc - 1; ++j) {
+      const int64_t t = T - (s.Kc - 1) + j;
+      const Tensor row = cache.conv_tail[0][j];
+      if (full_routes[0][t].item<int64_t>() == 0) EXPECT_EQ(row.abs().max().item<double>(), 0.0);
+      else EXPECT_LT(rel_l2(row, m->v_proj(x)[0][t]), 1e-6);
+    }
+    // Bytes: K and V of the allocated capacity (between S and S + S/8 + 1 slots), the tail and the register.
+    const int64_t slot = 2 * s.Hkv * s.D * int64_t(c10::elementSize(dtype));
+    const int64_t capacity = cache.signal.k.defined() ? cache.signal.k.size(2) : 0;
+    EXPECT_GE(capacity, S);
+    EXPECT_LE(capacity, std::max<int64_t>(S + S / 8 + 1, 1));
+    EXPECT_EQ(cache.signal.bytes_allocated(), capacity * slot);
+    EXPECT_EQ(cache.bytes_allocated(), capacity * slot + (s.Kc - 1) * s.Hkv * s.D * int64_t(c10::elementSize(dtype)) +
+                                           s.Hkv * s.D * int64_t(c10::elementSize(dtype == torch::kDouble
+                                                                                      ? torch::kDouble
+                                                                                      : torch::kFloat)));
+  }
+}
+
+TEST_F(PSALayer, CacheBytesScaleWithSignalCount) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  auto m = make_layer(s, torch::kFloat);
+  m->eval();
+  const int64_t T = 64;
+  const Tensor x = torch::randn({1, T, s.d}), pos = positions_of(1, T);
+  const auto [cos, sin] = rope(pos, s.D, torch::kFloat);
+  torch::NoGradGuard no_grad;
+  std::vector<std::pair<int64_t, int64_t>> signal_and_bytes;
+  for (double signal_bias : {-100.0, 0.0, 100.0}) {  // none, some, all tokens signal
+    m->route_bias.zero_();
+    m->route_bias[3] = signal_bias;
+    unswag::nn::PSACache cache;
+    for (int64_t t = 0; t < T; ++t)
+      m->forward_cached(x.narrow(1, t, 1), pos.narrow(1, t, 1), cos.narrow(2, t, 1), sin.narrow(2, t, 1), cache);
+    signal_and_bytes.emplace_back(cache.signal.length, cache.signal.bytes_allocated());
+  }
+  EXPECT_EQ(signal_and_bytes[0].first, 0);
+  EXPECT_EQ(signal_and_bytes[0].second, 0);
+  EXPECT_EQ(signal_and_bytes[2].first, T);
+  EXPECT_EQ(signal_and_bytes[2].second, 2 * T * s.Hkv * s.D * 4);  // doubling from 1 lands on 64 exactly
+  const auto [S, bytes] = signal_and_bytes[1];
+  EXPECT_GT(S, 0);
+  EXPECT_LT(S, T);
+  EXPECT_GE(bytes, 2 * S * s.Hkv * s.D * 4);
+  EXPECT_LT(bytes, 2 * 2 * S * s.Hkv * s.D * 4);
+}
+
+TEST_F(PSALayer, ControllerMovesSharesTowardTargets) {
+  // The controller steers the arg-max routes (what eval and generation use):
+  // from a router collapsed onto "local", the eval-mode shares on held-out
+  // inputs must approach the targets. The logits vary by token (weights of
+  // std 1/sqrt(d)), as a trained router's do; gamma is large for a short test.
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  PSAConfig c;
+  c.controller_gamma = 0.25;
+  auto m = make_layer(s, torch::kFloat, c);
+  torch::NoGradGuard no_grad;
+  m->router->weight.normal_(0.0, 1.0 / std::sqrt(double(s.d)));
+  m->router->bias.zero_();
+  m->router->bias[1] = 8.0;  // collapsed onto "local"
+  m->route_bias.zero_();
+  const Tensor target = torch::tensor({0.125, 0.375, 0.3125, 0.1875});
+  const Tensor x_eval = torch::randn({4, 64, s.d}), pos_eval = positions_of(4, 64);
+  const auto [cos_eval, sin_eval] = rope(pos_eval, s.D, torch::kFloat);
+  auto eval_distance = [&] {
+    m->eval();
+    m->forward(x_eval, pos_eval, cos_eval, sin_eval);
+    m->train();
+    const auto st = m->route_stats();
+    return (torch::tensor({st.fractions[0], st.fractions[1], st.fractions[2], st.fractions[3]}) - target)
+        .abs().sum().item<double>();
+  };
+  const double first = eval_distance();
+  for (int step = 0; step < 120; ++step) {
+    const Tensor x = torch::randn({2, 64, s.d}), pos = positions_of(2, 64);
+    const auto [cos, sin] = rope(pos, s.D, torch::kFloat);
+    m->forward(x, pos, cos, sin);
+    m->update_controller();
+  }
+  const double last = eval_distance();
+  EXPECT_GT(first, 1.0);
+  EXPECT_LT(last, 0.25 * first) << "eval shares after 120 controller steps: first " << first << " last " << last;
+}
+
+TEST_F(PSALayer, RandomRouter) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  PSAConfig c;
+  c.random_router = true;
+  c.seed = 1234;
+  auto m = make_layer(s, torch::kFloat, c, /*layer=*/2);
+  const int64_t B = 2, T = 2000;
+  const Tensor x = torch::randn({B, T, s.d}), pos = positions_of(B, T);
+  const auto [cos, sin] = rope(pos, s.D, torch::kFloat);
+  m->train();
+  m->forward(x, pos, cos, sin).sum().backward();
+  const Tensor train_routes = m->last_routes();
+  const auto st = m->route_stats();
+  for (int r = 0; r < 4; ++r) EXPECT_NEAR(st.fractions[r], c.target_shares[r], 0.03) << "route " << r;
+  EXPECT_EQ(m->aux_loss().item<double>(), 0.0);
+  EXPECT_TRUE(!m->router->weight.grad().defined() || m->router->weight.grad().abs().max().item<double>() == 0);
+  m->eval();
+  torch::NoGradGuard no_grad;
+  m->forward(x, pos, cos, sin);
+  EXPECT_TRUE(torch::equal(train_routes, m->last_routes()));
+  auto same = make_layer(s, torch::kFloat, c, 2);
+  same->forward(x, pos, cos, sin);
+  EXPECT_TRUE(torch::equal(train_routes, same->last_routes()));
+  c.seed = 99;
+  auto other = make_layer(s, torch::kFloat, c, 2);
+  other->forward(x, pos, cos, sin);
+  EXPECT_FALSE(torch::equal(train_routes, other->last_routes()));
+}
+
+TEST_F(PSALayer, LowPrecisionEmptyAndErrors) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  auto m64 = make_layer(s, torch::kDouble);
+  m64->eval();
+  const int64_t T = 15;
+  const Tensor x = torch::randn({2, T, s.d}, torch::kDouble), pos = positions_of(2, T);
+  const auto [cos, sin] = rope(pos, s.D, torch::kDouble);
+  torch::NoGradGuard no_grad;
+  const Tensor want = m64->forward(x, pos, cos, sin);
+  const Tensor want_routes = m64->last_routes();
+  for (auto dtype : {torch::kFloat16, torch::kBFloat16}) {
+    auto m = make_layer(s, dtype);
+    m->eval();
+    auto src = m64->named_parameters(), dst = m->named_parameters();
+    for (const auto& kv : src) dst[kv.key()].copy_(kv.value());
+    m->route_bias.copy_(m64->route_bias);
+    const Tensor got = m->forward(x.to(dtype), pos, cos.to(dtype), sin.to(dtype));
+    EXPECT_EQ(got.scalar_type(), dtype);
+    const double agree = m->last_routes().eq(want_routes).to(torch::kDouble).mean().item<double>();
+    EXPECT_GE(agree, 0.9) << dtype;
+    // Where rounding flipped no route, the output follows the fp64 one to the dtype's precision.
+    if (agree == 1.0) EXPECT_LT(rel_l2(got, want), 16 * unswag::test::unit_roundoff(dtype)) << dtype;
+  }
+  // Empty sequences.
+  const Tensor e = m64->forward(x.narrow(1, 0, 0), pos.narrow(1, 0, 0), cos.narrow(2, 0, 0), sin.narrow(2, 0, 0));
+  EXPECT_EQ(e.sizes(), (std::vector<int64_t>{2, 0, s.d}));
+  // Bad input.
+  expect_error([&] { m64->forward(x.view({-1, s.d}), pos, cos, sin); }, {"x must be [B, T, 20]"});
+  expect_error([&] { m64->forward(x, pos.narrow(1, 0, 3), cos, sin); }, {"positions must be [B, T]"});
+  expect_error([&] { m64->forward(x, pos, cos.narrow(3, 0, 2), sin); }, {"cos and sin"});
+  unswag::nn::PSACache cache;
+  expect_error([&] { m64->forward_cached(x, pos, cos, sin, cache); }, {"[1, T, d]"});
+  m64->train();
+  expect_error([&] { m64->forward_cached(x.narrow(0, 0, 1), pos.narrow(0, 0, 1), cos.narrow(0, 0, 1),
+                                         sin.narrow(0, 0, 1), cache); },
+               {"eval()"});
+  expect_error([&] { m64->forward(x, pos, cos, sin, torch::zeros({2, T, 3}, torch::kDouble)); },
+               {"gumbel must be [B, T, 4]"});
+  PSAConfig bad;
+  bad.target_shares = {0.5, 0.5, 0.5, 0.0};
+  expect_error([&] { PacketSwitchedAttention(s.d, s.H, s.Hkv, s.D, false, false, bad); }, {"sum to 1"});
+  bad = PSAConfig();
+  bad.kernel_size = 0;
+  expect_error([&] { PacketSwitchedAttention(s.d, s.H, s.Hkv, s.D, false, false, bad); }, {"kernel_size"});
+  expect_error([&] { PacketSwitchedAttention(s.d, 3, 2, s.D, false, false, PSAConfig()); }, {"multiple of kv_heads"});
+}
+
+}  // namespace

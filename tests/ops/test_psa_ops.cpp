@@ -1,0 +1,380 @@
+// Tests of the PSA sequence primitives (include/unswag/nn/psa_ops.h) on CPU
+// and CUDA: causal_depthwise_conv1d and linear_scan, forward and every
+// gradient against float64 ATen compositions (a left-padded grouped conv1d;
+// an explicit loop over time), in fp32/fp16/bf16/fp64, odd sizes (K = 1, K > T,
+// K beyond the GPU's register window, T across tiles and scan chunks), a long
+// slowly decaying scan (no bf16 drift), non-contiguous inputs, empty tensors,
+// bitwise causality, central finite differences in float64, and errors.
+#include <functional>
+
+#include "test_util.h"
+#include "unswag/nn/psa_ops.h"
+
+namespace unswag {
+namespace {
+
+using test::DeviceTest;
+using test::rel_l2;
+
+class PsaConv : public DeviceTest {};
+class PsaScan : public DeviceTest {};
+UNSWAG_INSTANTIATE_DEVICES(PsaConv);
+UNSWAG_INSTANTIATE_DEVICES(PsaScan);
+
+const std::vector<torch::ScalarType> kAllDtypes = {torch::kFloat64, torch::kFloat32, torch::kFloat16,
+                                                   torch::kBFloat16};
+
+// Relative L2 error allowed against the float64 reference of the same (rounded)
+// inputs: the kernels compute in fp32 (fp64) and round once to the storage
+// dtype, which costs at most u (its unit roundoff) per element; fp32's own
+// accumulation error over the <= a few thousand terms here stays below 1e-5.
+double tolerance(torch::ScalarType t) {
+  if (t == torch::kFloat64) return 1e-12;
+  if (t == torch::kFloat32) return 1e-5;
+  return 2 * test::unit_roundoff(t) + 1e-5;
+}
+
+// ---- float64 references -----------------------------------------------------
+
+torch::Tensor conv_reference(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  const int64_t C = x.size(2), K = w.size(1);
+  auto xt = torch::constant_pad_nd(x.transpose(1, 2), {K - 1, 0});
+  return at::conv1d(xt, w.unsqueeze(1), b, at::IntArrayRef{1}, at::IntArrayRef{0}, at::IntArrayRef{1}, C)
+      .transpose(1, 2);
+}
+
+torch::Tensor scan_reference(const torch::Tensor& a, const torch::Tensor& x, const torch::Tensor& h0) {
+  auto h = h0.defined() ? h0 : torch::zeros({x.size(0), x.size(2)}, x.options());
+  std::vector<torch::Tensor> out;
+  for (int64_t t = 0; t < x.size(1); ++t) {
+    h = a.select(1, t) * h + x.select(1, t);
+    out.push_back(h);
+  }
+  return out.empty() ? torch::zeros_like(x) : torch::stack(out, 1);
+}
+
+// A leaf copy in float64 on the CPU (undefined stays undefined).
+torch::Tensor f64_leaf(const torch::Tensor& t) {
+  if (!t.defined()) return t;
+  return t.detach().to(torch::kCPU, torch::kDouble).requires_grad_(true);
+}
+torch::Tensor leaf(const torch::Tensor& t) { return t.defined() ? t.detach().requires_grad_(true) : t; }
+torch::Tensor grad_of(const torch::Tensor& t) { return t.defined() ? t.grad() : t; }
+
+// Runs f on leaves of `inputs` (ours) and on their float64 CPU copies (the
+// reference), back-propagates the same dy, and checks output and gradients.
+using Fn = std::function<torch::Tensor(const std::vector<torch::Tensor>&)>;
+void check_against_reference(const Fn& ours, const Fn& reference, const std::vector<torch::Tensor>& inputs,
+                             const std::vector<const char*>& names, double tol) {
+  std::vector<torch::Tensor> mine, ref;
+  for (const auto& t : inputs) {
+    mine.push_back(leaf(t));
+    ref.push_back(f64_leaf(t));
+  }
+  auto y = ours(mine);
+  auto y_ref = reference(ref);
+  ASSERT_EQ(y.sizes(), y_ref.sizes());
+  ASSERT_EQ(y.scalar_type(), inputs[0].scalar_type());
+  ASSERT_EQ(y.device(), inputs[0].device());
+  EXPECT_LE(rel_l2(y, y_ref), tol) << "output";
+  auto dy = torch::randn(y.sizes(), y.options());
+  y.backward(dy);
+  y_ref.backward(dy.to(torch::kCPU, torch::kDouble));
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!inputs[i].defined()) continue;
+    SCOPED_TRACE(names[i]);
+    ASSERT_TRUE(mine[i].grad().defined());
+    EXPECT_EQ(mine[i].grad().scalar_type(), inputs[i].scalar_type());
+    EXPECT_EQ(mine[i].grad().sizes(), inputs[i].sizes());
+    EXPECT_LE(rel_l2(mine[i].grad(), ref[i].grad()), tol) << "gradient of " << names[i];
+  }
+}
+
+// Central differences of sum(f(inputs) * dy) in float64 against autograd.
+void check_finite_differences(const Fn& f, const std::vector<torch::Tensor>& inputs) {
+  std::vector<torch::Tensor> leaves;
+  for (const auto& t : inputs) leaves.push_back(leaf(t));
+  auto y = f(leaves);
+  auto dy = torch::randn_like(y);
+  y.backward(dy);
+  const double h = 1e-6;
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!inputs[i].defined()) continue;
+    auto analytic = leaves[i].grad().contiguous().view(-1);
+    for (int64_t e = 0; e < inputs[i].numel(); ++e) {
+      std::vector<torch::Tensor> plus, minus;
+      for (size_t j = 0; j < inputs.size(); ++j) {
+        plus.push_back(inputs[j].defined() ? inputs[j].clone() : inputs[j]);
+        minus.push_back(inputs[j].defined() ? inputs[j].clone() : inputs[j]);
+      }
+      plus[i].view(-1)[e] += h;
+      minus[i].view(-1)[e] -= h;
+      const double numeric = ((f(plus) - f(minus)) * dy).sum().item<double>() / (2 * h);
+      const double got = analytic[e].item<double>();
+      EXPECT_NEAR(got, numeric, 1e-6 * (1 + std::abs(numeric))) << "input " << i << " element " << e;
+    }
+  }
+}
+
+// ---- causal_depthwise_conv1d ----------------------------------------------
+
+Fn conv_fn() {
+  return [](const std::vector<torch::Tensor>& in) { return causal_depthwise_conv1d(in[0], in[1], in[2]); };
+}
+Fn conv_ref_fn() {
+  return [](const std::vector<torch::Tensor>& in) { return conv_reference(in[0], in[1], in[2]); };
+}
+
+struct ConvShape {
+  int64_t B, T, C, K;
+};
+// K = 1; K in the GPU's padded register windows (3 -> 4, 5 -> 8, 16); K > T;
+// K = 20 (the GPU's plain-loop kernel); T across CPU tiles of 256; odd C.
+const std::vector<ConvShape> kConvShapes = {{2, 37, 5, 4},  {1, 1, 3, 1},  {3, 10, 7, 16}, {2, 9, 3, 13},
+                                            {1, 300, 33, 5}, {2, 41, 6, 20}, {1, 530, 3, 3}};
+
+TEST_P(PsaConv, ForwardAndGradientsMatchFloat64) {
+  for (auto dtype : kAllDtypes) {
+    for (const auto& s : kConvShapes) {
+      for (bool with_bias : {true, false}) {
+        SCOPED_TRACE(::testing::Message() << dtype << " B " << s.B << " T " << s.T << " C " << s.C << " K " << s.K
+                                          << " bias " << with_bias << " seed " << seed_);
+        auto x = torch::randn({s.B, s.T, s.C}, opts(dtype));
+        auto w = torch::randn({s.C, s.K}, opts(dtype)) / std::sqrt(double(s.K));
+        auto b = with_bias ? torch::randn({s.C}, opts(dtype)) : torch::Tensor();
+        check_against_reference(conv_fn(), conv_ref_fn(), {x, w, b}, {"x", "weight", "bias"}, tolerance(dtype));
+      }
+    }
+  }
+}
+
+// fp32 weight and bias with 16-bit activations (mixed precision): the
+// gradients come back in the parameters' dtype.
+TEST_P(PsaConv, Fp32ParametersWith16BitActivations) {
+  for (auto dtype : {torch::kBFloat16, torch::kFloat16}) {
+    SCOPED_TRACE(::testing::Message() << dtype << " seed " << seed_);
+    auto x = torch::randn({2, 50, 9}, opts(dtype));
+    auto w = leaf(torch::randn({9, 4}, opts(torch::kFloat32)));
+    auto b = leaf(torch::randn({9}, opts(torch::kFloat32)));
+    auto y = causal_depthwise_conv1d(x, w, b);
+    EXPECT_EQ(y.scalar_type(), dtype);
+    auto wd = f64_leaf(w), bd = f64_leaf(b);
+    auto y_ref = conv_reference(x.to(torch::kCPU, torch::kDouble), wd, bd);
+    EXPECT_LE(rel_l2(y, y_ref), tolerance(dtype));
+    auto dy = torch::randn_like(y);
+    y.backward(dy);
+    y_ref.backward(dy.to(torch::kCPU, torch::kDouble));
+    EXPECT_EQ(w.grad().scalar_type(), torch::kFloat32);
+    EXPECT_LE(rel_l2(w.grad(), wd.grad()), 1e-5);
+    EXPECT_LE(rel_l2(b.grad(), bd.grad()), 1e-5);
+  }
+}
+
+TEST_P(PsaConv, NonContiguousInputs) {
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    SCOPED_TRACE(::testing::Message() << dtype << " seed " << seed_);
+    auto x = torch::randn({3, 11, 45}, opts(dtype)).transpose(1, 2);  // [3, 45, 11], strided
+    auto w = torch::randn({6, 11}, opts(dtype)).t();                  // [11, 6], strided
+    auto b = torch::randn({22}, opts(dtype)).slice(0, 0, 22, 2);      // [11], stride 2
+    ASSERT_FALSE(x.is_contiguous());
+    ASSERT_FALSE(w.is_contiguous());
+    ASSERT_FALSE(b.is_contiguous());
+    check_against_reference(conv_fn(), conv_ref_fn(), {x, w, b}, {"x", "weight", "bias"}, tolerance(dtype));
+  }
+}
+
+TEST_P(PsaConv, EmptyTensors) {
+  for (const auto& s : std::vector<ConvShape>{{0, 5, 3, 2}, {2, 0, 3, 2}, {2, 5, 0, 2}}) {
+    SCOPED_TRACE(::testing::Message() << "B " << s.B << " T " << s.T << " C " << s.C);
+    auto x = leaf(torch::randn({s.B, s.T, s.C}, opts(torch::kFloat32)));
+    auto w = leaf(torch::randn({s.C, s.K}, opts(torch::kFloat32)));
+    auto b = leaf(torch::randn({s.C}, opts(torch::kFloat32)));
+    auto y = causal_depthwise_conv1d(x, w, b);
+    EXPECT_EQ(y.sizes(), x.sizes());
+    y.sum().backward();
+    EXPECT_EQ(x.grad().sizes(), x.sizes());
+    EXPECT_TRUE(torch::equal(w.grad(), torch::zeros_like(w)));  // nothing to sum: exactly zero
+    EXPECT_TRUE(torch::equal(b.grad(), torch::zeros_like(b)));
+  }
+}
+
+// Changing x at t >= t' leaves y at t < t' bit-identical.
+TEST_P(PsaConv, IsCausal) {
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    for (int64_t K : {1, 4, 20}) {
+      SCOPED_TRACE(::testing::Message() << dtype << " K " << K << " seed " << seed_);
+      const int64_t T = 300, cut = 123;
+      auto x = torch::randn({2, T, 5}, opts(dtype));
+      auto w = torch::randn({5, K}, opts(dtype));
+      auto b = torch::randn({5}, opts(dtype));
+      auto x2 = x.clone();
+      x2.slice(1, cut) = torch::randn({2, T - cut, 5}, opts(dtype));
+      auto y = causal_depthwise_conv1d(x, w, b), y2 = causal_depthwise_conv1d(x2, w, b);
+      EXPECT_TRUE(test::bitwise_equal(y.slice(1, 0, cut), y2.slice(1, 0, cut)));
+      EXPECT_FALSE(torch::equal(y.slice(1, cut), y2.slice(1, cut)));
+    }
+  }
+}
+
+TEST_P(PsaConv, FiniteDifferencesInFloat64) {
+  for (int64_t K : {1, 3, 7}) {
+    SCOPED_TRACE(::testing::Message() << "K " << K << " seed " << seed_);
+    auto x = torch::randn({2, 5, 3}, opts(torch::kFloat64));
+    auto w = torch::randn({3, K}, opts(torch::kFloat64));
+    auto b = torch::randn({3}, opts(torch::kFloat64));
+    check_finite_differences(conv_fn(), {x, w, b});
+  }
+}
+
+TEST_P(PsaConv, BadInputErrorsNameTheArgument) {
+  auto x = torch::randn({2, 7, 3}, opts(torch::kFloat32));
+  auto w = torch::randn({3, 4}, opts(torch::kFloat32));
+  using test::expect_error;
+  expect_error([&] { causal_depthwise_conv1d(x[0], w); }, {"argument 'x' must be [B, T, C]", "got 2 dims"});
+  expect_error([&] { causal_depthwise_conv1d(x, torch::randn({4, 4}, opts(torch::kFloat32))); },
+               {"argument 'weight' must be [C, K] with C = 3", "[4, 4]"});
+  expect_error([&] { causal_depthwise_conv1d(x, torch::randn({3, 0}, opts(torch::kFloat32))); },
+               {"argument 'weight' must have K >= 1"});
+  expect_error([&] { causal_depthwise_conv1d(x, w, torch::randn({4}, opts(torch::kFloat32))); },
+               {"argument 'bias' must be [C] with C = 3", "[4]"});
+  expect_error([&] { causal_depthwise_conv1d(x.to(torch::kInt), w); }, {"argument 'x' must be float32", "Int"});
+  if (device().is_cuda())
+    expect_error([&] { causal_depthwise_conv1d(x, w.cpu()); }, {"argument 'weight' must be on the device of 'x'"});
+}
+
+// ---- linear_scan ------------------------------------------------------------
+
+Fn scan_fn() {
+  return [](const std::vector<torch::Tensor>& in) { return linear_scan(in[0], in[1], in[2]); };
+}
+Fn scan_ref_fn() {
+  return [](const std::vector<torch::Tensor>& in) { return scan_reference(in[0], in[1], in[2]); };
+}
+
+// Decays in [lo, 1).
+torch::Tensor decays(at::IntArrayRef shape, torch::TensorOptions o, double lo) {
+  return lo + (1 - lo) * torch::rand(shape, o);
+}
+
+struct ScanShape {
+  int64_t B, T, C;
+};
+// T of 1, odd, across the GPU's 256-step chunks (and not a multiple of them).
+const std::vector<ScanShape> kScanShapes = {{2, 37, 5}, {1, 1, 1}, {3, 300, 33}, {1, 700, 7}, {2, 256, 3}};
+
+TEST_P(PsaScan, ForwardAndGradientsMatchFloat64) {
+  for (auto dtype : kAllDtypes) {
+    for (const auto& s : kScanShapes) {
+      for (bool with_h0 : {true, false}) {
+        SCOPED_TRACE(::testing::Message() << dtype << " B " << s.B << " T " << s.T << " C " << s.C << " h0 "
+                                          << with_h0 << " seed " << seed_);
+        auto a = decays({s.B, s.T, s.C}, opts(dtype), 0.5);
+        auto x = torch::randn({s.B, s.T, s.C}, opts(dtype));
+        auto h0 = with_h0 ? torch::randn({s.B, s.C}, opts(dtype)) : torch::Tensor();
+        check_against_reference(scan_fn(), scan_ref_fn(), {a, x, h0}, {"a", "x", "h0"}, tolerance(dtype));
+      }
+    }
+  }
+}
+
+// T = 5000 (many chunks) with decays within 1e-3 of 1, so the state sums ~1000
+// steps: an fp32 state keeps bf16/fp16 results within one rounding of the
+// float64 reference (a bf16 state would drift by orders of magnitude more).
+TEST_P(PsaScan, LongSequenceWithSlowDecay) {
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+    SCOPED_TRACE(::testing::Message() << dtype << " seed " << seed_);
+    const int64_t B = 2, T = 5000, C = 3;
+    auto a = decays({B, T, C}, opts(dtype), 0.999);
+    auto x = torch::randn({B, T, C}, opts(dtype)) * 0.05;
+    auto h0 = torch::randn({B, C}, opts(dtype));
+    check_against_reference(scan_fn(), scan_ref_fn(), {a, x, h0}, {"a", "x", "h0"},
+                            dtype == torch::kFloat32 ? 1e-5 : tolerance(dtype));
+  }
+}
+
+// h0 in fp32 (a summary state kept in fp32) with 16-bit a and x.
+TEST_P(PsaScan, Fp32InitialStateWith16BitInputs) {
+  auto a = decays({2, 40, 6}, opts(torch::kBFloat16), 0.8);
+  auto x = torch::randn({2, 40, 6}, opts(torch::kBFloat16));
+  auto h0 = leaf(torch::randn({2, 6}, opts(torch::kFloat32)) * 100);
+  auto h = linear_scan(a, x, h0);
+  EXPECT_EQ(h.scalar_type(), torch::kBFloat16);
+  auto h0d = f64_leaf(h0);
+  auto ref = scan_reference(a.to(torch::kCPU, torch::kDouble), x.to(torch::kCPU, torch::kDouble), h0d);
+  EXPECT_LE(rel_l2(h, ref), tolerance(torch::kBFloat16));
+  auto dh = torch::randn_like(h);
+  h.backward(dh);
+  ref.backward(dh.to(torch::kCPU, torch::kDouble));
+  EXPECT_EQ(h0.grad().scalar_type(), torch::kFloat32);
+  EXPECT_LE(rel_l2(h0.grad(), h0d.grad()), 1e-5);
+}
+
+TEST_P(PsaScan, NonContiguousInputs) {
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    SCOPED_TRACE(::testing::Message() << dtype << " seed " << seed_);
+    auto a = decays({2, 9, 300}, opts(dtype), 0.5).transpose(1, 2);  // [2, 300, 9], strided
+    auto x = torch::randn({9, 300, 2}, opts(dtype)).permute({2, 1, 0});
+    auto h0 = torch::randn({9, 2}, opts(dtype)).t();
+    ASSERT_FALSE(a.is_contiguous());
+    ASSERT_FALSE(x.is_contiguous());
+    ASSERT_FALSE(h0.is_contiguous());
+    check_against_reference(scan_fn(), scan_ref_fn(), {a, x, h0}, {"a", "x", "h0"}, tolerance(dtype));
+  }
+}
+
+TEST_P(PsaScan, EmptyTensors) {
+  for (const auto& s : std::vector<ScanShape>{{0, 5, 3}, {2, 0, 3}, {2, 5, 0}}) {
+    SCOPED_TRACE(::testing::Message() << "B " << s.B << " T " << s.T << " C " << s.C);
+    auto a = leaf(torch::rand({s.B, s.T, s.C}, opts(torch::kFloat32)));
+    auto x = leaf(torch::randn({s.B, s.T, s.C}, opts(torch::kFloat32)));
+    auto h0 = leaf(torch::randn({s.B, s.C}, opts(torch::kFloat32)));
+    auto h = linear_scan(a, x, h0);
+    EXPECT_EQ(h.sizes(), x.sizes());
+    h.sum().backward();
+    EXPECT_EQ(a.grad().sizes(), a.sizes());
+    EXPECT_EQ(x.grad().sizes(), x.sizes());
+    EXPECT_TRUE(torch::equal(h0.grad(), torch::zeros_like(h0)));  // T = 0: h0 reaches no output
+  }
+}
+
+TEST_P(PsaScan, IsCausal) {
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    SCOPED_TRACE(::testing::Message() << dtype << " seed " << seed_);
+    const int64_t T = 700, cut = 300;  // the cut inside the GPU's second chunk
+    auto a = decays({2, T, 5}, opts(dtype), 0.5);
+    auto x = torch::randn({2, T, 5}, opts(dtype));
+    auto a2 = a.clone(), x2 = x.clone();
+    a2.slice(1, cut) = decays({2, T - cut, 5}, opts(dtype), 0.5);
+    x2.slice(1, cut) = torch::randn({2, T - cut, 5}, opts(dtype));
+    auto h = linear_scan(a, x), h2 = linear_scan(a2, x2);
+    EXPECT_TRUE(test::bitwise_equal(h.slice(1, 0, cut), h2.slice(1, 0, cut)));
+    EXPECT_FALSE(torch::equal(h.slice(1, cut), h2.slice(1, cut)));
+  }
+}
+
+TEST_P(PsaScan, FiniteDifferencesInFloat64) {
+  for (bool with_h0 : {true, false}) {
+    SCOPED_TRACE(::testing::Message() << "h0 " << with_h0 << " seed " << seed_);
+    auto a = torch::rand({2, 6, 3}, opts(torch::kFloat64)) * 2 - 1;  // any sign
+    auto x = torch::randn({2, 6, 3}, opts(torch::kFloat64));
+    auto h0 = with_h0 ? torch::randn({2, 3}, opts(torch::kFloat64)) : torch::Tensor();
+    check_finite_differences(scan_fn(), {a, x, h0});
+  }
+}
+
+TEST_P(PsaScan, BadInputErrorsNameTheArgument) {
+  auto a = torch::rand({2, 7, 3}, opts(torch::kFloat32));
+  auto x = torch::randn({2, 7, 3}, opts(torch::kFloat32));
+  using test::expect_error;
+  expect_error([&] { linear_scan(a[0], x[0]); }, {"argument 'x' must be [B, T, C]"});
+  expect_error([&] { linear_scan(a.slice(1, 0, 5), x); }, {"argument 'a' must have the shape of 'x'", "[2, 5, 3]"});
+  expect_error([&] { linear_scan(a.to(torch::kBFloat16), x); }, {"argument 'a' must have the dtype of 'x'"});
+  expect_error([&] { linear_scan(a, x, torch::randn({2, 4}, opts(torch::kFloat32))); },
+               {"argument 'h0' must be [B, C] = [2, 3]", "[2, 4]"});
+  expect_error([&] { linear_scan(a, x.to(torch::kLong)); }, {"argument 'x' must be float32", "Long"});
+  if (device().is_cuda()) expect_error([&] { linear_scan(a.cpu(), x); }, {"argument 'a' must be on the same device"});
+}
+
+}  // namespace
+}  // namespace unswag
