@@ -251,7 +251,13 @@ void bench_decode(const torch::Device& device, const Shape& s, const std::vector
         K.narrow(2, len, 1).copy_(rotate(layer->heads(layer->k(xt)), cos_at(len), sin_at(len)));
         V.narrow(2, len, 1).copy_(layer->heads(layer->v(xt)));
         ++len;
-        auto a = at::scaled_dot_product_attention(q, K.narrow(2, 0, len), V.narrow(2, 0, len), {}, 0.0, false);
+        // FlashAttention directly: SDPA's default choice here (cuDNN) plans per
+        // shape, and the cache length changes every step (~50 ms per token
+        // measured), which would not be a fair baseline.
+        auto a = on_cuda(device) ? std::get<0>(at::_scaled_dot_product_flash_attention(
+                                       q, K.narrow(2, 0, len), V.narrow(2, 0, len), 0.0, false, false))
+                                 : at::scaled_dot_product_attention(q, K.narrow(2, 0, len), V.narrow(2, 0, len), {},
+                                                                    0.0, false);
         layer->o(a.transpose(1, 2).reshape({1, 1, -1}));
       });
       const double bytes = double(K.nbytes() + V.nbytes());

@@ -75,7 +75,7 @@ int run_train(const TrainCliOptions& o, std::string* final_dir = nullptr);
 // then a sample.
 struct MainOptions {
   std::string data, out = "unswag-out", device = "cpu", prompt = "LOVE, n. ";
-  int64_t steps = 200;
+  int64_t steps = 500;
 };
 void add_main_options(CLI::App& app, MainOptions& o);
 int run_main(const MainOptions& o);

@@ -340,16 +340,30 @@ Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tens
     if (n > 0) {
       cache->signal.append(k.index_select(2, idx), v.index_select(2, idx));
       const Tensor keys = cache->signal.keys(), values = cache->signal.values();
-      const auto lopt = torch::TensorOptions().device(q.device()).dtype(torch::kLong);
-      const Tensor allowed = torch::arange(L + n, lopt).unsqueeze(0) <= (L + torch::arange(n, lopt)).unsqueeze(1);
-      const Tensor o = at::scaled_dot_product_attention(q.index_select(2, idx), keys.repeat_interleave(H / Hkv, 1),
-                                                        values.repeat_interleave(H / Hkv, 1), allowed, 0.0, false,
-                                                        scale);
+      Tensor o;
+      if (n == 1 && H == Hkv && q.is_cuda() &&
+          (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf) && D <= 256) {
+        // Decode: one query that sees every cached entry; FlashAttention reads
+        // the cache in place (no mask, no copy, no per-length planning).
+        o = std::get<0>(at::_scaled_dot_product_flash_attention(q.index_select(2, idx), keys, values, 0.0, false,
+                                                                 false, scale));
+      } else {
+        const auto lopt = torch::TensorOptions().device(q.device()).dtype(torch::kLong);
+        const Tensor allowed =
+            torch::arange(L + n, lopt).unsqueeze(0) <= (L + torch::arange(n, lopt)).unsqueeze(1);
+        const Tensor ke = H != Hkv ? keys.repeat_interleave(H / Hkv, 1) : keys;
+        const Tensor ve = H != Hkv ? values.repeat_interleave(H / Hkv, 1) : values;
+        o = at::scaled_dot_product_attention(q.index_select(2, idx), ke, ve, allowed, 0.0, false, scale);
+      }
       out.index_copy_(2, idx, o);
     }
   } else {
-    const int64_t S = B * T > 0 ? signal.sum(1).max().item<int64_t>() : 0;
-    if (S == 0) return torch::zeros({B, T, H * D}, q.options());
+    const int64_t S_max = B * T > 0 ? signal.sum(1).max().item<int64_t>() : 0;
+    if (S_max == 0) return torch::zeros({B, T, H * D}, q.options());
+    // The packed length is rounded up to a multiple of 256 so that its shape
+    // repeats from step to step: attention backends that plan per shape
+    // (cuDNN's) would otherwise re-plan on every call (~100 ms measured).
+    const int64_t S = std::min<int64_t>((S_max + 255) / 256 * 256, std::max<int64_t>(T, S_max));
     // Pack each row's signal tokens in order, right-padded to S: slot dest[t]
     // holds token t. Padding sits after every real slot, so causal attention
     // never lets a real query see it; padded outputs are never read back.
@@ -364,9 +378,16 @@ Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tens
     // Keys and values carry z_sig (one in value) so the router feels what a signal write is worth.
     const Tensor qp = pack(q), kp = pack(k * z_sig), vp = pack(v * z_sig);
     Tensor op;
-    if (q.is_cuda() && q.scalar_type() != torch::kDouble) {
+    if (q.is_cuda() && (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf) && D <= 256) {
+      // FlashAttention on the packed sequence (no per-shape planning); GQA by
+      // repeating the key/value heads.
+      const Tensor ke = H != Hkv ? kp.repeat_interleave(H / Hkv, 1) : kp;
+      const Tensor ve = H != Hkv ? vp.repeat_interleave(H / Hkv, 1) : vp;
+      op = std::get<0>(at::_scaled_dot_product_flash_attention(qp, ke, ve, 0.0, /*is_causal=*/true,
+                                                                /*return_debug_mask=*/false, scale));
+    } else if (q.is_cuda() && q.scalar_type() != torch::kDouble) {
       op = at::scaled_dot_product_attention(qp, kp, vp, {}, 0.0, /*is_causal=*/true, scale,
-                                            /*enable_gqa=*/H != Hkv);  // flash on the packed sequence
+                                            /*enable_gqa=*/H != Hkv);
     } else {
       op = unswag::chunked_attention(qp, kp, vp, scale);
     }

@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <list>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -132,6 +134,39 @@ QuantTable quant_table(const at::Tensor& map) {
   return {starts.to(map.device()), advance};
 }
 
+// The functional ops take any map, and building its table needs the map's
+// values on the host (a device sync). A small cache avoids that on every call:
+// keyed by the map tensor itself (held, so its memory cannot be reused by
+// another tensor while cached) and its version counter, which every in-place
+// change bumps. Misses check the map's values, then build.
+QuantTable cached_quant_table(const at::Tensor& map, const std::string& what) {
+  struct Entry {
+    at::Tensor map;
+    uint32_t version;
+    QuantTable table;
+  };
+  static std::mutex mutex;
+  static std::list<Entry> cache;  // most recent first
+  constexpr size_t kEntries = 8;
+  const bool cacheable = !map.is_inference();  // inference tensors have no version counter
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cacheable) {
+    for (auto it = cache.begin(); it != cache.end(); ++it) {
+      if (it->map.is_same(map) && it->version == map._version()) {
+        cache.splice(cache.begin(), cache, it);
+        return it->table;
+      }
+    }
+  }
+  check_map_values(map, what);
+  QuantTable table = quant_table(map);
+  if (cacheable) {
+    cache.push_front({map, map._version(), table});
+    if (cache.size() > kEntries) cache.pop_back();
+  }
+  return table;
+}
+
 // The kernels' view of a block-wise quantized tensor (checked by the caller).
 kernels::BlockwiseParams blockwise_params(const at::Tensor& x, const at::Tensor& q, const at::Tensor& absmax,
                                           const at::Tensor& map, int64_t block_size, const QuantTable* table = nullptr) {
@@ -171,8 +206,7 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_blockwise(const torch::Tensor&
   at::Tensor q = at::empty({n}, x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, x.options());
   if (blocks == 0) return {q, absmax};
-  check_map_values(map, who);
-  const QuantTable table = quant_table(map);
+  const QuantTable table = cached_quant_table(map, who);
   const auto p = blockwise_params(x, q, absmax, map, block_size, &table);
   ops::launch(x.device(), p, blocks, &kernels::quantize_blockwise_cpu, UNSWAG_CUDA_FN(quantize_blockwise_cuda));
   return {q, absmax};
@@ -220,10 +254,8 @@ void adamw8bit_step_with_tables(torch::Tensor& param, const torch::Tensor& grad_
   if (n == 0) return;
   QuantTable made1, made2;
   if (table1 == nullptr) {
-    check_map_values(map1, std::string(who) + " map1");
-    check_map_values(map2, std::string(who) + " map2");
-    made1 = quant_table(map1);
-    made2 = quant_table(map2);
+    made1 = cached_quant_table(map1, std::string(who) + " map1");
+    made2 = cached_quant_table(map2, std::string(who) + " map2");
     table1 = &made1;
     table2 = &made2;
   }
