@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_arguments(parser)
     parser.add_argument("--modes", default="speed,decode,quality")
-    parser.add_argument("--quality-args", default="", help="extra arguments for bench_psa_quality")
+    parser.add_argument("--quality-args", default=os.environ.get("BENCH_PSA_QUALITY_ARGS", ""),
+                        help="extra arguments for bench_psa_quality (default: $BENCH_PSA_QUALITY_ARGS)")
     args = parser.parse_args()
     lib = Path(args.lib) if args.lib else common.default_library_path(args.device)
     build = lib.parent
