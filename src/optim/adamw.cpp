@@ -142,7 +142,7 @@ QuantTable quant_table(const at::Tensor& map) {
 QuantTable cached_quant_table(const at::Tensor& map, const std::string& what) {
   struct Entry {
     at::Tensor map;
-    uint32_t version;
+    int64_t version;
     QuantTable table;
   };
   static std::mutex mutex;
