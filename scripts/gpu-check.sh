@@ -6,6 +6,7 @@
 # prints a short summary table last.
 #
 # Usage: bash scripts/gpu-check.sh [--quick] [--skip-build] [--only tests|bench]
+#   (ctest runs CTEST_JOBS tests at once, default 8: one at a time, 250 process starts outlast the budget)
 #   --quick        smaller benchmark sizes and fewer repeats
 #   --skip-build   reuse build-cuda/ as it is (it must hold libunswag.so)
 #   --only X       run only the tests or only the benchmarks (after the build)
@@ -292,7 +293,7 @@ if [[ "$ONLY" != bench ]] && ((build_ok)); then
   if ((${#python_test_files[@]} && have_pytest)); then ctest_exclude=(-E '^python_ops$'); fi
   : >"$CTEST_LOG"
   run_step ctest "$CTEST_LOG" 'tests passed|tests failed|Failed|\*\*\*|SKIPPED|Not Run|No tests were found|Errors while running' \
-    ctest --test-dir "$BUILD_DIR" --output-on-failure -V "${ctest_exclude[@]}"
+    ctest --test-dir "$BUILD_DIR" --output-on-failure -V -j "${CTEST_JOBS:-8}" "${ctest_exclude[@]}"
   ctest_rc=$STEP_RC
   # Count tests, failures and skips (GTEST_SKIP lines, and ctest's own "Skipped"/"Not Run").
   ctest_counts="$(python3 - "$CTEST_LOG" <<'PY'
