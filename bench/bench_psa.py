@@ -157,8 +157,16 @@ def main() -> int:
         if proc.returncode != 0:
             common.die(f"bench_psa_quality exited with {proc.returncode}", 1)
         md_path = out / "psa_quality" / "quality.md"
+        # The plot: beside the results (gpu-check collects out/*.svg) and, with
+        # the doc, in docs/ where the section's image link points.
+        svg = (out / "psa_quality" / "quality.svg").read_text()
+        common.write_text(out / "bench_psa_quality.svg", svg)
+        if update:
+            common.write_text(Path(args.doc).parent / "psa_quality.svg", svg)
         md = "\n".join(["## PSA quality: small LM from scratch (dense vs PSA vs random router)", "",
-                        common.header_markdown(header), "", md_path.read_text().strip()])
+                        common.header_markdown(header),
+                        f"- bench_psa_quality arguments: `{' '.join(extra) or '(defaults)'}`", "",
+                        md_path.read_text().strip()])
         results["quality"] = json.loads((out / "psa_quality" / "quality.json").read_text())
         common.write_text(out / "bench_psa_quality.md", md + "\n")
         if update:

@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -313,7 +314,7 @@ int main(int argc, char** argv) {
   md << "\n![validation loss](psa_quality.svg)\n\nRun times: ";
   for (const auto& r : runs) md << r.variant << "/" << r.seed << " " << fmt(r.seconds, 0) << " s; ";
   md << "\n";
-  std::system(("mkdir -p '" + a.out + "'").c_str());
+  std::filesystem::create_directories(a.out);
   std::ofstream(a.out + "/quality.json") << out.dump(2) << "\n";
   std::ofstream(a.out + "/quality.md") << md.str();
   std::ofstream(a.out + "/quality.svg") << svg_chart(runs);

@@ -144,39 +144,28 @@ void dequantize_int8_impl(const DequantizeInt8Params& p, int64_t g0, int64_t g1)
   }
 }
 
-// Calls fn.template operator()<T>() for the storage type of `dtype`.
-template <typename Fn>
-void dispatch(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: fn(float{}); break;
-    case DType::kFloat16: fn(fp16{}); break;
-    case DType::kBFloat16: fn(bf16{}); break;
-    case DType::kFloat64: fn(double{}); break;
-  }
-}
-
 }  // namespace
 
 void fewbit_forward_cpu(const FewbitForwardParams& p, int64_t g0, int64_t g1) {
-  dispatch(p.dtype, [&](auto t) { fewbit_forward_impl<decltype(t)>(p, g0, g1); });
+  dispatch_dtype(p.dtype, [&](auto t) { fewbit_forward_impl<decltype(t)>(p, g0, g1); });
 }
 void fewbit_backward_cpu(const FewbitBackwardParams& p, int64_t g0, int64_t g1) {
-  dispatch(p.dtype, [&](auto t) { fewbit_backward_impl<decltype(t)>(p, g0, g1); });
+  dispatch_dtype(p.dtype, [&](auto t) { fewbit_backward_impl<decltype(t)>(p, g0, g1); });
 }
 void gated_forward_cpu(const GatedForwardParams& p, int64_t g0, int64_t g1) {
-  dispatch(p.dtype, [&](auto t) { gated_forward_impl<decltype(t)>(p, g0, g1); });
+  dispatch_dtype(p.dtype, [&](auto t) { gated_forward_impl<decltype(t)>(p, g0, g1); });
 }
 void gated_backward_cpu(const GatedBackwardParams& p, int64_t g0, int64_t g1) {
-  dispatch(p.dtype, [&](auto t) { gated_backward_impl<decltype(t)>(p, g0, g1); });
+  dispatch_dtype(p.dtype, [&](auto t) { gated_backward_impl<decltype(t)>(p, g0, g1); });
 }
 void inverse_backward_cpu(const InverseBackwardParams& p, int64_t g0, int64_t g1) {
-  dispatch(p.dtype, [&](auto t) { inverse_backward_impl<decltype(t)>(p, g0, g1); });
+  dispatch_dtype(p.dtype, [&](auto t) { inverse_backward_impl<decltype(t)>(p, g0, g1); });
 }
 void quantize_int8_cpu(const QuantizeInt8Params& p, int64_t g0, int64_t g1) {
-  dispatch(p.dtype, [&](auto t) { quantize_int8_impl<decltype(t)>(p, g0, g1); });
+  dispatch_dtype(p.dtype, [&](auto t) { quantize_int8_impl<decltype(t)>(p, g0, g1); });
 }
 void dequantize_int8_cpu(const DequantizeInt8Params& p, int64_t g0, int64_t g1) {
-  dispatch(p.dtype, [&](auto t) { dequantize_int8_impl<decltype(t)>(p, g0, g1); });
+  dispatch_dtype(p.dtype, [&](auto t) { dequantize_int8_impl<decltype(t)>(p, g0, g1); });
 }
 
 }  // namespace unswag::kernels

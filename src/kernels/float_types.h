@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "elementwise.h"  // DType
+
 namespace unswag::kernels {
 
 struct bf16 {
@@ -97,6 +99,18 @@ inline T from_acc(opmath_t<T> v) {
 template <>
 inline double from_acc<double>(double v) {
   return v;
+}
+
+// Calls fn(T{}) with the host storage type of `dtype` (the CPU kernels'
+// one runtime-to-compile-time dtype switch).
+template <typename Fn>
+void dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: fn(float{}); break;
+    case DType::kFloat16: fn(fp16{}); break;
+    case DType::kBFloat16: fn(bf16{}); break;
+    case DType::kFloat64: fn(double{}); break;
+  }
 }
 
 }  // namespace unswag::kernels

@@ -10,16 +10,6 @@
 namespace unswag::kernels {
 namespace {
 
-template <typename Fn>
-void dispatch_psa(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: fn(float{}); break;
-    case DType::kFloat16: fn(fp16{}); break;
-    case DType::kBFloat16: fn(bf16{}); break;
-    case DType::kFloat64: fn(double{}); break;
-  }
-}
-
 // ---- causal depthwise conv1d ----------------------------------------------
 
 // The weight transposed to [K, C] so the tap loop reads rows of c.
@@ -201,16 +191,16 @@ void scan_backward_impl(const LinearScanParams& p, int64_t g0, int64_t g1) {
 }  // namespace
 
 void causal_conv_forward_cpu(const CausalConvParams& p, int64_t g0, int64_t g1) {
-  dispatch_psa(p.dtype, [&](auto t) { conv_forward_impl<decltype(t)>(p, g0, g1); });
+  dispatch_dtype(p.dtype, [&](auto t) { conv_forward_impl<decltype(t)>(p, g0, g1); });
 }
 void causal_conv_backward_cpu(const CausalConvParams& p, int64_t g0, int64_t g1) {
-  dispatch_psa(p.dtype, [&](auto t) { conv_backward_impl<decltype(t)>(p, g0, g1); });
+  dispatch_dtype(p.dtype, [&](auto t) { conv_backward_impl<decltype(t)>(p, g0, g1); });
 }
 void linear_scan_forward_cpu(const LinearScanParams& p, int64_t g0, int64_t g1) {
-  dispatch_psa(p.dtype, [&](auto t) { scan_forward_impl<decltype(t)>(p, g0, g1); });
+  dispatch_dtype(p.dtype, [&](auto t) { scan_forward_impl<decltype(t)>(p, g0, g1); });
 }
 void linear_scan_backward_cpu(const LinearScanParams& p, int64_t g0, int64_t g1) {
-  dispatch_psa(p.dtype, [&](auto t) { scan_backward_impl<decltype(t)>(p, g0, g1); });
+  dispatch_dtype(p.dtype, [&](auto t) { scan_backward_impl<decltype(t)>(p, g0, g1); });
 }
 
 }  // namespace unswag::kernels

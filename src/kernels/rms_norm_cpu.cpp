@@ -1,6 +1,7 @@
 // RMSNorm on the CPU: the reference of the math in rms_norm.h.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "float_types.h"
@@ -8,16 +9,6 @@
 
 namespace unswag::kernels {
 namespace {
-
-template <typename Fn>
-void dispatch_rms(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: fn(float{}); break;
-    case DType::kFloat16: fn(fp16{}); break;
-    case DType::kBFloat16: fn(bf16{}); break;
-    case DType::kFloat64: break;  // float64 takes the ATen path (src/ops/rms_norm.cpp)
-  }
-}
 
 template <typename T>
 void forward_impl(const RmsNormParams& p, int64_t r0, int64_t r1) {
@@ -75,10 +66,15 @@ void backward_impl(const RmsNormParams& p, int64_t b0, int64_t b1) {
 }  // namespace
 
 void rms_norm_forward_cpu(const RmsNormParams& p, int64_t r0, int64_t r1) {
-  dispatch_rms(p.dtype, [&](auto t) { forward_impl<decltype(t)>(p, r0, r1); });
+  // float64 takes the ATen path (src/ops/rms_norm.cpp): no double instance.
+  dispatch_dtype(p.dtype, [&](auto t) {
+    if constexpr (!std::is_same_v<decltype(t), double>) forward_impl<decltype(t)>(p, r0, r1);
+  });
 }
 void rms_norm_backward_cpu(const RmsNormParams& p, int64_t b0, int64_t b1) {
-  dispatch_rms(p.dtype, [&](auto t) { backward_impl<decltype(t)>(p, b0, b1); });
+  dispatch_dtype(p.dtype, [&](auto t) {
+    if constexpr (!std::is_same_v<decltype(t), double>) backward_impl<decltype(t)>(p, b0, b1);
+  });
 }
 
 }  // namespace unswag::kernels
