@@ -11,7 +11,8 @@
 // block (fp32) and one byte per element, the index of the code of a 256-entry
 // map nearest to x / absmax[b]. Dequantized: x ~= map[byte] * absmax[b].
 //
-// Bit-identical CPU and CUDA results: nvcc would contract a*b+c into one fma
+// Bit-identical CPU and CUDA results (all but the 8-bit CUDA kernel's parameter
+// update, see optim.cu): nvcc would contract a*b+c into one fma
 // (rounded once) where the host compiler rounds twice, so the device path
 // spells products and sums with the _rn intrinsics, which are never contracted.
 // Division and sqrt are IEEE-rounded on both sides (no fast-math).
@@ -97,22 +98,32 @@ UNSWAG_HD uint8_t quantize_nearest(const float* codes, float x) {
 
 // Quantization by table lookup: what the kernels run (quantize_nearest above
 // is its reference, and a test checks they agree on every kind of input).
-// The binary search costs 10 dependent reads of the map per value; instead, a
-// table indexed by the sign, the exponent and the top kQuantMantissaBits
-// mantissa bits of x gives a start index: the largest code <= every x of that
-// bucket (0 if none). At most `advance` further codes can lie in a bucket, so
-// `advance` compare-and-step rounds from the start reach the largest code
-// <= x, exactly the search's answer, and the same nearest-of-two comparison
-// follows. For the dynamic maps advance is 1 (a bucket is 1/128 of an octave,
-// narrower than the maps' code spacing): 4 reads per value instead of 10, and
-// the number of rounds is the same for every value (no divergence on a GPU).
-// Buckets: 0 holds |x| < 2^-24 (and zeros), bucket (r << kQuantMantissaBits | m)
-// for r = 1..25 holds |x| in 2^(r - 25) * [1 + m / 128, 1 + (m + 1) / 128);
-// larger |x| (beyond the maps' [-1, 1], infinities) falls in the last bucket.
+// The nearest-code rule is monotone in x (sub_rn(c[i+1], x) falls and
+// sub_rn(x, c[i]) rises as x grows), so between codes i and i + 1 there is an
+// exact fp32 threshold T[i] in (c[i], c[i+1]]: the smallest x that rounds up to
+// code i + 1. The code of x is then the number of thresholds <= x. The table
+// holds the 255 thresholds (computed on the host by bisection over the floats
+// between the two codes, so they reproduce the search bit for bit) and a
+// bucket index: for the sign, the exponent and the top kQuantMantissaBits
+// mantissa bits of x, the number of thresholds <= every x of that bucket. At
+// most `advance` further thresholds lie inside a bucket, so `advance`
+// compare-and-step rounds finish the count. For the dynamic maps advance is 1
+// (a bucket is 1/128 of an octave, narrower than the maps' code spacing): two
+// shared-memory reads per value (a bucket byte, a threshold) instead of the
+// search's nine, and the same number of rounds for every value.
+// Buckets: the bits of |x| above the top kQuantMantissaBits mantissa bits,
+// less those of 2^-25: bucket (r << kQuantMantissaBits | m), r = 0..25, holds
+// |x| in 2^(r - 25) * [1 + m / 128, 1 + (m + 1) / 128); bucket 0 also takes
+// every smaller |x| (and zeros), the last one every larger (beyond the maps'
+// [-1, 1], infinities). A shift, a subtraction and a clamp.
+// Layout of a table (kQuantTableBytes, 16-byte aligned where the kernels copy
+// it): float thresholds[kMapSize] (T[255] is NaN, so no round steps past the
+// top code), then uint8 starts[2][kQuantBuckets] (sign 1 = negative).
 constexpr int kQuantMantissaBits = 7;
 constexpr int kQuantRows = 26;
 constexpr int kQuantBuckets = kQuantRows << kQuantMantissaBits;
-constexpr int kQuantTableSize = 2 * kQuantBuckets;  // starts[sign][bucket], sign 1 = negative
+constexpr int kQuantThresholdBytes = kMapSize * int(sizeof(float));
+constexpr int kQuantTableBytes = kQuantThresholdBytes + 2 * kQuantBuckets;
 
 UNSWAG_HD uint32_t bits_of(float x) {
 #if defined(__CUDA_ARCH__)
@@ -125,29 +136,26 @@ UNSWAG_HD uint32_t bits_of(float x) {
 }
 
 UNSWAG_HD int quant_bucket(uint32_t abs_bits) {
-  const int e = int(abs_bits >> 23);  // biased exponent (the sign bit is clear)
-  if (e < 103) return 0;
-  if (e > 127) return kQuantBuckets - 1;
-  return (e - 102) << kQuantMantissaBits | int((abs_bits >> (23 - kQuantMantissaBits)) & ((1u << kQuantMantissaBits) - 1));
+  const int k = int(abs_bits >> (23 - kQuantMantissaBits)) - (102 << kQuantMantissaBits);
+  return k < 0 ? 0 : k > kQuantBuckets - 1 ? kQuantBuckets - 1 : k;
 }
 
-UNSWAG_HD uint8_t quantize_lookup(const float* codes, const uint8_t* starts, int advance, float x) {
+UNSWAG_HD uint8_t quantize_lookup(const uint8_t* table, int advance, float x) {
+  const float* thresholds = reinterpret_cast<const float*>(table);
+  const uint8_t* starts = table + kQuantThresholdBytes;
   const uint32_t bits = bits_of(x);
-  int lo = starts[(bits >> 31) * kQuantBuckets + quant_bucket(bits & 0x7fffffffu)];
-  for (int round = 0; round < advance; ++round) {
-    const int next = lo + int(lo < kMapSize - 1);
-    lo = next != lo && codes[next] <= x ? next : lo;
-  }
-  const int has_next = int(lo < kMapSize - 1);
-  lo += has_next & int(sub_rn(codes[lo + has_next], x) < sub_rn(x, codes[lo]));
-  return x == x ? uint8_t(lo) : uint8_t(0);  // NaN: 0, as the search gives
+  int code = starts[(bits >> 31) * kQuantBuckets + quant_bucket(bits & 0x7fffffffu)];
+  for (int round = 0; round < advance; ++round) code += int(x >= thresholds[code]);
+  return x == x ? uint8_t(code) : uint8_t(0);  // NaN: 0, as the search gives
 }
 
-// Fills starts[kQuantTableSize] for an ascending map and returns `advance`.
-int build_quantize_table(const float* codes, uint8_t* starts);  // optim_cpu.cpp
+// Fills table[kQuantTableBytes] for a strictly ascending map and returns `advance`.
+int build_quantize_table(const float* codes, uint8_t* table);  // optim_cpu.cpp
 
-// x / absmax on the map's scale; a block of zeros (absmax 0) maps to 0.
-UNSWAG_HD float normalize(float x, float absmax) { return absmax > 0.f ? div_rn(x, absmax) : 0.f; }
+// x / absmax on the map's scale, as x * (1 / absmax): one division per block
+// instead of one per value. A block of zeros (absmax 0) maps to 0.
+UNSWAG_HD float inverse_scale(float absmax) { return absmax > 0.f ? div_rn(1.f, absmax) : 0.f; }
+UNSWAG_HD float normalize(float x, float inv_absmax) { return mul_rn(x, inv_absmax); }
 
 UNSWAG_HD float dequantize(const float* codes, uint8_t q, float absmax) { return mul_rn(codes[q], absmax); }
 
@@ -190,8 +198,8 @@ struct AdamW8bitParams {
   float* absmax2 = nullptr;    // [blocks(n)]
   const float* map1 = nullptr;  // [kMapSize], ascending
   const float* map2 = nullptr;  // [kMapSize], ascending
-  const uint8_t* starts1 = nullptr;  // [kQuantTableSize]: build_quantize_table(map1)
-  const uint8_t* starts2 = nullptr;  // [kQuantTableSize]: build_quantize_table(map2)
+  const uint8_t* qtable1 = nullptr;  // [kQuantTableBytes]: build_quantize_table(map1)
+  const uint8_t* qtable2 = nullptr;  // [kQuantTableBytes]: build_quantize_table(map2)
   int32_t advance1 = 0, advance2 = 0;
   int64_t n = 0;
   int64_t block_size = 256;  // 256 or 2048
@@ -217,7 +225,7 @@ struct BlockwiseParams {
   uint8_t* q = nullptr;       // [n]
   float* absmax = nullptr;    // [quant_blocks(n, block_size)]
   const float* map = nullptr;  // [kMapSize]
-  const uint8_t* starts = nullptr;  // [kQuantTableSize]: build_quantize_table(map)
+  const uint8_t* qtable = nullptr;  // [kQuantTableBytes]: build_quantize_table(map)
   int32_t advance = 0;
   int64_t n = 0;
   int64_t block_size = 256;

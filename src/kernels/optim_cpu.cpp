@@ -4,6 +4,8 @@
 // parallelises over ranges of blocks.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 
 #include "float_types.h"
 #include "optim.h"
@@ -45,33 +47,64 @@ AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps, do
   return s;
 }
 
-int build_quantize_table(const float* codes, uint8_t* starts) {
+namespace {
+
+// Floats in ascending order as unsigned keys (negative floats reversed), so
+// bisection over keys is bisection over the floats between two values.
+uint32_t float_key(float x) {
+  const uint32_t b = bits_of(x);
+  return b >> 31 ? ~b : b | 0x80000000u;
+}
+float key_float(uint32_t k) {
+  const uint32_t b = k >> 31 ? k & 0x7fffffffu : ~k;
+  float x;
+  __builtin_memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+// The smallest float x in (lo, hi] that quantize_nearest sends to hi rather
+// than lo (lo < hi adjacent codes): the rule is monotone in x and holds at hi.
+float rounding_threshold(float lo, float hi) {
+  const auto rounds_up = [&](float x) { return sub_rn(hi, x) < sub_rn(x, lo); };
+  uint32_t below = float_key(lo), at = float_key(hi);  // rounds_up false at lo, true at hi
+  while (at - below > 1) {
+    const uint32_t mid = below + (at - below) / 2;
+    if (rounds_up(key_float(mid))) at = mid; else below = mid;
+  }
+  return key_float(at);
+}
+
+}  // namespace
+
+int build_quantize_table(const float* codes, uint8_t* table) {
+  float thresholds[kMapSize];
+  for (int i = 0; i + 1 < kMapSize; ++i) thresholds[i] = rounding_threshold(codes[i], codes[i + 1]);
+  thresholds[kMapSize - 1] = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(table, thresholds, sizeof thresholds);
+  uint8_t* starts = table + kQuantThresholdBytes;
   // Bucket k of |x| is [low, high) (see optim.h); the last one also takes
-  // everything larger. For x >= 0 in it the search's answer is at least the
-  // largest code <= low, for x < 0 at least the largest code <= -high; the
-  // codes between that start and x lie in (low, high) or (-high, -low].
+  // everything larger. Every x >= 0 in it passes the thresholds <= low, every
+  // x < 0 (in (-high, -low]) those <= -high; the rest it may pass lie in
+  // (low, high) or (-high, -low].
+  const auto count_at_or_below = [&](double bound) {
+    int count = 0;
+    for (int i = 0; i + 1 < kMapSize; ++i) count += int(double(thresholds[i]) <= bound);
+    return count;
+  };
   int advance = 0;
   for (int k = 0; k < kQuantBuckets; ++k) {
     const int row = k >> kQuantMantissaBits, m = k & ((1 << kQuantMantissaBits) - 1);
-    double low = 0, high = std::ldexp(1.0, -24);
-    if (row > 0) {
-      low = std::ldexp(1.0 + double(m) / (1 << kQuantMantissaBits), row - 25);
-      high = std::ldexp(1.0 + double(m + 1) / (1 << kQuantMantissaBits), row - 25);
-    }
+    double low = std::ldexp(1.0 + double(m) / (1 << kQuantMantissaBits), row - 25);
+    double high = std::ldexp(1.0 + double(m + 1) / (1 << kQuantMantissaBits), row - 25);
+    if (k == 0) low = 0;
     if (k == kQuantBuckets - 1) high = HUGE_VAL;
-    const auto last_at_or_below = [&](double bound) {
-      int idx = 0;
-      for (int i = 0; i < kMapSize; ++i)
-        if (double(codes[i]) <= bound) idx = i;
-      return idx;
-    };
-    starts[k] = uint8_t(last_at_or_below(low));
-    starts[kQuantBuckets + k] = uint8_t(last_at_or_below(-high));
+    starts[k] = uint8_t(count_at_or_below(low));
+    starts[kQuantBuckets + k] = uint8_t(count_at_or_below(-high));
     int inside_pos = 0, inside_neg = 0;
-    for (int i = 0; i < kMapSize; ++i) {
-      const double c = codes[i];
-      inside_pos += int(c > low && c < high);
-      inside_neg += int(c > -high && c <= -low);
+    for (int i = 0; i + 1 < kMapSize; ++i) {
+      const double t = thresholds[i];
+      inside_pos += int(t > low && t < high);
+      inside_neg += int(t > -high && t <= -low);
     }
     advance = std::max({advance, inside_pos, inside_neg});
   }
@@ -104,9 +137,10 @@ void adamw8bit_blocks(const AdamW8bitParams& p, int64_t b0, int64_t b1) {
     }
     p.absmax1[b] = absmax1;
     p.absmax2[b] = absmax2;
+    const float inv1 = inverse_scale(absmax1), inv2 = inverse_scale(absmax2);
     for (int64_t i = begin; i < end; ++i) {
-      p.state1[i] = quantize_lookup(p.map1, p.starts1, p.advance1, normalize(m[i - begin], absmax1));
-      p.state2[i] = quantize_lookup(p.map2, p.starts2, p.advance2, normalize(v[i - begin], absmax2));
+      p.state1[i] = quantize_lookup(p.qtable1, p.advance1, normalize(m[i - begin], inv1));
+      p.state2[i] = quantize_lookup(p.qtable2, p.advance2, normalize(v[i - begin], inv2));
     }
   }
 }
@@ -145,7 +179,8 @@ void quantize_blockwise_cpu(const BlockwiseParams& p, int64_t b0, int64_t b1) {
     float absmax = 0.f;
     for (int64_t i = begin; i < end; ++i) absmax = std::fmax(absmax, std::fabs(p.x[i]));
     p.absmax[b] = absmax;
-    for (int64_t i = begin; i < end; ++i) p.q[i] = quantize_lookup(p.map, p.starts, p.advance, normalize(p.x[i], absmax));
+    const float inv = inverse_scale(absmax);
+    for (int64_t i = begin; i < end; ++i) p.q[i] = quantize_lookup(p.qtable, p.advance, normalize(p.x[i], inv));
   }
 }
 

@@ -124,14 +124,14 @@ bool matches_any(const std::string& name, const std::vector<std::string>& patter
 // device. Built on the host from the map's values: the optimizer makes it once
 // per device; the functional ops, which take any map, once per call.
 struct QuantTable {
-  at::Tensor starts;  // uint8 [kQuantTableSize]
+  at::Tensor table;  // uint8 [kQuantTableBytes]
   int advance = 0;
 };
 QuantTable quant_table(const at::Tensor& map) {
   const at::Tensor host = map.to(at::kCPU).contiguous();
-  at::Tensor starts = at::empty({kernels::kQuantTableSize}, at::kByte);
-  const int advance = kernels::build_quantize_table(host.data_ptr<float>(), starts.data_ptr<uint8_t>());
-  return {starts.to(map.device()), advance};
+  at::Tensor table = at::empty({kernels::kQuantTableBytes}, at::kByte);
+  const int advance = kernels::build_quantize_table(host.data_ptr<float>(), table.data_ptr<uint8_t>());
+  return {table.to(map.device()), advance};
 }
 
 // The functional ops take any map, and building its table needs the map's
@@ -176,7 +176,7 @@ kernels::BlockwiseParams blockwise_params(const at::Tensor& x, const at::Tensor&
   p.absmax = absmax.data_ptr<float>();
   p.map = map.data_ptr<float>();
   if (table != nullptr) {
-    p.starts = table->starts.data_ptr<uint8_t>();
+    p.qtable = table->table.data_ptr<uint8_t>();
     p.advance = table->advance;
   }
   p.n = x.numel();
@@ -268,8 +268,8 @@ void adamw8bit_step_with_tables(torch::Tensor& param, const torch::Tensor& grad_
   p.absmax2 = absmax2.data_ptr<float>();
   p.map1 = map1.data_ptr<float>();
   p.map2 = map2.data_ptr<float>();
-  p.starts1 = table1->starts.data_ptr<uint8_t>();
-  p.starts2 = table2->starts.data_ptr<uint8_t>();
+  p.qtable1 = table1->table.data_ptr<uint8_t>();
+  p.qtable2 = table2->table.data_ptr<uint8_t>();
   p.advance1 = table1->advance;
   p.advance2 = table2->advance;
   p.n = n;
@@ -351,8 +351,8 @@ const AdamW::DeviceMaps& AdamW::maps_on(const torch::Device& device) const {
     d.map1 = dynamic_map(true).to(device);
     d.map2 = dynamic_map(false).to(device);
     QuantTable t1 = quant_table(d.map1), t2 = quant_table(d.map2);
-    d.starts1 = t1.starts;
-    d.starts2 = t2.starts;
+    d.qtable1 = t1.table;
+    d.qtable2 = t2.table;
     d.advance1 = t1.advance;
     d.advance2 = t2.advance;
     it = maps_.emplace(device.str(), std::move(d)).first;
@@ -391,7 +391,7 @@ void AdamW::step() {
     ++s.step;
     if (s.state1.defined()) {
       const DeviceMaps& d = maps_on(s.param.device());
-      const QuantTable t1{d.starts1, d.advance1}, t2{d.starts2, d.advance2};
+      const QuantTable t1{d.qtable1, d.advance1}, t2{d.qtable2, d.advance2};
       adamw8bit_step_with_tables(s.param, grad, s.state1, s.state2, s.absmax1, s.absmax2, d.map1, d.map2, &t1, &t2,
                                  o.lr(), o.beta1(), o.beta2(), o.eps(), o.weight_decay(), s.step, o.block_size());
     } else {
@@ -436,7 +436,7 @@ int64_t AdamW::state_bytes() const {
     for (const auto* t : {&s.exp_avg, &s.exp_avg_sq, &s.state1, &s.state2, &s.absmax1, &s.absmax2})
       if (t->defined()) bytes += t->nbytes();
   for (const auto& [device, d] : maps_)
-    bytes += d.map1.nbytes() + d.map2.nbytes() + d.starts1.nbytes() + d.starts2.nbytes();
+    bytes += d.map1.nbytes() + d.map2.nbytes() + d.qtable1.nbytes() + d.qtable2.nbytes();
   return bytes;
 }
 

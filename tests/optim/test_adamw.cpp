@@ -238,8 +238,8 @@ TEST(AdamW8bitMaps, QuantizeLookupEqualsBinarySearch) {
   std::uniform_real_distribution<float> unit(-1.f, 1.f), log_mag(-40.f, 0.5f);
   for (const auto& [name, codes] : maps) {
     SCOPED_TRACE(name);
-    std::vector<uint8_t> starts(kernels::kQuantTableSize);
-    const int advance = kernels::build_quantize_table(codes.data(), starts.data());
+    std::vector<uint8_t> table(kernels::kQuantTableBytes);
+    const int advance = kernels::build_quantize_table(codes.data(), table.data());
     if (name.rfind("dynamic", 0) == 0) EXPECT_EQ(advance, 1);  // what the kernels' speed rests on
     if (name == "clustered") EXPECT_GT(advance, 1);
     std::vector<float> xs = {0.f, -0.f, 1.f, -1.f, 2.f, -2.f, 1e30f, -1e30f, std::numeric_limits<float>::infinity(),
@@ -263,7 +263,7 @@ TEST(AdamW8bitMaps, QuantizeLookupEqualsBinarySearch) {
     int64_t mismatches = 0;
     for (const float x : xs) {
       const int expected = kernels::quantize_nearest(codes.data(), x);
-      const int got = kernels::quantize_lookup(codes.data(), starts.data(), advance, x);
+      const int got = kernels::quantize_lookup(table.data(), advance, x);
       if (got != expected && ++mismatches <= 5)
         ADD_FAILURE() << "x = " << x << ": lookup gives code " << got << ", the search " << expected;
     }
@@ -483,7 +483,7 @@ TEST_P(AdamW8bitTest, SmallTensorsAndPatternsKeepFp32State) {
   // Bytes: 8 per fp32-state element; 2 per 8-bit element + 2 fp32 scales per block; the two maps and
   // their quantize tables.
   EXPECT_EQ(opt.state_bytes(),
-            8 * (4095 + 6400 + 3) + (2 * 4096 + 2 * 4 * 16) + 2 * 256 * 4 + 2 * kernels::kQuantTableSize);
+            8 * (4095 + 6400 + 3) + (2 * 4096 + 2 * 4 * 16) + 2 * 256 * 4 + 2 * kernels::kQuantTableBytes);
   // The fp32 twin never quantizes.
   auto e = make_param(f, {8192});
   AdamW twin({{"e", e}});
@@ -717,10 +717,14 @@ class AdamW8bitCudaTest : public ::testing::Test {
 };
 
 // The kernels share optim.h's math with the CPU reference and avoid fma
-// contraction, so every byte must agree: params, codes, scales, fp32 moments.
+// contraction, so every byte of the state must agree: codes, scales, fp32
+// moments, and the fp32-state twin's parameters. The 8-bit kernel takes the
+// parameter step m / (sqrt(v) + eps_hat) with the GPU's approximate square
+// root and division (optim.cu), so its parameters agree to a few fp32 ulp of
+// the step per step, plus one ulp of the parameter's own rounding.
 // Sizes cover partial blocks and tails; offset 1 makes every pointer
 // misaligned (the element-by-element path).
-TEST_F(AdamW8bitCudaTest, StepsAreBitIdenticalToCpu) {
+TEST_F(AdamW8bitCudaTest, StatesAreBitIdenticalToCpu) {
   SCOPED_TRACE("seed " + std::to_string(seed_));
   for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
     for (const int64_t block_size : {256, 2048}) {
@@ -752,7 +756,15 @@ TEST_F(AdamW8bitCudaTest, StepsAreBitIdenticalToCpu) {
             optim::adamw_step_(q_cpu, g, f_cpu[0], f_cpu[1], 1e-2, 0.9, 0.999, 1e-8, 0.1, step);
             optim::adamw_step_(q_gpu, gg, f_gpu[0], f_gpu[1], 1e-2, 0.9, 0.999, 1e-8, 0.1, step);
           }
-          EXPECT_TRUE(test::bitwise_equal(p_cpu, p_gpu.cpu())) << "8-bit param";
+          {
+            // |step| <= lr * |m| / (sqrt(v) + eps) is below lr / sqrt(1 - beta2) ~ 32 lr; 3 steps at
+            // 2^-20 relative, plus one ulp of the stored parameter (bf16: 2^-8, fp32: 2^-23).
+            const auto a = p_cpu.to(torch::kDouble), b = p_gpu.cpu().to(torch::kDouble);
+            const double ulp = dtype == torch::kFloat ? std::ldexp(1.0, -23) : std::ldexp(1.0, -8);
+            const auto bound = a.abs() * ulp + 3 * 32 * 1e-2 * std::ldexp(1.0, -20);
+            EXPECT_TRUE(((a - b).abs() <= bound).all().item<bool>())
+                << "8-bit param: max |cpu - gpu| " << (a - b).abs().max().item<double>();
+          }
           for (int k = 0; k < 4; ++k)
             EXPECT_TRUE(torch::equal(s_cpu[k], s_gpu[k].cpu())) << "8-bit state tensor " << k;
           EXPECT_TRUE(test::bitwise_equal(q_cpu, q_gpu.cpu())) << "fp32-state param";

@@ -107,7 +107,7 @@ class AdamW {
   // The maps (map1 signed, map2 unsigned) and their quantize tables
   // (kernels/optim.h: quantize_lookup) on `device`, made once per device.
   struct DeviceMaps {
-    torch::Tensor map1, map2, starts1, starts2;
+    torch::Tensor map1, map2, qtable1, qtable2;
     int advance1 = 0, advance2 = 0;
   };
   const DeviceMaps& maps_on(const torch::Device& device) const;
