@@ -156,16 +156,17 @@ std::string json_shares(const std::array<double, 4>& f) {
   return o.str();
 }
 
-PSAConfig psa_config(double signal_share, int64_t kernel) {
+PSAConfig psa_config(double signal_share, int64_t kernel, int64_t window) {
   PSAConfig c;
   c.kernel_size = kernel;
+  c.window = window;
   // Prune 12.5%, summary 31.25%, signal as asked, local the rest.
   c.target_shares = {0.125, 1.0 - 0.125 - 0.3125 - signal_share, 0.3125, signal_share};
   return c;
 }
 
 void bench_speed(const torch::Device& device, const Shape& s, const std::vector<int64_t>& contexts,
-                 const std::vector<double>& signal_shares, int64_t kernel, int repeats) {
+                 const std::vector<double>& signal_shares, int64_t kernel, int64_t window, int repeats) {
   const auto dtype = on_cuda(device) ? torch::kBFloat16 : torch::kFloat;
   auto opts = torch::TensorOptions().device(device).dtype(dtype);
   for (const int64_t T : contexts) {
@@ -202,7 +203,7 @@ void bench_speed(const torch::Device& device, const Shape& s, const std::vector<
       std::fflush(stdout);
     }
     for (const double share : signal_shares) {
-      PacketSwitchedAttention psa(s.hidden, s.heads, s.heads, s.head_dim, false, false, psa_config(share, kernel));
+      PacketSwitchedAttention psa(s.hidden, s.heads, s.heads, s.head_dim, false, false, psa_config(share, kernel, window));
       psa->to(device, dtype);
       psa->train();
       reset_peak(device);
@@ -213,15 +214,15 @@ void bench_speed(const torch::Device& device, const Shape& s, const std::vector<
       const auto stats = psa->route_stats();
       std::printf(
           "{\"mode\": \"speed\", \"what\": \"psa_layer\", \"context\": %ld, \"target_signal\": %.4f, \"ms\": %.4f, "
-          "\"peak_gib\": %.3f, \"route_fractions\": %s}\n",
-          long(T), share, median(ms), peak_gib(device), json_shares(stats.fractions).c_str());
+          "\"peak_gib\": %.3f, \"route_fractions\": %s, \"window\": %ld}\n",
+          long(T), share, median(ms), peak_gib(device), json_shares(stats.fractions).c_str(), long(window));
       std::fflush(stdout);
     }
   }
 }
 
 void bench_decode(const torch::Device& device, const Shape& s, const std::vector<int64_t>& contexts,
-                  const std::vector<double>& signal_shares, int64_t kernel, int steps) {
+                  const std::vector<double>& signal_shares, int64_t kernel, int64_t window, int steps) {
   torch::NoGradGuard no_grad;
   const auto dtype = on_cuda(device) ? torch::kBFloat16 : torch::kFloat;
   auto opts = torch::TensorOptions().device(device).dtype(dtype);
@@ -268,7 +269,7 @@ void bench_decode(const torch::Device& device, const Shape& s, const std::vector
       std::fflush(stdout);
     }
     for (const double share : signal_shares) {
-      PacketSwitchedAttention psa(s.hidden, s.heads, s.heads, s.head_dim, false, false, psa_config(share, kernel));
+      PacketSwitchedAttention psa(s.hidden, s.heads, s.heads, s.head_dim, false, false, psa_config(share, kernel, window));
       psa->to(device, dtype);
       psa->eval();
       PSACache cache;
@@ -283,9 +284,10 @@ void bench_decode(const torch::Device& device, const Shape& s, const std::vector
       const double bytes = double(cache.bytes_allocated());
       std::printf(
           "{\"mode\": \"decode\", \"what\": \"psa\", \"context\": %ld, \"target_signal\": %.4f, \"ms_per_token\": %.4f, "
-          "\"cache_bytes\": %.0f, \"cache_bytes_per_token\": %.1f, \"signal_tokens\": %ld, \"route_fractions\": %s}\n",
+          "\"cache_bytes\": %.0f, \"cache_bytes_per_token\": %.1f, \"signal_tokens\": %ld, \"route_fractions\": %s, "
+          "\"window\": %ld}\n",
           long(L), share, median(ms), bytes, bytes / double(len), long(cache.signal.length),
-          json_shares(prefill_routes.fractions).c_str());
+          json_shares(prefill_routes.fractions).c_str(), long(window));
       std::fflush(stdout);
     }
   }
@@ -298,7 +300,7 @@ int main(int argc, char** argv) {
   std::string mode = "speed";
   std::vector<int64_t> contexts;
   std::vector<double> shares = {0.125, 0.25};
-  int64_t kernel = 8;
+  int64_t kernel = 8, window = PSAConfig().window;
   int repeats = 10, steps = 34;
   std::string device_name = "auto";
   app.add_option("--mode", mode, "speed | decode")->check(CLI::IsMember({"speed", "decode"}));
@@ -306,6 +308,7 @@ int main(int argc, char** argv) {
       ->delimiter(',');
   app.add_option("--signal-shares", shares, "target shares of signal tokens")->delimiter(',');
   app.add_option("--kernel", kernel, "local conv kernel size");
+  app.add_option("--window", window, "PSA's attention window (0: none)");
   app.add_option("--repeats", repeats, "timed repeats (speed)");
   app.add_option("--steps", steps, "decode steps (the first 2 are warm-up)")->check(CLI::Range(3, 100000));
   app.add_option("--device", device_name, "auto | cuda | cpu");
@@ -318,8 +321,8 @@ int main(int argc, char** argv) {
   torch::manual_seed(0);
   const Shape shape;
   if (mode == "speed")
-    bench_speed(device, shape, contexts, shares, kernel, repeats);
+    bench_speed(device, shape, contexts, shares, kernel, window, repeats);
   else
-    bench_decode(device, shape, contexts, shares, kernel, steps);
+    bench_decode(device, shape, contexts, shares, kernel, window, steps);
   return 0;
 }

@@ -53,6 +53,10 @@ def shares(r: dict) -> str:
     return "-" if not f else "/".join(f"{100 * v:.1f}" for v in f)
 
 
+def window_of(rows: list[dict]) -> str:
+    return str(next((r["window"] for r in rows if "window" in r), "?"))
+
+
 def speed_section(header: dict, rows: list[dict]) -> str:
     contexts = sorted({r["context"] for r in rows})
     sig = sorted({r["target_signal"] for r in rows if r["what"] == "psa_layer"})
@@ -77,7 +81,8 @@ def speed_section(header: dict, rows: list[dict]) -> str:
         "One attention layer of 16 heads x 128 (hidden 2048), bf16, batch 1, causal. The dense layer is "
         "q/k/v/o projections + RoPE + PyTorch's SDPA (backend picked: "
         f"`{backend}`); PSA is the whole layer (projections, router with Gumbel noise and straight-through "
-        "gates, local conv, summary scan, packed signal attention). Speed-up = dense layer time / PSA time "
+        f"gates, local conv, summary scan, packed signal attention, attention window of {window_of(rows)} "
+        "tokens). Speed-up = dense layer time / PSA time "
         "(> 1: PSA faster). Routes: measured hard shares prune/local/summary/signal of the last call.", "",
         common.markdown_table(headers, table),
     ])
@@ -108,7 +113,8 @@ def decode_section(header: dict, rows: list[dict]) -> str:
         "Prefill a context of L random tokens into the layer's cache, then decode single tokens (median of the "
         "timed steps, CUDA events). Cache bytes are what the cache allocated (capacity, not filled length), "
         "divided by the tokens seen: the dense cache holds K and V of every token; PSA holds the signal "
-        "tokens' K/V, the conv tail and the summary register. Same layer shape as above.", "",
+        f"tokens' K/V, the window's last {window_of(rows)} - 1 tokens' K/V, the conv tail and the summary "
+        "register. Same layer shape as above.", "",
         common.markdown_table(headers, table),
     ])
 

@@ -122,6 +122,8 @@ void parse_psa(const json& j, ModelConfig& c, const std::string& src) {
   c.psa_layers.erase(std::unique(c.psa_layers.begin(), c.psa_layers.end()), c.psa_layers.end());
   nn::PSAConfig& q = c.psa;
   if (p.contains("kernel_size")) q.kernel_size = get_int(p, "kernel_size", where);
+  // Checkpoints written before the window existed had none.
+  q.window = p.contains("window") ? get_int(p, "window", where) : 0;
   if (p.contains("target_shares")) {
     const json& t = p["target_shares"];
     TORCH_CHECK(t.is_array() && t.size() == 4, where,
@@ -332,6 +334,7 @@ std::string ModelConfig::to_json() const {
   } else {
     j["unswag_psa"] = {{"layers", psa_layers},
                        {"kernel_size", psa.kernel_size},
+                       {"window", psa.window},
                        {"target_shares", psa.target_shares},
                        {"load_loss_weight", psa.load_loss_weight},
                        {"z_loss_weight", psa.z_loss_weight},

@@ -606,10 +606,11 @@ Model& Model::for_training(const TrainingOptions& options) {
   auto& c = impl_->config;
   models::check_training_options(options, c.num_hidden_layers);
   if (!options.psa_layers.empty()) {
-    TORCH_CHECK(c.psa_layers.empty() || c.psa.kernel_size == options.psa.kernel_size,
-                "for_training: the model's PSA layers have kernel_size ", c.psa.kernel_size,
-                "; new PSA layers must use the same (one unswag_psa section describes them all), got ",
-                options.psa.kernel_size);
+    TORCH_CHECK(c.psa_layers.empty() ||
+                    (c.psa.kernel_size == options.psa.kernel_size && c.psa.window == options.psa.window),
+                "for_training: the model's PSA layers have kernel_size ", c.psa.kernel_size, " and window ",
+                c.psa.window, "; new PSA layers must use the same (one unswag_psa section describes them all), got ",
+                options.psa.kernel_size, " and ", options.psa.window);
     std::vector<int64_t> layers = options.psa_layers;
     if (layers == TrainingOptions::all_layers()) {
       layers.clear();

@@ -42,6 +42,7 @@ at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at:
 
 void PSAConfig::validate(const std::string& src) const {
   TORCH_CHECK(kernel_size >= 1, src, ": kernel_size must be >= 1, got ", kernel_size);
+  TORCH_CHECK(window >= 0, src, ": window must be >= 0 (0: no window), got ", window);
   double sum = 0;
   for (double s : target_shares) {
     TORCH_CHECK(s >= 0 && s <= 1, src, ": target_shares must each lie in [0, 1], got ", s);
@@ -95,7 +96,7 @@ int64_t KVBuffer::bytes_allocated() const {
 
 int64_t PSACache::bytes_allocated() const {
   int64_t b = signal.bytes_allocated();
-  for (const Tensor* t : {&conv_tail, &summary})
+  for (const Tensor* t : {&conv_tail, &summary, &window_k, &window_v, &window_bias})
     if (t->defined()) b += t->numel() * int64_t(t->element_size());
   return b;
 }
@@ -106,7 +107,7 @@ PacketSwitchedAttentionImpl::PacketSwitchedAttentionImpl(int64_t hidden, int64_t
                                                          int64_t head_dim_, bool qkv_bias, bool o_bias,
                                                          const PSAConfig& config, int64_t layer)
     : heads(heads_), kv_heads(kv_heads_), head_dim(head_dim_), kv_dim(kv_heads_ * head_dim_),
-      kernel_size(config.kernel_size), layer_index(layer), config_(config) {
+      kernel_size(config.kernel_size), window(config.window), layer_index(layer), config_(config) {
   config.validate("PacketSwitchedAttention");
   TORCH_CHECK(hidden > 0 && heads > 0 && kv_heads > 0 && head_dim > 0 && heads % kv_heads == 0,
               "PacketSwitchedAttention: needs positive sizes with heads a multiple of kv_heads, got hidden ", hidden,
@@ -316,7 +317,9 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
   if (cache != nullptr && !cache->summary.defined()) cache->summary = torch::zeros({1, kv_dim}, v.options().dtype(acc));
   const Tensor summary = s.to(dt);
 
-  const Tensor attn = signal_attention(q, k, v.view({B, T, Hkv, D}).transpose(1, 2), routing, cache);
+  const Tensor v_heads = v.view({B, T, Hkv, D}).transpose(1, 2);
+  Tensor attn = signal_attention(q, k, v_heads, routing, cache);
+  if (window > 0) attn = attn + window_attention(q, k, v_heads, routing, cache);
   // kv_dim reads into the query space: kv head j serves query heads j*G..j*G+G-1 (as GQA's v).
   auto expand = [&](const Tensor& t) {
     return t.view({B, T, Hkv, 1, D}).expand({B, T, Hkv, G, D}).reshape({B, T, H * D});
@@ -395,6 +398,76 @@ Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tens
     out = out * signal.view({B, 1, T, 1}).to(q.scalar_type());
   }
   return (out * z_sig).transpose(1, 2).reshape({B, T, H * D});
+}
+
+namespace {
+
+// Causal attention over the last `window` keys with an additive per-key bias:
+// q [B, H, T, D], k/v [B, Hkv, T, D], bias [B, T] fp32 -> [B, H, T, D]. On CUDA
+// in bf16/fp16, FlashAttention's sliding window; the bias rides in 8 extra
+// head dimensions (q gains a 1, k gains bias / scale, v gains zeros), so the
+// scores are scale * q.k + bias exactly and the kernel keeps its causal
+// window tiling. Elsewhere unswag::chunked_attention, which takes the bias.
+Tensor biased_window_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias, double scale,
+                               int64_t window) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const bool flash = q.is_cuda() && (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf) &&
+                     D % 8 == 0 && D + 8 <= 256;
+  if (!flash) return unswag::chunked_attention(q, k, v, scale, window, 1024, bias);
+  const auto opt = q.options();
+  Tensor q_extra = torch::zeros({B, T, H, 8}, opt);
+  q_extra.select(-1, 0).fill_(1);
+  Tensor k_extra = torch::zeros({B, T, Hkv, 8}, opt);
+  k_extra.select(-1, 0).copy_((bias / scale).to(q.scalar_type()).view({B, T, 1}).expand({B, T, Hkv}));
+  const Tensor qe = torch::cat({q.transpose(1, 2), q_extra}, -1);  // [B, T, H, D + 8]
+  const Tensor ke = torch::cat({k.transpose(1, 2), k_extra}, -1);
+  const Tensor ve = torch::cat({v.transpose(1, 2), torch::zeros({B, T, Hkv, 8}, opt)}, -1);
+  // Flash takes key/value heads dividing the query heads (GQA) as they are.
+  const Tensor o = std::get<0>(at::_flash_attention_forward(qe, ke, ve, std::nullopt, std::nullopt, T, T, 0.0,
+                                                            /*is_causal=*/true, /*return_debug_mask=*/false, scale,
+                                                            /*window_size_left=*/window - 1,
+                                                            /*window_size_right=*/0));
+  return o.narrow(-1, 0, D).transpose(1, 2);
+}
+
+}  // namespace
+
+Tensor PacketSwitchedAttentionImpl::window_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                     const Routing& routing, PSACache* cache) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const double scale = 1.0 / std::sqrt(double(D));
+  // A pruned token's value is gated to zero (its straight-through gate gives
+  // the router a gradient) and its key removed by the bias.
+  const Tensor keep = (1 - routing.gates.select(-1, kPrune)).to(q.scalar_type()).view({B, 1, T, 1});
+  const Tensor vg = v * keep;
+  const Tensor bias = (routing.index == kPrune).to(torch::kFloat) * kPrunedKeyBias;  // [B, T]
+  Tensor out;
+  if (cache != nullptr) {
+    // Continue the cached window: the last min(W - 1, seen) tokens come first;
+    // zero queries in their rows keep q and k aligned (their outputs are dropped).
+    const int64_t P = cache->window_k.defined() ? cache->window_k.size(2) : 0;
+    const Tensor k_all = P > 0 ? torch::cat({cache->window_k, k}, 2) : k;
+    const Tensor v_all = P > 0 ? torch::cat({cache->window_v, vg}, 2) : vg;
+    const Tensor b_all = P > 0 ? torch::cat({cache->window_bias, bias}, 1) : bias;
+    if (T == 1) {
+      // Decode: one query and at most W keys, all inside its window, so the
+      // bias is the whole mask: one SDPA call.
+      const int64_t L = k_all.size(2);
+      out = at::scaled_dot_product_attention(q, k_all, v_all, b_all.to(q.scalar_type()).view({1, 1, 1, L}), 0.0,
+                                             /*is_causal=*/false, scale, /*enable_gqa=*/H != k.size(1));
+    } else {
+      const Tensor q_all = P > 0 ? torch::cat({torch::zeros({B, H, P, D}, q.options()), q}, 2) : q;
+      out = T > 0 ? biased_window_attention(q_all, k_all, v_all, b_all, scale, window).narrow(2, P, T)
+                  : torch::zeros_like(q);
+    }
+    const int64_t L = k_all.size(2), n = std::min(window - 1, L);
+    cache->window_k = k_all.narrow(2, L - n, n).clone();
+    cache->window_v = v_all.narrow(2, L - n, n).clone();
+    cache->window_bias = b_all.narrow(1, L - n, n).clone();
+  } else {
+    out = T > 0 ? biased_window_attention(q, k, vg, bias, scale, window) : torch::zeros_like(q);
+  }
+  return out.transpose(1, 2).reshape({B, T, H * D});
 }
 
 }  // namespace unswag::nn

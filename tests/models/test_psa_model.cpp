@@ -38,6 +38,7 @@ ModelConfig tiny_psa_config() {
   c.rms_norm_eps = 1e-5;
   c.psa_layers = {1};
   c.psa.kernel_size = 4;
+  c.psa.window = 5;
   c.psa.controller_gamma = 0.05;
   c.validate();
   return c;
@@ -60,6 +61,7 @@ TEST(PSAModelConfig, JsonRoundTripAndErrors) {
   const ModelConfig back = ModelConfig::from_json(c.to_json());
   EXPECT_EQ(back.psa_layers, c.psa_layers);
   EXPECT_EQ(back.psa.kernel_size, 4);
+  EXPECT_EQ(back.psa.window, 5);
   EXPECT_EQ(back.psa.target_shares, c.psa.target_shares);
   EXPECT_TRUE(back.psa.random_router);
   EXPECT_EQ(back.psa.seed, 77u);
@@ -81,6 +83,9 @@ TEST(PSAModelConfig, JsonRoundTripAndErrors) {
                {"sum to 1"});
   expect_error([&] { ModelConfig::from_json(with(R"({"layers": [0], "target_shares": [1]})")); },
                {"target_shares must be 4 numbers"});
+  expect_error([&] { ModelConfig::from_json(with(R"({"layers": [0], "window": -1})")); }, {"window must be >= 0"});
+  // A section without "window" (written before it existed) means no window.
+  EXPECT_EQ(ModelConfig::from_json(with(R"({"layers": [0]})")).psa.window, 0);
 }
 
 TEST(PSAModel, FromScratchTrainsAndSavesLoads) {
@@ -131,6 +136,7 @@ TEST(PSAModel, ForTrainingKeepsWeightsAndRope) {
   Model psa = Model::from_pretrained(fixture("llama"));
   unswag::TrainingOptions o = unswag::TrainingOptions::plain();
   o.psa_layers = unswag::TrainingOptions::all_layers();
+  o.psa.window = 0;  // the window read off too (below: every token signal, local and summary reads off)
   psa.for_training(o);
   EXPECT_EQ(psa.config().psa_layers, (std::vector<int64_t>{0, 1}));
   dense.eval();
@@ -138,7 +144,7 @@ TEST(PSAModel, ForTrainingKeepsWeightsAndRope) {
   const Tensor ids = torch::randint(0, 256, {2, 13});
   torch::NoGradGuard no_grad;
   const Tensor want = dense.forward(ids);
-  // Every token routed to "signal", local and summary reads off: dense attention again.
+  // Every token routed to "signal", local, summary and window reads off: dense attention again.
   for (int64_t l : {0, 1}) {
     const std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
     tensor_named(psa, p + "route_bias").copy_(torch::tensor({-1e4, -1e4, -1e4, 1e4}));

@@ -21,7 +21,7 @@ using unswag::test::expect_error;
 using unswag::test::rel_l2;
 
 struct Shape {
-  int64_t d = 20, H = 4, Hkv = 2, D = 6, Kc = 3;
+  int64_t d = 20, H = 4, Hkv = 2, D = 6, Kc = 3, window = 5;
   bool qkv_bias = true, o_bias = true;
 };
 
@@ -29,6 +29,7 @@ struct Shape {
 // route occurs and arg-max decisions are far from ties.
 PacketSwitchedAttention make_layer(const Shape& s, torch::ScalarType dtype, PSAConfig c = {}, int64_t layer = 0) {
   c.kernel_size = s.Kc;
+  c.window = s.window;
   PacketSwitchedAttention m(s.d, s.H, s.Hkv, s.D, s.qkv_bias, s.o_bias, c, layer);
   m->to(dtype);
   torch::NoGradGuard no_grad;
@@ -117,6 +118,18 @@ Tensor reference(const std::map<std::string, Tensor>& p, const Shape& s, const T
   scores = scores.masked_fill(allowed.unsqueeze(1).logical_not(), -INFINITY);
   Tensor attn = torch::matmul(torch::softmax(scores, -1), vr) * sig.view({B, 1, T, 1}).to(torch::kDouble) * zs;
   attn = attn.transpose(1, 2).reshape({B, T, H * D});
+  // Window: dense attention over the last W tokens, pruned keys carrying the
+  // bias kPrunedKeyBias (weight e^-2000 = 0) and zero values.
+  if (s.window > 0) {
+    const Tensor keep = 1 - z.select(-1, 0).view({B, 1, T, 1});
+    const Tensor kw = k.repeat_interleave(G, 1);
+    const Tensor vw = (v.view({B, T, Hkv, D}).transpose(1, 2) * keep).repeat_interleave(G, 1);
+    Tensor sw = torch::matmul(q, kw.transpose(2, 3)) / std::sqrt(double(D)) +
+                (hard == 0).to(torch::kDouble).view({B, 1, 1, T}) * unswag::nn::kPrunedKeyBias;
+    const Tensor in_window = (j <= i).logical_and(j > i - s.window);  // [1, T, T]
+    sw = sw.masked_fill(in_window.unsqueeze(1).logical_not(), -INFINITY);
+    attn = attn + torch::matmul(torch::softmax(sw, -1), vw).transpose(1, 2).reshape({B, T, H * D});
+  }
   auto expand = [&](const Tensor& t) {
     return t.view({B, T, Hkv, 1, D}).expand({B, T, Hkv, G, D}).reshape({B, T, H * D});
   };
@@ -143,9 +156,11 @@ class PSALayer : public ::testing::Test {
 
 TEST_F(PSALayer, EveryRouteGradientMatchesFloat64Reference) {
   SCOPED_TRACE("seed " + std::to_string(seed_));
-  for (bool training : {true, false}) {
+  for (const auto& [training, window] : std::vector<std::pair<bool, int64_t>>{{true, 5}, {false, 5}, {true, 0}}) {
+    SCOPED_TRACE(std::string(training ? "training" : "eval") + ", window " + std::to_string(window));
     Shape s;
     s.qkv_bias = training;  // both with and without biases
+    s.window = window;
     auto m = make_layer(s, torch::kDouble);
     m->train(training);
     m->set_temperature(0.7);
@@ -313,11 +328,56 @@ TEST_F(PSALayer, PrefillAndDecodeEqualFullForward) {
     EXPECT_GE(capacity, S);
     EXPECT_LE(capacity, std::max<int64_t>(S + S / 8 + 1, 1));
     EXPECT_EQ(cache.signal.bytes_allocated(), capacity * slot);
-    EXPECT_EQ(cache.bytes_allocated(), capacity * slot + (s.Kc - 1) * s.Hkv * s.D * int64_t(c10::elementSize(dtype)) +
+    // The window's last W - 1 tokens: keys, values (zero where pruned) and the fp32 key bias.
+    const int64_t n = s.window - 1;
+    ASSERT_EQ(cache.window_k.size(2), n);
+    const Tensor last_routes = full_routes[0].narrow(0, T - n, n);
+    const Tensor kept = last_routes.ne(0).to(dtype).view({1, 1, n, 1});
+    EXPECT_LT(rel_l2(cache.window_k, kr.narrow(2, T - n, n)), 1e-6);
+    EXPECT_LT(rel_l2(cache.window_v, v.narrow(2, T - n, n) * kept), 1e-6);
+    EXPECT_TRUE(torch::equal(cache.window_bias[0].ne(0), last_routes.eq(0)));
+    EXPECT_EQ(cache.bytes_allocated(), capacity * slot + n * slot + n * 4 +
+                                           (s.Kc - 1) * s.Hkv * s.D * int64_t(c10::elementSize(dtype)) +
                                            s.Hkv * s.D * int64_t(c10::elementSize(dtype == torch::kDouble
                                                                                       ? torch::kDouble
                                                                                       : torch::kFloat)));
   }
+}
+
+TEST_F(PSALayer, PrunedTokensContributeNothing) {
+  // Perturbing a pruned token (keeping its route) moves no later token's
+  // output, through any read: conv, register, window and signal.
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  s.window = 6;
+  auto m = make_layer(s, torch::kDouble);
+  m->eval();
+  const int64_t T = 40;
+  const Tensor x = torch::randn({1, T, s.d}, torch::kDouble), pos = positions_of(1, T);
+  const auto [cos, sin] = rope(pos, s.D, torch::kDouble);
+  torch::NoGradGuard no_grad;
+  const Tensor a = m->forward(x, pos, cos, sin);
+  const Tensor routes = m->last_routes()[0];
+  const Tensor pruned = routes.eq(0).nonzero().squeeze(1);
+  ASSERT_GT(pruned.size(0), 0) << "no pruned token: " << routes;
+  int64_t checked = 0;
+  for (int64_t i = 0; i < pruned.size(0); ++i) {
+    const int64_t t = pruned[i].item<int64_t>();
+    if (t + 1 >= T) continue;
+    Tensor x2 = x.clone();
+    x2[0][t] += 1e-3 * torch::randn({s.d}, torch::kDouble);
+    const Tensor b = m->forward(x2, pos, cos, sin);
+    if (!torch::equal(m->last_routes()[0], routes)) continue;  // the nudge flipped a route: not this test's case
+    EXPECT_TRUE(torch::equal(a.narrow(1, t + 1, T - t - 1), b.narrow(1, t + 1, T - t - 1))) << "pruned token " << t;
+    ++checked;
+  }
+  EXPECT_GT(checked, 0);
+  // The control: the same nudge to the first token that is not pruned moves the next token's output.
+  const int64_t kept = routes.ne(0).nonzero()[0].item<int64_t>();
+  ASSERT_LT(kept + 1, T);
+  Tensor x2 = x.clone();
+  x2[0][kept] += 1e-3 * torch::randn({s.d}, torch::kDouble);
+  EXPECT_GT((m->forward(x2, pos, cos, sin)[0][kept + 1] - a[0][kept + 1]).abs().max().item<double>(), 0);
 }
 
 TEST_F(PSALayer, CacheBytesScaleWithSignalCount) {

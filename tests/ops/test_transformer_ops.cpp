@@ -68,10 +68,11 @@ TEST_P(TransformerOps, RMSNormNonContiguousAndEmpty) {
 // ---------------------------------------------------- chunked_attention ----
 
 torch::Tensor attention_ref(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
-                            int64_t window) {
+                            int64_t window, const torch::Tensor& key_bias = {}) {
   const int64_t G = q.size(1) / k.size(1), T = q.size(2);
   const auto kr = k.repeat_interleave(G, 1), vr = v.repeat_interleave(G, 1);
   auto s = torch::matmul(q, kr.transpose(-1, -2)) * scale;
+  if (key_bias.defined()) s = s + key_bias.to(s.scalar_type()).view({q.size(0), 1, 1, T});
   const auto i = torch::arange(T, torch::TensorOptions().device(q.device())).unsqueeze(1);
   const auto j = i.t();
   auto allowed = j <= i;
@@ -103,6 +104,36 @@ TEST_P(TransformerOps, ChunkedAttentionMatchesFloat64) {
       EXPECT_LT(rel_l2(v.grad(), v64.grad()), tol(dtype, 16)) << dtype << " T " << c.T;
     }
   }
+}
+
+TEST_P(TransformerOps, ChunkedAttentionKeyBias) {
+  // An additive per-key bias: random values, and -2000 removing keys (PSA's
+  // pruned tokens), including a row whose every visible key is removed.
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  const int64_t B = 2, H = 4, Hkv = 2, T = 31, D = 8, window = 5;
+  for (auto dtype : unswag::test::float_dtypes()) {
+    auto [q, q64] = leaf({B, H, T, D}, dtype);
+    auto [k, k64] = leaf({B, Hkv, T, D}, dtype);
+    auto [v, v64] = leaf({B, Hkv, T, D}, dtype);
+    auto bias = torch::randn({B, T}, opts(torch::kDouble));
+    bias.masked_fill_(torch::rand({B, T}, opts(torch::kDouble)) < 0.3, -2000.0);
+    // (In float32 the scores of a fully removed row sit near -2000, where an
+    // ulp is 1e-4: only fp64 checks that row's uniform average tightly.)
+    if (dtype == torch::kDouble) bias[0].narrow(0, 10, window).fill_(-2000.0);
+    const double scale = 1.0 / std::sqrt(double(D));
+    const auto o = unswag::chunked_attention(q, k, v, scale, window, 7, bias.to(torch::kFloat));
+    const auto o64 = attention_ref(q64, k64, v64, scale, window, bias);
+    EXPECT_LT(rel_l2(o, o64), tol(dtype, 8)) << dtype;
+    const auto g = torch::randn_like(o64);
+    o.backward(g.to(dtype));
+    o64.backward(g);
+    EXPECT_LT(rel_l2(q.grad(), q64.grad()), tol(dtype, 16)) << dtype;
+    EXPECT_LT(rel_l2(k.grad(), k64.grad()), tol(dtype, 16)) << dtype;
+    EXPECT_LT(rel_l2(v.grad(), v64.grad()), tol(dtype, 16)) << dtype;
+  }
+  auto q = torch::randn({1, 2, 8, 4}, opts(torch::kFloat));
+  expect_error([&] { unswag::chunked_attention(q, q, q, 0.5, 0, 4, torch::zeros({1, 7}, opts(torch::kFloat))); },
+               {"key_bias must be a floating [B, T] = [1, 8]"});
 }
 
 TEST_P(TransformerOps, ChunkedAttentionIsCausal) {

@@ -51,7 +51,7 @@ struct ModelConfig {
   std::optional<int64_t> pad_token_id;
   // Layers whose attention is PSA (sorted, unique; empty: a dense model) and
   // their settings. config.json: "unswag_psa": {"layers": [...], "kernel_size":
-  // 8, "target_shares": [prune, local, summary, signal], "load_loss_weight",
+  // 8, "window": 128 (absent: 0), "target_shares": [prune, local, summary, signal], "load_loss_weight",
   // "z_loss_weight", "controller_gamma", "random_router", "seed", "temperature"}.
   std::vector<int64_t> psa_layers;
   nn::PSAConfig psa;

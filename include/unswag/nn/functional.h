@@ -26,9 +26,13 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
 
 // q [B, H, T, D], k and v [B, Hkv, T, D] with H a multiple of Hkv. Causal; with
 // window > 0 token i sees tokens j in (i - window, i] only (Mistral's sliding
-// window). scale: usually D^-1/2. Softmax statistics in fp32.
+// window). scale: usually D^-1/2. Softmax statistics in fp32. key_bias
+// (optional, floating [B, T], no gradient) is added to every score of key j: a
+// large negative value removes key j (a row whose keys are all removed so
+// averages their values uniformly, as any additive mask does).
 at::Tensor chunked_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                             int64_t window = 0, int64_t chunk = 1024);
+                             int64_t window = 0, int64_t chunk = 1024,
+                             const std::optional<at::Tensor>& key_bias = std::nullopt);
 
 // h [N, d], weight [V, d], targets [N] int64 (ignore_index ignored). Mean over
 // the non-ignored targets (NaN when there are none, as torch's cross_entropy).

@@ -2,15 +2,18 @@
 // q/k/v/o projections in which a per-token router picks what each token
 // WRITES for later tokens (0 prune: nothing; 1 local: the causal depthwise
 // conv stream; 2 summary: an EMA register; 3 signal: its key and value for the
-// sparse attention), while every token READS the conv, the register and (if it
-// is a signal token) causal attention over the earlier signal tokens:
+// sparse attention), while every token READS the conv, the register, a small
+// causal window of the last W non-pruned tokens (if configured) and (if it is
+// a signal token) causal attention over the earlier signal tokens:
 //
-//   o_t = Wo( z_sig,t * attn(q_t; K_sig<=t, V_sig<=t) + lambda_local * c_t + lambda_summary * m_t )
+//   o_t = Wo( z_sig,t * attn(q_t; K_sig<=t, V_sig<=t) + attn(q_t; K_win(t), V_win(t))
+//             + lambda_local * c_t + lambda_summary * m_t )
 //
 // The signal attention gathers the signal tokens into a packed sequence, so it
-// costs O(S^2) in their number S; the conv is O(T * K), the register O(T).
-// Cached generation (PSACache) keeps only the signal tokens' K/V, the conv
-// tail and the register.
+// costs O(S^2) in their number S; the window O(T * W), the conv O(T * K), the
+// register O(T). Cached generation (PSACache) keeps only the signal tokens'
+// K/V, the last W - 1 tokens' K/V for the window, the conv tail and the
+// register.
 #pragma once
 
 #include <torch/nn/module.h>
@@ -27,8 +30,16 @@ namespace unswag::nn {
 // Route indices.
 enum PSARoute : int64_t { kPrune = 0, kLocal = 1, kSummary = 2, kSignal = 3 };
 
+// What the window attention adds to the score of a pruned token's key: its
+// softmax weight becomes e^-2000 = 0 in every float type, so the token is
+// removed, while the attention keeps the shape (and kernel) of a sliding window.
+constexpr double kPrunedKeyBias = -2000.0;
+
 struct PSAConfig {
   int64_t kernel_size = 8;  // Kc of the local causal conv
+  // W: every token also attends to the tokens j in (t - W, t] that were not
+  // pruned (0: no window). A sliding window as Mistral's: O(T * W).
+  int64_t window = 128;
   // Budgets of the four routes (prune, local, summary, signal); sum to 1.
   std::array<double, 4> target_shares = {0.125, 0.375, 0.3125, 0.1875};
   double load_loss_weight = 1.0;   // alpha: sum_r (mean_t p_r - target_r)^2
@@ -75,6 +86,10 @@ struct PSACache {
   KVBuffer signal;          // keys (RoPE at the original positions) and values of the signal tokens only
   torch::Tensor conv_tail;  // [1, Kc - 1, kv_dim]: the last Kc - 1 written local values u
   torch::Tensor summary;    // [1, kv_dim] fp32 (fp64 for fp64 models): the register s
+  // The window's last min(W - 1, tokens) tokens: keys (RoPE applied), values
+  // (zero where pruned) [1, Hkv, n, D] and the key bias [1, n] fp32 (0, or
+  // kPrunedKeyBias where pruned).
+  torch::Tensor window_k, window_v, window_bias;
   int64_t tokens = 0;       // tokens seen (all routes)
   int64_t bytes_allocated() const;
   void clear() { *this = PSACache(); }
@@ -121,7 +136,7 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   torch::Tensor last_gumbel() const { return gumbel_; }   // [B, T, 4] fp32 (training mode)
 
   const PSAConfig& config() const { return config_; }
-  int64_t heads, kv_heads, head_dim, kv_dim, kernel_size, layer_index;
+  int64_t heads, kv_heads, head_dim, kv_dim, kernel_size, window, layer_index;
 
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   torch::nn::Linear router{nullptr};  // [4, d] + bias [4]
@@ -144,6 +159,10 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   // z_sig,t * causal attention of the signal queries over the signal keys:
   // q [B, H, T, D], k/v [B, Hkv, T, D] -> [B, T, H * D].
   torch::Tensor signal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                 const Routing& routing, PSACache* cache);
+  // Causal attention of every query over the last W tokens, pruned ones
+  // removed: q [B, H, T, D], k/v [B, Hkv, T, D] -> [B, T, H * D].
+  torch::Tensor window_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                  const Routing& routing, PSACache* cache);
 
   PSAConfig config_;
