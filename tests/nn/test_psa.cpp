@@ -526,3 +526,78 @@ TEST_F(PSALayer, LowPrecisionEmptyAndErrors) {
 }
 
 }  // namespace
+
+namespace {
+
+// The CUDA paths in bf16/fp16 (FlashAttention for the packed signal attention
+// and for the window, whose pruned-key bias rides in 8 extra head dimensions,
+// with GQA; SDPA with the bias as mask for one decode token) against the same
+// layer in float64 on the CPU. The random router makes the routes a function
+// of the positions only, so both devices route identically.
+TEST_F(PSALayer, CudaHalfPrecisionMatchesFloat64) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device here";
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  s.d = 48;
+  s.H = 4;
+  s.Hkv = 2;
+  s.D = 64;  // FlashAttention: a multiple of 8
+  s.window = 37;
+  PSAConfig c;
+  c.random_router = true;
+  c.seed = seed_;
+  c.target_shares = {0.2, 0.3, 0.2, 0.3};
+  const torch::Device cuda(torch::kCUDA, 0);
+  for (auto dtype : {torch::kBFloat16, torch::kFloat16}) {
+    auto ref = make_layer(s, torch::kDouble, c);
+    auto m = make_layer(s, torch::kDouble, c);
+    {
+      torch::NoGradGuard no_grad;
+      auto src = ref->named_parameters(), dst = m->named_parameters();
+      for (const auto& kv : src) dst[kv.key()].copy_(kv.value());
+    }
+    m->to(cuda, dtype);
+    const int64_t B = 2, T = 301;
+    const Tensor x = torch::randn({B, T, s.d}, torch::kDouble), pos = positions_of(B, T);
+    const auto [cos, sin] = rope(pos, s.D, torch::kDouble);
+    const Tensor xr = x.clone().requires_grad_(true);
+    const Tensor xc = x.to(cuda, dtype).requires_grad_(true);
+    ref->train();
+    m->train();
+    const Tensor want = ref->forward(xr, pos, cos, sin);
+    const Tensor got = m->forward(xc, pos.to(cuda), cos.to(cuda, dtype), sin.to(cuda, dtype));
+    ASSERT_TRUE(torch::equal(m->last_routes().cpu(), ref->last_routes()));
+    const double u = unswag::test::unit_roundoff(dtype);
+    EXPECT_LT(rel_l2(got.cpu(), want), 16 * u) << dtype;
+    const Tensor w = torch::randn_like(want);
+    (want * w).sum().backward();
+    (got * w.to(cuda, dtype)).sum().backward();
+    EXPECT_LT(rel_l2(xc.grad().cpu(), xr.grad()), 32 * u) << dtype << " x";
+    auto pr = ref->named_parameters(), pc = m->named_parameters();
+    for (const auto& kv : pr) {
+      if (kv.key().rfind("router", 0) == 0) continue;  // the random router takes no gradient
+      ASSERT_TRUE(pc[kv.key()].grad().defined()) << kv.key();
+      EXPECT_LT(rel_l2(pc[kv.key()].grad().cpu(), kv.value().grad()), 32 * u) << dtype << " " << kv.key();
+    }
+    // Prefill, a chunk, then decode token by token on the GPU, against the fp64 full forward.
+    ref->eval();
+    m->eval();
+    torch::NoGradGuard no_grad;
+    const Tensor x1 = x.narrow(0, 0, 1), p1 = pos.narrow(0, 0, 1);
+    const Tensor full = ref->forward(x1, p1, cos.narrow(0, 0, 1), sin.narrow(0, 0, 1));
+    unswag::nn::PSACache cache;
+    std::vector<Tensor> outs;
+    for (int64_t t = 0; t < 120;) {
+      const int64_t n = t == 0 ? 80 : t == 80 ? 5 : 1;
+      outs.push_back(m->forward_cached(x1.narrow(1, t, n).to(cuda, dtype), p1.narrow(1, t, n).to(cuda),
+                                       cos.narrow(0, 0, 1).narrow(2, t, n).to(cuda, dtype),
+                                       sin.narrow(0, 0, 1).narrow(2, t, n).to(cuda, dtype), cache)
+                         .cpu());
+      t += n;
+    }
+    EXPECT_LT(rel_l2(torch::cat(outs, 1), full.narrow(1, 0, 120)), 16 * u) << dtype << " cached";
+    EXPECT_EQ(cache.window_k.size(2), s.window - 1);
+  }
+}
+
+}  // namespace
