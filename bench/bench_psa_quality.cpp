@@ -36,6 +36,7 @@ struct Args {
   int64_t layers = 6, hidden = 512, heads = 8, ff = 1408, context = 1024, batch = 16;
   int64_t tokens = 8'000'000, eval_tokens = 1'000'000, evals = 8;
   int64_t window = unswag::nn::PSAConfig().window;
+  double entropy_loss_weight = unswag::nn::PSAConfig().entropy_loss_weight;
   double lr = 1.5e-3, tau_start = 1.0, tau_end = 0.3;
   std::vector<std::string> variants = {"dense", "psa", "random"};
   std::vector<uint64_t> seeds = {0, 1};
@@ -74,6 +75,7 @@ unswag::ModelConfig model_config(const Args& a, const std::string& variant, uint
     c.psa.seed = seed;
     c.psa.temperature = a.tau_start;
     c.psa.window = a.window;
+    c.psa.entropy_loss_weight = a.entropy_loss_weight;
   }
   c.validate("bench_psa_quality");
   return c;
@@ -242,6 +244,7 @@ int main(int argc, char** argv) {
   app.add_option("--evals", a.evals, "evaluations per run");
   app.add_option("--lr", a.lr);
   app.add_option("--window", a.window, "PSA's attention window (0: none)");
+  app.add_option("--entropy-loss-weight", a.entropy_loss_weight, "the router's per-token entropy penalty");
   app.add_option("--variants", a.variants)->delimiter(',');
   app.add_option("--seeds", a.seeds)->delimiter(',');
   app.add_flag("--quick", a.quick, "a short run (a smoke test, not a result)");
@@ -262,7 +265,7 @@ int main(int argc, char** argv) {
   out["config"] = {{"layers", a.layers}, {"hidden", a.hidden}, {"heads", a.heads}, {"ff", a.ff},
                    {"context", a.context}, {"batch", a.batch}, {"tokens", a.tokens}, {"lr", a.lr},
                    {"eval_tokens", a.eval_tokens}, {"data", a.data},
-                   {"window", a.window}};
+                   {"window", a.window}, {"entropy_loss_weight", a.entropy_loss_weight}};
   out["runs"] = json::array();
   for (const auto& r : runs)
     out["runs"].push_back({{"variant", r.variant}, {"seed", r.seed}, {"val_curve", r.val_curve},
@@ -285,7 +288,8 @@ int main(int argc, char** argv) {
      << "(scripts/make-psa-corpus.sh), " << a.tokens / 1000000.0 << "M tokens per run (batch " << a.batch
      << " x " << a.context << "), AdamW (fp32 state, lr " << a.lr << " warmup + cosine), fp32 weights with TF32. "
      << "PSA: every layer, targets prune/local/summary/signal 12.5/37.5/31.25/18.75%, attention window " << a.window
-     << ", Gumbel temperature 1 -> 0.3. "
+     << ", Gumbel temperature " << a.tau_start << " -> " << a.tau_end << ", router entropy weight "
+     << a.entropy_loss_weight << ". "
      << "Random: the same layer with each token's route drawn from those shares by a hash (no router). "
      << "Validation: " << a.eval_tokens / 1000000.0 << "M held-out tokens, eval mode (hard routing).\n\n";
   md << "| variant | " ;

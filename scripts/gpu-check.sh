@@ -84,19 +84,18 @@ say() { echo "$*" | tee -a "$LOG"; }
 
 remaining_s() { echo $((BUDGET_S - (SECONDS - START_S))); }
 
-# Copies what should come back into $OUT (logs, bench results, BENCHMARKS.md): called after each step,
-# so a run cut off by the caller's time limit still returns what it has.
+# Copies what should come back into $OUT: docs/BENCHMARKS.md, gpu-check.log and one tarball of
+# out/gpu-check (the device tool returns at most 8 files, so logs and results travel packed).
+# Called after each step, so a run cut off by the caller's time limit still returns what it has.
 collect() {
   [[ -n "${OUT:-}" ]] || return 0
   mkdir -p "$OUT"
-  local f
-  for f in "$LOG" "$CTEST_LOG" "$BENCH_DIR"/bench_activations.json "$BENCH_DIR"/bench_activations.md \
-           "$BENCH_DIR"/bench_mlp.json "$BENCH_DIR"/bench_mlp.md "$BENCH_DIR"/bench_*.json \
-           "$BENCH_DIR"/bench_*.md "$BENCH_DIR"/psa_quality/quality.svg "$BENCH_DIR"/*.svg; do
-    [[ -f "$f" ]] && cp -f "$f" "$OUT"/
-  done
-  if [[ -f "$PYTEST_LOG" ]]; then cat "$PYTEST_LOG" >"$OUT/pytest.log"; fi
-  if [[ -f docs/BENCHMARKS.md && -f "$BENCH_DIR/.doc-updated" ]]; then cp -f docs/BENCHMARKS.md "$OUT"/; fi
+  cp -f "$LOG" "$OUT"/ 2>/dev/null || true
+  if [[ -f docs/BENCHMARKS.md && -f "$BENCH_DIR/.doc-updated" ]]; then
+    cp -f docs/BENCHMARKS.md "$WORK_DIR"/BENCHMARKS.md; cp -f docs/BENCHMARKS.md "$OUT"/
+  fi
+  tar -czf "$OUT/gpu-check.tar.gz.part" -C "$(dirname "$WORK_DIR")" "$(basename "$WORK_DIR")" 2>/dev/null \
+    && mv -f "$OUT/gpu-check.tar.gz.part" "$OUT/gpu-check.tar.gz"
   return 0
 }
 
@@ -311,10 +310,17 @@ print(f"{total} {failed} {len(skips)} {','.join(skips[:20])}")
 PY
 )"
   read -r ctest_total ctest_failed ctest_skipped ctest_skip_names <<<"$ctest_counts"
+  failed_names="$(sed -n '/The following tests FAILED:/,/^Errors while running/p' "$CTEST_LOG" \
+    | grep -oE '[0-9]+ - [^ ]+' | sed 's/^[0-9]* - //' | paste -sd, - || true)"
   if ((ctest_failed < 0)); then
     detail="no ctest summary line (see ctest.log); $ctest_skipped skipped so far"
   else
     detail="$ctest_total tests, $ctest_failed failed, $ctest_skipped skipped"
+  fi
+  [[ -n "$failed_names" ]] && detail+=": failed $failed_names"
+  if [[ -n "$failed_names" ]]; then
+    # The failures again, one at a time and without -V, so their messages are readable (the -j log interleaves).
+    run_step ctest-rerun "$WORK_DIR/ctest-failed.log" '' ctest --test-dir "$BUILD_DIR" --rerun-failed --output-on-failure
   fi
   if ((ctest_rc != 0)); then
     record ctest "$(status_of_rc "$ctest_rc")" "$detail (rc=$ctest_rc)" $((SECONDS - t0))
@@ -473,6 +479,10 @@ PY
   for i in "${!STEP_NAMES[@]}"; do
     printf '| %-17s | %-8s | %5s | %s\n' "${STEP_NAMES[$i]}" "${STEP_STATUS[$i]}" "${STEP_SECONDS[$i]}" "${STEP_DETAIL[$i]}"
   done
+  if [[ -f "$WORK_DIR/ctest-failed.log" ]]; then
+    echo "failed tests (from ctest-failed.log):"
+    grep -E 'Failure|FAILED|Expected|Which is|error|Error|what\(\)|max \|' "$WORK_DIR/ctest-failed.log" | head -40 || true
+  fi
   if ((OVERALL_OK)); then echo "RESULT: OK"; else echo "RESULT: FAILED"; fi
 } 2>&1 | tee -a "$LOG"
 collect

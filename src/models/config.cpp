@@ -135,6 +135,8 @@ void parse_psa(const json& j, ModelConfig& c, const std::string& src) {
   }
   q.load_loss_weight = get_number(p, "load_loss_weight", q.load_loss_weight, where);
   q.z_loss_weight = get_number(p, "z_loss_weight", q.z_loss_weight, where);
+  // Checkpoints written before the entropy term had none.
+  q.entropy_loss_weight = get_number(p, "entropy_loss_weight", 0.0, where);
   q.controller_gamma = get_number(p, "controller_gamma", q.controller_gamma, where);
   q.random_router = get_bool(p, "random_router", q.random_router, where);
   if (p.contains("seed")) {
@@ -338,6 +340,7 @@ std::string ModelConfig::to_json() const {
                        {"target_shares", psa.target_shares},
                        {"load_loss_weight", psa.load_loss_weight},
                        {"z_loss_weight", psa.z_loss_weight},
+                       {"entropy_loss_weight", psa.entropy_loss_weight},
                        {"controller_gamma", psa.controller_gamma},
                        {"random_router", psa.random_router},
                        {"seed", psa.seed},

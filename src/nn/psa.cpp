@@ -52,6 +52,7 @@ void PSAConfig::validate(const std::string& src) const {
               sum);
   TORCH_CHECK(load_loss_weight >= 0, src, ": load_loss_weight must be >= 0, got ", load_loss_weight);
   TORCH_CHECK(z_loss_weight >= 0, src, ": z_loss_weight must be >= 0, got ", z_loss_weight);
+  TORCH_CHECK(entropy_loss_weight >= 0, src, ": entropy_loss_weight must be >= 0, got ", entropy_loss_weight);
   TORCH_CHECK(controller_gamma >= 0, src, ": controller_gamma must be >= 0, got ", controller_gamma);
   TORCH_CHECK(temperature > 0, src, ": temperature must be positive, got ", temperature);
 }
@@ -203,7 +204,7 @@ PacketSwitchedAttentionImpl::Routing PacketSwitchedAttentionImpl::route(const Te
   const Tensor logits = router(x).to(acc);  // [B, T, 4]
   const Tensor biased = logits + route_bias.to(acc);
   const Tensor zero = torch::zeros({}, x.options().dtype(torch::kFloat));
-  aux_loss_ = load_loss_ = z_loss_ = zero;
+  aux_loss_ = load_loss_ = z_loss_ = entropy_loss_ = zero;
   agreement_ = torch::ones({}, x.options().dtype(torch::kFloat));
   Routing r;
   if (config_.random_router) {
@@ -240,7 +241,10 @@ PacketSwitchedAttentionImpl::Routing PacketSwitchedAttentionImpl::route(const Te
           std::vector<double>(config_.target_shares.begin(), config_.target_shares.end()), p.options());
       load_loss_ = (p.mean(at::IntArrayRef{0, 1}) - target).pow(2).sum().to(torch::kFloat);
       z_loss_ = torch::logsumexp(logits, -1).pow(2).mean().to(torch::kFloat);
-      aux_loss_ = config_.load_loss_weight * load_loss_ + config_.z_loss_weight * z_loss_;
+      const Tensor log_p = torch::log_softmax(biased / config_.temperature, -1);
+      entropy_loss_ = -(p * log_p).sum(-1).mean().to(torch::kFloat);
+      aux_loss_ = config_.load_loss_weight * load_loss_ + config_.z_loss_weight * z_loss_ +
+                  config_.entropy_loss_weight * entropy_loss_;
       const Tensor eval_index = biased.argmax(-1);
       agreement_ = (r.index == eval_index).to(torch::kFloat).mean();
       // The controller steers the noise-free arg-max shares (what eval and

@@ -58,6 +58,7 @@ TEST(PSAModelConfig, JsonRoundTripAndErrors) {
   c.psa.target_shares = {0.1, 0.4, 0.3, 0.2};
   c.psa.random_router = true;
   c.psa.seed = 77;
+  c.psa.entropy_loss_weight = 0.125;
   const ModelConfig back = ModelConfig::from_json(c.to_json());
   EXPECT_EQ(back.psa_layers, c.psa_layers);
   EXPECT_EQ(back.psa.kernel_size, 4);
@@ -66,6 +67,7 @@ TEST(PSAModelConfig, JsonRoundTripAndErrors) {
   EXPECT_TRUE(back.psa.random_router);
   EXPECT_EQ(back.psa.seed, 77u);
   EXPECT_DOUBLE_EQ(back.psa.controller_gamma, 0.05);
+  EXPECT_DOUBLE_EQ(back.psa.entropy_loss_weight, 0.125);
   EXPECT_EQ(back.num_parameters(), c.num_parameters());
   EXPECT_EQ(Model::from_config(c).num_parameters(), c.num_parameters());
   // A dense config writes no PSA section.
@@ -86,6 +88,10 @@ TEST(PSAModelConfig, JsonRoundTripAndErrors) {
   expect_error([&] { ModelConfig::from_json(with(R"({"layers": [0], "window": -1})")); }, {"window must be >= 0"});
   // A section without "window" (written before it existed) means no window.
   EXPECT_EQ(ModelConfig::from_json(with(R"({"layers": [0]})")).psa.window, 0);
+  // Nor an entropy term.
+  EXPECT_EQ(ModelConfig::from_json(with(R"({"layers": [0]})")).psa.entropy_loss_weight, 0.0);
+  expect_error([&] { ModelConfig::from_json(with(R"({"layers": [0], "entropy_loss_weight": -1})")); },
+               {"entropy_loss_weight must be >= 0"});
 }
 
 TEST(PSAModel, FromScratchTrainsAndSavesLoads) {

@@ -238,6 +238,72 @@ TEST_F(PSALayer, HardForwardStraightThroughGradientAndTemperature) {
   EXPECT_GT(m->aux_loss().item<double>(), 0);
 }
 
+// The auxiliary losses against their formulas in float64, with
+// p = softmax((W x + b + c) / tau): load = sum_r (mean_t p_r - target_r)^2,
+// z = mean_t logsumexp(W x + b)^2, entropy = mean_t -sum_r p_r log p_r, and
+// aux = alpha load + beta z + eta entropy; the entropy term's gradient reaches
+// the router.
+TEST_F(PSALayer, AuxLossesMatchTheirFormulas) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  PSAConfig c;
+  c.load_loss_weight = 0.7;
+  c.z_loss_weight = 0.01;
+  c.entropy_loss_weight = 0.3;
+  c.temperature = 0.6;
+  auto m = make_layer(s, torch::kDouble, c);
+  const int64_t B = 2, T = 13;
+  const Tensor x = torch::randn({B, T, s.d}, torch::kDouble), pos = positions_of(B, T);
+  const auto [cos, sin] = rope(pos, s.D, torch::kDouble);
+  m->forward(x, pos, cos, sin, gumbel_noise(B, T));
+  torch::NoGradGuard no_grad;
+  const Tensor logits = torch::matmul(x, m->router->weight.t()) + m->router->bias;
+  const Tensor p = torch::softmax((logits + m->route_bias) / c.temperature, -1);
+  const Tensor target = torch::tensor({0.125, 0.375, 0.3125, 0.1875}, torch::kDouble);
+  const double load = (p.mean(at::IntArrayRef{0, 1}) - target).pow(2).sum().item<double>();
+  const double z = torch::logsumexp(logits, -1).pow(2).mean().item<double>();
+  const double entropy = -(p * p.log()).sum(-1).mean().item<double>();
+  // The losses are kept in fp32.
+  EXPECT_NEAR(m->load_loss().item<double>(), load, 1e-6 * load);
+  EXPECT_NEAR(m->z_loss().item<double>(), z, 1e-6 * z);
+  EXPECT_NEAR(m->entropy_loss().item<double>(), entropy, 1e-6 * entropy);
+  EXPECT_GT(entropy, 0);
+  EXPECT_NEAR(m->aux_loss().item<double>(), 0.7 * load + 0.01 * z + 0.3 * entropy, 1e-6);
+}
+
+// Minimising the entropy term alone sharpens the router: its routes become
+// eval's arg-max (agreement -> 1) while the load loss is off.
+TEST_F(PSALayer, EntropyLossSharpensRouting) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  PSAConfig c;
+  c.load_loss_weight = 0;
+  c.z_loss_weight = 0;
+  c.entropy_loss_weight = 1;
+  auto m = make_layer(s, torch::kDouble, c);
+  {
+    torch::NoGradGuard no_grad;
+    m->router->weight.mul_(0.05);  // start unsure
+    m->route_bias.zero_();
+  }
+  const int64_t B = 2, T = 64;
+  const Tensor x = torch::randn({B, T, s.d}, torch::kDouble), pos = positions_of(B, T);
+  const auto [cos, sin] = rope(pos, s.D, torch::kDouble);
+  torch::optim::SGD sgd(std::vector<Tensor>{m->router->weight, m->router->bias}, 0.5);
+  double first = 0, last = 0;
+  for (int step = 0; step < 200; ++step) {
+    sgd.zero_grad();
+    m->forward(x, pos, cos, sin, gumbel_noise(B, T));
+    (step == 0 ? first : last) = m->entropy_loss().item<double>();
+    m->aux_loss().backward();
+    sgd.step();
+  }
+  EXPECT_GT(first, 1.0);  // near log 4 = 1.386
+  EXPECT_LT(last, 0.1);
+  m->forward(x, pos, cos, sin, gumbel_noise(B, T));
+  EXPECT_GT(m->route_stats().agreement, 0.9);
+}
+
 TEST_F(PSALayer, Causality) {
   SCOPED_TRACE("seed " + std::to_string(seed_));
   Shape s;

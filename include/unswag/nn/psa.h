@@ -44,6 +44,12 @@ struct PSAConfig {
   std::array<double, 4> target_shares = {0.125, 0.375, 0.3125, 0.1875};
   double load_loss_weight = 1.0;   // alpha: sum_r (mean_t p_r - target_r)^2
   double z_loss_weight = 1e-3;     // beta: mean_t logsumexp(logits_t)^2
+  // eta: mean_t H(p_t), the per-token route entropy of p = softmax((logits + c) / tau).
+  // The load loss holds the *mean* p at the budgets, which a router that is equally
+  // unsure for every token satisfies too; then training's drawn routes disagree with
+  // eval's arg-max. Low per-token entropy with balanced mean is the "confident and
+  // balanced" objective (the mutual information of token and route).
+  double entropy_loss_weight = 0.02;
   double controller_gamma = 0.02;  // c_r += gamma (target_r - f_r) per update_controller()
   // The ablation: each token's route drawn i.i.d. from target_shares by a hash
   // of (seed, layer, batch row, position), in training and eval alike.
@@ -131,6 +137,7 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   torch::Tensor aux_loss() const { return aux_loss_; }
   torch::Tensor load_loss() const { return load_loss_; }
   torch::Tensor z_loss() const { return z_loss_; }
+  torch::Tensor entropy_loss() const { return entropy_loss_; }
   PSARouteStats route_stats() const;
   torch::Tensor last_routes() const { return routes_; }   // [B, T] int64
   torch::Tensor last_gumbel() const { return gumbel_; }   // [B, T, 4] fp32 (training mode)
@@ -167,7 +174,7 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
 
   PSAConfig config_;
   torch::Tensor train_fractions_;  // arg-max (noise-free) fractions of the last training forward, for update_controller()
-  torch::Tensor aux_loss_, load_loss_, z_loss_, routes_, gumbel_, fractions_, agreement_;
+  torch::Tensor aux_loss_, load_loss_, z_loss_, entropy_loss_, routes_, gumbel_, fractions_, agreement_;
   at::Generator generator_;
 };
 TORCH_MODULE(PacketSwitchedAttention);
