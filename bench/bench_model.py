@@ -185,6 +185,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(common.REPO_ROOT / "out"))
     parser.add_argument("--doc", default=str(common.DEFAULT_DOC))
     parser.add_argument("--update-doc", choices=["auto", "yes", "no"], default="auto")
+    parser.add_argument("--section", default=SECTION,
+                        help="the docs/BENCHMARKS.md section to replace (a partial run keeps the full table)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(hf_worker(args.context, args.ckpt == "1", args.warmup, args.steps)), flush=True)
@@ -218,7 +220,7 @@ def main() -> int:
     markdown = render(header, rows, contexts, args)
     common.write_text(out_dir / "bench_model.md", markdown + "\n")
     if common.should_update_doc(args.update_doc, device):
-        common.update_benchmarks_doc(Path(args.doc), SECTION, markdown)
+        common.update_benchmarks_doc(Path(args.doc), args.section, markdown)
     print()
     print(markdown)
     return 0

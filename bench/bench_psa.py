@@ -122,7 +122,8 @@ def decode_section(header: dict, rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_arguments(parser)
-    parser.add_argument("--modes", default="speed,decode,quality")
+    parser.add_argument("--modes", default=os.environ.get("BENCH_PSA_MODES", "speed,decode,quality"),
+                        help="comma-separated (default: $BENCH_PSA_MODES or speed,decode,quality)")
     parser.add_argument("--quality-args", default=os.environ.get("BENCH_PSA_QUALITY_ARGS", ""),
                         help="extra arguments for bench_psa_quality (default: $BENCH_PSA_QUALITY_ARGS)")
     args = parser.parse_args()

@@ -13,6 +13,11 @@
 # Environment: GPU_CHECK_BUDGET_S (default 570): seconds for the whole script;
 #   GPU_CHECK_BENCHES: which benchmarks (default "bench_activations bench_mlp bench_optim bench_psa bench_model");
 #   GPU_CHECK_MODEL_SERIES: bench_model.py --series (comma-separated; default all);
+#   GPU_CHECK_MODEL_CONTEXTS, GPU_CHECK_MODEL_SECTION: its --contexts and docs section;
+#   GPU_CHECK_TRAIN_CONTEXTS: bench_train_cli.py --contexts (default 16384,131072);
+#   GPU_CHECK_CTEST_ARGS: extra ctest arguments (e.g. "-R cuda|Cuda --repeat until-fail:3": a partial run);
+#   BENCH_PSA_MODES: bench_psa.py --modes (default speed,decode,quality);
+#   GPU_CHECK_PYTEST=0: do not run tests/python (a partial run; the summary says so).
 #   each step gets what is left, so the summary and $OUT always get written.
 #   GPU_CHECK_ALLOW_PY_SKIPS=1: do not fail on skipped Python tests.
 #   JOBS (default 16): build parallelism.
@@ -292,7 +297,7 @@ if [[ "$ONLY" != bench ]] && ((build_ok)); then
   if ((${#python_test_files[@]} && have_pytest)); then ctest_exclude=(-E '^python_ops$'); fi
   : >"$CTEST_LOG"
   run_step ctest "$CTEST_LOG" 'tests passed|tests failed|Failed|\*\*\*|SKIPPED|Not Run|No tests were found|Errors while running' \
-    ctest --test-dir "$BUILD_DIR" --output-on-failure -V -j "${CTEST_JOBS:-8}" "${ctest_exclude[@]}"
+    ctest --test-dir "$BUILD_DIR" --output-on-failure -V -j "${CTEST_JOBS:-8}" "${ctest_exclude[@]}" ${GPU_CHECK_CTEST_ARGS:-}
   ctest_rc=$STEP_RC
   # Count tests, failures and skips (GTEST_SKIP lines, and ctest's own "Skipped"/"Not Run").
   ctest_counts="$(python3 - "$CTEST_LOG" <<'PY'
@@ -336,7 +341,9 @@ PY
 
   # Python tests.
   t0=$SECONDS
-  if ((${#python_test_files[@]} == 0)); then
+  if [[ "${GPU_CHECK_PYTEST:-1}" == 0 ]]; then
+    record pytest skipped "GPU_CHECK_PYTEST=0: not run" 0
+  elif ((${#python_test_files[@]} == 0)); then
     record pytest skipped "no test files in tests/python" 0
   elif ((have_pytest)); then
     : >"$PYTEST_LOG"
@@ -402,7 +409,14 @@ if [[ "$ONLY" != tests ]] && ((build_ok)); then
         model_args=(--bench-exe "$BUILD_DIR/bench_train_step" --budget-s $(($(remaining_s) - 30)))
         ((QUICK)) && model_args+=(--contexts 4096,16384 --steps 2 --warmup 1)
         [[ -n "${GPU_CHECK_MODEL_SERIES:-}" ]] && model_args+=(--series "$GPU_CHECK_MODEL_SERIES")
+        [[ -n "${GPU_CHECK_MODEL_CONTEXTS:-}" ]] && model_args+=(--contexts "$GPU_CHECK_MODEL_CONTEXTS")
+        [[ -n "${GPU_CHECK_MODEL_SECTION:-}" ]] && model_args+=(--section "$GPU_CHECK_MODEL_SECTION")
         run_step "$bench" "" "" python3 bench/bench_model.py "${model_args[@]}" \
+          --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes ;;
+      bench_train_cli)  # `unswag train` on the 1B-shaped config, AdamW8bit vs AdamW, and the transformers check
+        train_args=(--exe "$BUILD_DIR/unswag" --budget-s $(($(remaining_s) - 90)))
+        [[ -n "${GPU_CHECK_TRAIN_CONTEXTS:-}" ]] && train_args+=(--contexts "$GPU_CHECK_TRAIN_CONTEXTS")
+        run_step "$bench" "" "" python3 bench/bench_train_cli.py "${train_args[@]}" \
           --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes ;;
       *)
         run_step "$bench" "" "" python3 "bench/$bench.py" --device cuda --lib "$BUILD_DIR/libunswag.so" \
