@@ -241,15 +241,19 @@ TEST_F(PSALayer, HardForwardStraightThroughGradientAndTemperature) {
 // The auxiliary losses against their formulas in float64, with
 // p = softmax((W x + b + c) / tau): load = sum_r (mean_t p_r - target_r)^2,
 // z = mean_t logsumexp(W x + b)^2, entropy = mean_t -sum_r p_r log p_r, and
-// aux = alpha load + beta z + eta entropy; the entropy term's gradient reaches
-// the router.
+// aux = alpha load + beta z + eta entropy.
+PSAConfig with_loss_weights(double load, double z, double entropy) {
+  PSAConfig c;
+  c.load_loss_weight = load;
+  c.z_loss_weight = z;
+  c.entropy_loss_weight = entropy;
+  return c;
+}
+
 TEST_F(PSALayer, AuxLossesMatchTheirFormulas) {
   SCOPED_TRACE("seed " + std::to_string(seed_));
   Shape s;
-  PSAConfig c;
-  c.load_loss_weight = 0.7;
-  c.z_loss_weight = 0.01;
-  c.entropy_loss_weight = 0.3;
+  PSAConfig c = with_loss_weights(0.7, 0.01, 0.3);
   c.temperature = 0.6;
   auto m = make_layer(s, torch::kDouble, c);
   const int64_t B = 2, T = 13;
@@ -272,15 +276,12 @@ TEST_F(PSALayer, AuxLossesMatchTheirFormulas) {
 }
 
 // Minimising the entropy term alone sharpens the router: its routes become
-// eval's arg-max (agreement -> 1) while the load loss is off.
+// eval's arg-max (agreement -> 1) while the load loss is off: its gradient
+// reaches the router.
 TEST_F(PSALayer, EntropyLossSharpensRouting) {
   SCOPED_TRACE("seed " + std::to_string(seed_));
   Shape s;
-  PSAConfig c;
-  c.load_loss_weight = 0;
-  c.z_loss_weight = 0;
-  c.entropy_loss_weight = 1;
-  auto m = make_layer(s, torch::kDouble, c);
+  auto m = make_layer(s, torch::kDouble, with_loss_weights(0, 0, 1));
   {
     torch::NoGradGuard no_grad;
     m->router->weight.mul_(0.05);  // start unsure
