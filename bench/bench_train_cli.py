@@ -133,6 +133,9 @@ def main() -> int:
     p.add_argument("--optimizers", default="adamw8bit,adamw")
     p.add_argument("--recompute", default="selective")
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--transformers-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="load the first finished run's final/ in transformers (its logits at a long context "
+                        "take context x vocab x 4 bytes: off for 256k)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke test of this script")
     p.add_argument("--budget-s", type=float, default=400, help="start no new run after this many seconds")
     p.add_argument("--out", default=str(common.REPO_ROOT / "out"))
@@ -159,7 +162,7 @@ def main() -> int:
             run_dir = work / f"{optimizer}_{context}"
             row = run_train(args, context, optimizer, run_dir)
             rows.append(row)
-            if check is None and "error" not in row and row.get("eval_loss") is not None:
+            if args.transformers_check and check is None and "error" not in row and row.get("eval_loss") is not None:
                 check = transformers_check(run_dir / "final", Path(args.eval_data), context, row["eval_loss"], args.device)
                 print(f"  transformers check: {check}", flush=True)
             shutil.rmtree(run_dir / "final", ignore_errors=True)  # 2.5 GB each

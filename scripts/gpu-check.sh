@@ -15,6 +15,7 @@
 #   GPU_CHECK_MODEL_SERIES: bench_model.py --series (comma-separated; default all);
 #   GPU_CHECK_MODEL_CONTEXTS, GPU_CHECK_MODEL_SECTION: its --contexts and docs section;
 #   GPU_CHECK_TRAIN_CONTEXTS: bench_train_cli.py --contexts (default 16384,131072);
+#   GPU_CHECK_TRAIN_ARGS: more bench_train_cli.py arguments (e.g. "--steps 2 --no-transformers-check");
 #   GPU_CHECK_CTEST_ARGS: extra ctest arguments (e.g. "-R cuda|Cuda --repeat until-fail:3": a partial run);
 #   BENCH_PSA_MODES: bench_psa.py --modes (default speed,decode,quality);
 #   GPU_CHECK_PYTEST=0: do not run tests/python (a partial run; the summary says so).
@@ -416,6 +417,8 @@ if [[ "$ONLY" != tests ]] && ((build_ok)); then
       bench_train_cli)  # `unswag train` on the 1B-shaped config, AdamW8bit vs AdamW, and the transformers check
         train_args=(--exe "$BUILD_DIR/unswag" --budget-s $(($(remaining_s) - 90)))
         [[ -n "${GPU_CHECK_TRAIN_CONTEXTS:-}" ]] && train_args+=(--contexts "$GPU_CHECK_TRAIN_CONTEXTS")
+        # shellcheck disable=SC2206
+        [[ -n "${GPU_CHECK_TRAIN_ARGS:-}" ]] && train_args+=(${GPU_CHECK_TRAIN_ARGS})
         run_step "$bench" "" "" python3 bench/bench_train_cli.py "${train_args[@]}" \
           --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes ;;
       *)
