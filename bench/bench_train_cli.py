@@ -28,8 +28,9 @@ import common  # noqa: E402
 SECTION = "train-cli"
 # transformers (bf16, SDPA) against UnSwag's trainer (bf16, its own kernels) on the same
 # weights and window: both round to bf16 at every layer, so the losses agree to bf16's
-# accumulated rounding, not to fp32's. Stated bound on |loss_hf - loss_unswag| / loss_hf:
-LOSS_TOLERANCE = 1e-2
+# accumulated rounding, not to fp32's. Stated bound on |loss_hf - loss_unswag| / loss_hf
+# (measured on an H200 at 16k: 3e-5):
+LOSS_TOLERANCE = 1e-3
 
 
 def read_shard(path: Path) -> np.ndarray:
@@ -82,7 +83,7 @@ def transformers_check(final: Path, eval_data: Path, context: int, eval_loss: fl
         torch.cuda.empty_cache()
     return {"checkpoint": str(final), "transformers_loss": loss, "unswag_eval_loss": eval_loss, "relative_difference": rel,
             "tolerance": LOSS_TOLERANCE, "ok": rel <= LOSS_TOLERANCE,
-            "tensors": len(list(final.glob("*.safetensors")))}
+            "safetensors_files": len(list(final.glob("*.safetensors")))}
 
 
 def markdown(header: dict, args, rows: list[dict], check: dict | None) -> str:
@@ -116,7 +117,7 @@ def markdown(header: dict, args, rows: list[dict], check: dict | None) -> str:
     if check:
         verdict = "equal within" if check["ok"] else "NOT equal within"
         lines.append(f"transformers loaded `{Path(check['checkpoint']).parent.name}/final` "
-                     f"({check['tensors']} safetensors file(s)) and its loss on the trainer's held-out window, "
+                     f"({check['safetensors_files']} safetensors file(s)) and its loss on the trainer's held-out window, "
                      f"{check['transformers_loss']:.5f}, and the trainer's eval_loss, {check['unswag_eval_loss']:.5f}, "
                      f"are {verdict} {check['tolerance']:g} relative (difference {check['relative_difference']:.1e}; "
                      f"both {args.dtype}).")

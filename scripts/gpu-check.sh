@@ -11,7 +11,7 @@
 #   --skip-build   reuse build-cuda/ as it is (it must hold libunswag.so)
 #   --only X       run only the tests or only the benchmarks (after the build)
 # Environment: GPU_CHECK_BUDGET_S (default 570): seconds for the whole script;
-#   GPU_CHECK_BENCHES: which benchmarks (default "bench_activations bench_mlp bench_optim bench_psa bench_model");
+#   GPU_CHECK_BENCHES: which benchmarks (default "bench_activations bench_mlp bench_optim bench_psa bench_train_cli bench_model");
 #   GPU_CHECK_MODEL_SERIES: bench_model.py --series (comma-separated; default all);
 #   GPU_CHECK_MODEL_CONTEXTS, GPU_CHECK_MODEL_SECTION: its --contexts and docs section;
 #   GPU_CHECK_TRAIN_CONTEXTS: bench_train_cli.py --contexts (default 16384,131072);
@@ -402,8 +402,8 @@ fi
 if [[ "$ONLY" != tests ]] && ((build_ok)); then
   quick_flag=()
   ((QUICK)) && quick_flag=(--quick)
-  # bench_optim before bench_model, which spends whatever time is left.
-  for bench in ${GPU_CHECK_BENCHES:-bench_activations bench_mlp bench_optim bench_psa bench_model}; do
+  # bench_optim and bench_train_cli before bench_model, which spends whatever time is left.
+  for bench in ${GPU_CHECK_BENCHES:-bench_activations bench_mlp bench_optim bench_psa bench_train_cli bench_model}; do
     t0=$SECONDS
     case "$bench" in
       bench_model)  # whole-model training step vs transformers; spends at most what is left

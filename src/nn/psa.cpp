@@ -236,12 +236,13 @@ PacketSwitchedAttentionImpl::Routing PacketSwitchedAttentionImpl::route(const Te
     // gradient that of the soft y.
     r.gates = torch::one_hot(r.index, 4).to(acc) + (y - y.detach());
     if (T > 0) {
-      const Tensor p = torch::softmax(biased / config_.temperature, -1);  // the distribution routes are drawn from
+      // The distribution routes are drawn from, and its log for the entropy term.
+      const Tensor log_p = torch::log_softmax(biased / config_.temperature, -1);
+      const Tensor p = log_p.exp();
       const Tensor target = torch::tensor(
           std::vector<double>(config_.target_shares.begin(), config_.target_shares.end()), p.options());
       load_loss_ = (p.mean(at::IntArrayRef{0, 1}) - target).pow(2).sum().to(torch::kFloat);
       z_loss_ = torch::logsumexp(logits, -1).pow(2).mean().to(torch::kFloat);
-      const Tensor log_p = torch::log_softmax(biased / config_.temperature, -1);
       entropy_loss_ = -(p * log_p).sum(-1).mean().to(torch::kFloat);
       aux_loss_ = config_.load_loss_weight * load_loss_ + config_.z_loss_weight * z_loss_ +
                   config_.entropy_loss_weight * entropy_loss_;
