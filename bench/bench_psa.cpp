@@ -21,8 +21,12 @@
 #include <cuda_runtime.h>
 #endif
 
+#include <torch/csrc/autograd/profiler_kineto.h>
+
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <map>
+#include <set>
 #include <chrono>
 #include <cstdio>
 #include <functional>
@@ -150,6 +154,65 @@ std::string sdpa_backend(const torch::Tensor& q, const torch::Tensor& k, const t
   }
 }
 
+std::string json_escape(const std::string& in) {
+  std::string out;
+  for (char c : in) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) >= 0x20) out += c;
+  }
+  return out;
+}
+
+// One call of fn under the Kineto profiler: the wall time of the call, the
+// summed GPU time, and the top GPU kernels and CPU-side ATen ops by total
+// time (CPU ops nest, so their times overlap; a large aten::item or
+// aten::nonzero is time spent waiting for the GPU). One JSON line.
+void profile_call(const torch::Device& device, const std::string& label, const std::function<void()>& fn) {
+  namespace prof = torch::autograd::profiler;
+  using torch::profiler::impl::ActivityType;
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  std::set<ActivityType> activities{ActivityType::CPU};
+  if (on_cuda(device)) activities.insert(ActivityType::CUDA);
+  synchronize(device);
+  prof::prepareProfiler(config, activities);
+  prof::enableProfiler(config, activities);
+  const auto t0 = std::chrono::steady_clock::now();
+  fn();
+  synchronize(device);
+  const double wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const auto result = prof::disableProfiler();
+  std::map<std::string, std::pair<double, int>> gpu, cpu;
+  double gpu_ms = 0;
+  for (const auto& e : result->events()) {
+    const double ms = double(e.durationNs()) / 1e6;
+    if (e.deviceType() == c10::DeviceType::CUDA) {
+      auto& g = gpu[e.name()];
+      g.first += ms;
+      g.second += 1;
+      gpu_ms += ms;
+    } else if (e.name().rfind("aten::", 0) == 0 || e.name().rfind("unswag::", 0) == 0) {
+      auto& c = cpu[e.name()];
+      c.first += ms;
+      c.second += 1;
+    }
+  }
+  auto top = [](const std::map<std::string, std::pair<double, int>>& m, size_t k) {
+    std::vector<std::pair<std::string, std::pair<double, int>>> v(m.begin(), m.end());
+    std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
+    std::ostringstream o;
+    o << "[";
+    for (size_t i = 0; i < std::min(k, v.size()); ++i)
+      o << (i ? ", " : "") << "[\"" << json_escape(v[i].first.substr(0, 90)) << "\", " << v[i].second.first << ", "
+        << v[i].second.second << "]";
+    o << "]";
+    return o.str();
+  };
+  std::printf("{\"mode\": \"profile\", \"what\": \"%s\", \"wall_ms\": %.3f, \"gpu_ms\": %.3f, \"gpu_top\": %s, "
+              "\"cpu_top\": %s}\n",
+              json_escape(label).c_str(), wall_ms, gpu_ms, top(gpu, 15).c_str(), top(cpu, 15).c_str());
+  std::fflush(stdout);
+}
+
 std::string json_shares(const std::array<double, 4>& f) {
   std::ostringstream o;
   o << "[" << f[0] << ", " << f[1] << ", " << f[2] << ", " << f[3] << "]";
@@ -166,7 +229,8 @@ PSAConfig psa_config(double signal_share, int64_t kernel, int64_t window) {
 }
 
 void bench_speed(const torch::Device& device, const Shape& s, const std::vector<int64_t>& contexts,
-                 const std::vector<double>& signal_shares, int64_t kernel, int64_t window, int repeats) {
+                 const std::vector<double>& signal_shares, int64_t kernel, int64_t window, int repeats,
+                 bool profile) {
   const auto dtype = on_cuda(device) ? torch::kBFloat16 : torch::kFloat;
   auto opts = torch::TensorOptions().device(device).dtype(dtype);
   for (const int64_t T : contexts) {
@@ -217,6 +281,11 @@ void bench_speed(const torch::Device& device, const Shape& s, const std::vector<
           "\"peak_gib\": %.3f, \"route_fractions\": %s, \"window\": %ld}\n",
           long(T), share, median(ms), peak_gib(device), json_shares(stats.fractions).c_str(), long(window));
       std::fflush(stdout);
+      if (profile)
+        profile_call(device, "psa_layer T=" + std::to_string(T) + " signal=" + std::to_string(share), [&] {
+          auto y = psa->forward(x, positions, cos, sin);
+          torch::autograd::backward({y}, {gy});
+        });
     }
   }
 }
@@ -303,6 +372,8 @@ int main(int argc, char** argv) {
   int64_t kernel = 8, window = PSAConfig().window;
   int repeats = 10, steps = 34;
   std::string device_name = "auto";
+  bool profile = false;
+  app.add_flag("--profile", profile, "speed: also profile one PSA call per config (top kernels and ops, JSON lines)");
   app.add_option("--mode", mode, "speed | decode")->check(CLI::IsMember({"speed", "decode"}));
   app.add_option("--contexts", contexts, "sequence lengths (default: speed 2k,8k,32k,128k; decode 4k,16k,64k)")
       ->delimiter(',');
@@ -321,7 +392,7 @@ int main(int argc, char** argv) {
   torch::manual_seed(0);
   const Shape shape;
   if (mode == "speed")
-    bench_speed(device, shape, contexts, shares, kernel, window, repeats);
+    bench_speed(device, shape, contexts, shares, kernel, window, repeats, profile);
   else
     bench_decode(device, shape, contexts, shares, kernel, window, steps);
   return 0;

@@ -143,6 +143,8 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/unswag-train-cli", help="run directories (checkpoints: GBs)")
     p.add_argument("--doc", default=str(common.DEFAULT_DOC))
     p.add_argument("--update-doc", choices=["auto", "yes", "no"], default="auto")
+    p.add_argument("--section", default=SECTION,
+                   help=f"docs/BENCHMARKS.md section to write (default {SECTION}; e.g. train-cli-longest)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         common.die("bench_train_cli needs a CUDA device", 2)
@@ -173,7 +175,7 @@ def main() -> int:
     common.write_text(out / "bench_train_cli.md", md)
     print(md)
     if common.should_update_doc(args.update_doc, args.device):
-        common.update_benchmarks_doc(Path(args.doc), SECTION, md)
+        common.update_benchmarks_doc(Path(args.doc), args.section, md)
     if check is not None and not check["ok"]:
         return 3
     return 0 if rows and all("error" not in r for r in rows) else 1

@@ -11,11 +11,13 @@
 #   --skip-build   reuse build-cuda/ as it is (it must hold libunswag.so)
 #   --only X       run only the tests or only the benchmarks (after the build)
 # Environment: GPU_CHECK_BUDGET_S (default 570): seconds for the whole script;
-#   GPU_CHECK_BENCHES: which benchmarks (default "bench_activations bench_mlp bench_optim bench_psa bench_train_cli bench_model");
+#   GPU_CHECK_BENCHES: which benchmarks (default "bench_activations bench_mlp bench_optim bench_psa bench_train_cli bench_model";
+#     also "fewbit_tiles": the few-bit kernels' tiles-in-flight sweep, table in out/gpu-check/bench/fewbit_tiles.md);
 #   GPU_CHECK_MODEL_SERIES: bench_model.py --series (comma-separated; default all);
 #   GPU_CHECK_MODEL_CONTEXTS, GPU_CHECK_MODEL_SECTION: its --contexts and docs section;
 #   GPU_CHECK_TRAIN_CONTEXTS: bench_train_cli.py --contexts (default 16384,131072);
-#   GPU_CHECK_TRAIN_ARGS: more bench_train_cli.py arguments (e.g. "--steps 2 --no-transformers-check");
+#   GPU_CHECK_TRAIN_ARGS: more bench_train_cli.py arguments (e.g. "--steps 2 --no-transformers-check
+#     --section train-cli-longest": the 256k run of docs/BENCHMARKS.md);
 #   GPU_CHECK_CTEST_ARGS: extra ctest arguments (e.g. "-R cuda|Cuda --repeat until-fail:3": a partial run);
 #   BENCH_PSA_MODES: bench_psa.py --modes (default speed,decode,quality);
 #   GPU_CHECK_PYTEST=0: do not run tests/python (a partial run; the summary says so).
@@ -261,7 +263,7 @@ else
   generator=(-G Ninja)
   command -v ninja >/dev/null || generator=(-G "Unix Makefiles")
   run_step configure "" "" cmake -S . -B "$BUILD_DIR" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_PREFIX_PATH="$prefix_path" -DUNSWAG_CUDA_ARCHS=90 -DPython3_EXECUTABLE="$(command -v python3)"
+    -DCMAKE_PREFIX_PATH="$prefix_path" -DUNSWAG_CUDA_ARCHS=90 -DUNSWAG_BUILD_TUNING=ON -DPython3_EXECUTABLE="$(command -v python3)"
   if ((STEP_RC == 0)); then
     run_step build "" "" cmake --build "$BUILD_DIR" -j"$JOBS"
   fi
@@ -421,11 +423,13 @@ if [[ "$ONLY" != tests ]] && ((build_ok)); then
         [[ -n "${GPU_CHECK_TRAIN_ARGS:-}" ]] && train_args+=(${GPU_CHECK_TRAIN_ARGS})
         run_step "$bench" "" "" python3 bench/bench_train_cli.py "${train_args[@]}" \
           --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes ;;
+      fewbit_tiles)  # few-bit kernels' tiles-in-flight sweep (C++/CUDA; its table goes to the log and $bench.md)
+        run_step "$bench" "$BENCH_DIR/$bench.md" "" "$BUILD_DIR/bench_fewbit_tiles" ;;
       *)
         run_step "$bench" "" "" python3 "bench/$bench.py" --device cuda --lib "$BUILD_DIR/libunswag.so" \
           --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes "${quick_flag[@]}" ;;
     esac
-    if [[ -f "$BENCH_DIR/$bench.md" ]]; then touch "$BENCH_DIR/.doc-updated"; fi
+    if [[ -f "$BENCH_DIR/$bench.md" && "$bench" != fewbit_tiles ]]; then touch "$BENCH_DIR/.doc-updated"; fi
     case "$STEP_RC" in
       0) record "$bench" ok "$bench.json, $bench.md, docs/BENCHMARKS.md" $((SECONDS - t0)) ;;
       3) record "$bench" FAILED "CORRECTNESS check failed (see log)" $((SECONDS - t0)) ;;

@@ -71,6 +71,35 @@ __device__ __forceinline__ void store8(T* __restrict__ p, int64_t i, int64_t n, 
   }
 }
 
+// Eight elements as loaded, still in the storage type: a tile kept packed
+// costs 4 registers for 16-bit types instead of 8 floats, so more tiles can be
+// in flight (loads issued before any math) at the same occupancy.
+template <typename T>
+struct alignas(16) Pack8 {
+  T e[8];
+};
+template <typename T, bool kAligned>
+__device__ __forceinline__ Pack8<T> load_pack8(const T* __restrict__ p, int64_t i, int64_t n) {
+  Pack8<T> r;
+  if (kAligned && i + 8 <= n && sizeof(T) <= 4) {
+    if constexpr (sizeof(T) == 2) {
+      *reinterpret_cast<uint4*>(&r) = *reinterpret_cast<const uint4*>(p + i);
+    } else if constexpr (sizeof(T) == 4) {
+      reinterpret_cast<float4*>(&r)[0] = *reinterpret_cast<const float4*>(p + i);
+      reinterpret_cast<float4*>(&r)[1] = *reinterpret_cast<const float4*>(p + i + 4);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) r.e[j] = i + j < n ? p[i + j] : from_f<T>(acc_t<T>(0));
+  }
+  return r;
+}
+template <typename T>
+__device__ __forceinline__ void unpack8(const Pack8<T>& r, acc_t<T> (&v)[8]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = to_f(r.e[j]);
+}
+
 template <typename A>
 __device__ __forceinline__ uint32_t encode(const FewbitTable& t, A x) {
   const int nb = (1 << t.bits) - 1;
@@ -133,14 +162,20 @@ __device__ __forceinline__ void for_each_tile(int64_t n, Body&& body) {
 
 // Few-bit kernels are specialised on the bit width and the activation, so the
 // encode compares against constants, only kBits planes are packed and shuffled,
-// and the activation's branch is resolved at compile time. Each warp keeps two
-// tiles in flight (loads of both before the math of either) to hide latency.
-constexpr int kTilesInFlight = 2;
-// The backward does little math per byte: for fp32 four tiles in flight pay
-// (90% -> 95% of copy bandwidth on the H100); for 16-bit types two do better
-// (four measured 83% -> 70%).
+// and the activation's branch is resolved at compile time. Each warp keeps
+// kTiles tiles in flight: the loads of all of them, held packed (Pack8), are
+// issued before the math of any, to hide memory latency. The defaults are what
+// bench/fewbit_tiles.cu measured best on the H200 (docs/BENCHMARKS.md): the
+// forward is bound by its math (encode, bit planes, the activation), so more
+// tiles only cost registers (t=4: 80-108 per thread, within 1-5 points of
+// t=2); the 16-bit backward loses 15-20 points at t=4 (occupancy) and the
+// fp32 backward is within 3 points at t=2 and t=4.
 template <typename T>
-constexpr int bwd_tiles_in_flight() {
+constexpr int fewbit_fwd_tiles() {
+  return 2;
+}
+template <typename T>
+constexpr int fewbit_bwd_tiles() {
   return sizeof(T) == 2 ? 2 : 4;
 }
 
@@ -187,7 +222,7 @@ __device__ __forceinline__ acc_t<T> act_forward_for(acc_t<T> x) {
   else return act_forward(kAct, x);
 }
 
-template <typename T, int kBits, Act kAct>
+template <typename T, int kBits, Act kAct, int kTiles = fewbit_fwd_tiles<T>()>
 __global__ void __launch_bounds__(kThreads) fewbit_forward_kernel(FewbitForwardParams p, bool aligned) {
   const T* __restrict__ x = static_cast<const T*>(p.x);
   T* __restrict__ y = static_cast<T*>(p.y);
@@ -203,17 +238,19 @@ __global__ void __launch_bounds__(kThreads) fewbit_forward_kernel(FewbitForwardP
   const int quad = lane & 3;
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t tile = warp; tile * kTile < p.n; tile += kTilesInFlight * warps) {
-    acc_t<T> v[kTilesInFlight][8];
-    int64_t base[kTilesInFlight];
+  for (int64_t tile = warp; tile * kTile < p.n; tile += kTiles * warps) {
+    Pack8<T> raw[kTiles];
+    int64_t base[kTiles];
 #pragma unroll
-    for (int t = 0; t < kTilesInFlight; ++t) {
+    for (int t = 0; t < kTiles; ++t) {
       base[t] = (tile + t * warps) * kTile + int64_t(lane) * kPerLane;
-      if (aligned) load8<T, true>(x, base[t], p.n, v[t]); else load8<T, false>(x, base[t], p.n, v[t]);
+      raw[t] = aligned ? load_pack8<T, true>(x, base[t], p.n) : load_pack8<T, false>(x, base[t], p.n);
     }
 #pragma unroll
-    for (int t = 0; t < kTilesInFlight; ++t) {
+    for (int t = 0; t < kTiles; ++t) {
       const int64_t i = base[t];
+      acc_t<T> v[8];
+      unpack8(raw[t], v);
       uint32_t frag[kBits] = {};
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
@@ -222,18 +259,18 @@ __global__ void __launch_bounds__(kThreads) fewbit_forward_kernel(FewbitForwardP
           // Invariant: code in [c, c + 2 step); boundary c + step - 1 splits it.
 #pragma unroll
           for (int step = kLevels / 2; step >= 1; step /= 2)
-            c += !(v[t][j] <= acc_t<T>(bounds[c + step - 1])) ? step : 0u;
+            c += !(v[j] <= acc_t<T>(bounds[c + step - 1])) ? step : 0u;
         } else {
 #pragma unroll
-          for (int b = 0; b < kLevels - 1; ++b) c += !(v[t][j] <= p.table.boundaries[b]) ? 1u : 0u;
+          for (int b = 0; b < kLevels - 1; ++b) c += !(v[j] <= p.table.boundaries[b]) ? 1u : 0u;
         }
         c = i + j < p.n ? c : 0u;
 #pragma unroll
         for (int b = 0; b < kBits; ++b) frag[b] |= ((c >> b) & 1u) << j;
-        v[t][j] = act_forward_for<T, kAct>(v[t][j]);
+        v[j] = act_forward_for<T, kAct>(v[j]);
       }
       if (y) {
-        if (aligned) store8<T, true>(y, i, p.n, v[t]); else store8<T, false>(y, i, p.n, v[t]);
+        if (aligned) store8<T, true>(y, i, p.n, v); else store8<T, false>(y, i, p.n, v);
       }
       // Assemble each plane's 32-bit word across the 4 lanes of this code group;
       // lane `quad` of the group stores plane `quad`.
@@ -251,12 +288,11 @@ __global__ void __launch_bounds__(kThreads) fewbit_forward_kernel(FewbitForwardP
   }
 }
 
-template <typename T, int kBits>
+template <typename T, int kBits, int kTiles = fewbit_bwd_tiles<T>()>
 __global__ void __launch_bounds__(kThreads) fewbit_backward_kernel(FewbitBackwardParams p, bool aligned) {
   const T* __restrict__ dy = static_cast<const T*>(p.grad_y);
   T* __restrict__ dx = static_cast<T*>(p.grad_x);
   constexpr int kLevels = 1 << kBits;
-  constexpr int kBwdTilesInFlight = bwd_tiles_in_flight<T>();
   // The table in shared memory: a per-lane (divergent) index into kernel
   // parameters would be serialised.
   __shared__ acc_t<T> values[kLevels];
@@ -266,30 +302,32 @@ __global__ void __launch_bounds__(kThreads) fewbit_backward_kernel(FewbitBackwar
   const int shift = 8 * (lane & 3);
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t tile = warp; tile * kTile < p.n; tile += kBwdTilesInFlight * warps) {
-    acc_t<T> v[kBwdTilesInFlight][8];
-    uint32_t frag[kBwdTilesInFlight][kBits];
-    int64_t base[kBwdTilesInFlight];
+  for (int64_t tile = warp; tile * kTile < p.n; tile += kTiles * warps) {
+    Pack8<T> raw[kTiles];
+    uint32_t frag[kTiles][kBits];
+    int64_t base[kTiles];
 #pragma unroll
-    for (int t = 0; t < kBwdTilesInFlight; ++t) {
+    for (int t = 0; t < kTiles; ++t) {
       base[t] = (tile + t * warps) * kTile + int64_t(lane) * kPerLane;
       const int64_t group = base[t] / kCodeGroup;
 #pragma unroll
       for (int b = 0; b < kBits; ++b)
         frag[t][b] = base[t] < p.n ? (__ldg(p.codes + group * kBits + b) >> shift) & 0xffu : 0u;
-      if (aligned) load8<T, true>(dy, base[t], p.n, v[t]); else load8<T, false>(dy, base[t], p.n, v[t]);
+      raw[t] = aligned ? load_pack8<T, true>(dy, base[t], p.n) : load_pack8<T, false>(dy, base[t], p.n);
     }
 #pragma unroll
-    for (int t = 0; t < kBwdTilesInFlight; ++t) {
+    for (int t = 0; t < kTiles; ++t) {
+      acc_t<T> v[8];
+      unpack8(raw[t], v);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         uint32_t c = 0;
 #pragma unroll
         for (int b = 0; b < kBits; ++b) c |= ((frag[t][b] >> j) & 1u) << b;
         const acc_t<T> d = values[c];
-        v[t][j] = d == 0 ? acc_t<T>(0) : v[t][j] * d;
+        v[j] = d == 0 ? acc_t<T>(0) : v[j] * d;
       }
-      if (aligned) store8<T, true>(dx, base[t], p.n, v[t]); else store8<T, false>(dx, base[t], p.n, v[t]);
+      if (aligned) store8<T, true>(dx, base[t], p.n, v); else store8<T, false>(dx, base[t], p.n, v);
     }
   }
 }

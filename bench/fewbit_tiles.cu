@@ -1,0 +1,209 @@
+// Tuning sweep for the few-bit CUDA kernels: effective bandwidth of
+// fewbit_forward / fewbit_backward for each number of tiles in flight per warp
+// (the kTiles template argument), as a fraction of a device-to-device copy of
+// the same input, for bf16 / fp16 / fp32, SiLU / GELU and 1-4 bits. Every
+// variant's outputs are compared byte for byte with the default's (the tile
+// count must not change results). The defaults in elementwise.cu
+// (fewbit_fwd_tiles / fewbit_bwd_tiles) come from this sweep.
+//
+// Built by -DUNSWAG_BUILD_TUNING=ON (CUDA builds only; scripts/gpu-check.sh sets
+// it) as bench_fewbit_tiles; run by GPU_CHECK_BENCHES=fewbit_tiles. Forward
+// tiles=8 is left out: it spills registers (128-166 per thread on sm_90).
+#include "../src/kernels/elementwise.cu"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+namespace uk = unswag::kernels;
+
+namespace {
+
+#define CHECK_CUDA(expr)                                                               \
+  do {                                                                                 \
+    cudaError_t e_ = (expr);                                                           \
+    if (e_ != cudaSuccess) {                                                           \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                    \
+    }                                                                                  \
+  } while (0)
+
+constexpr int kWarmup = 10;
+constexpr int kReps = 50;
+
+// Median milliseconds of `launch` over kReps runs, each timed by CUDA events.
+template <typename F>
+double median_ms(F&& launch) {
+  for (int i = 0; i < kWarmup; ++i) launch();
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  std::vector<float> ms(kReps);
+  for (int i = 0; i < kReps; ++i) {
+    CHECK_CUDA(cudaEventRecord(a));
+    launch();
+    CHECK_CUDA(cudaEventRecord(b));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    CHECK_CUDA(cudaEventElapsedTime(&ms[i], a, b));
+  }
+  CHECK_CUDA(cudaGetLastError());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::nth_element(ms.begin(), ms.begin() + kReps / 2, ms.end());
+  return ms[kReps / 2];
+}
+
+std::vector<char> to_host(const void* p, size_t bytes) {
+  std::vector<char> h(bytes);
+  CHECK_CUDA(cudaMemcpy(h.data(), p, bytes, cudaMemcpyDeviceToHost));
+  return h;
+}
+
+const char* dtype_name(uk::DType d) {
+  switch (d) {
+    case uk::DType::kBFloat16: return "bf16";
+    case uk::DType::kFloat16: return "fp16";
+    case uk::DType::kFloat32: return "fp32";
+    default: return "fp64";
+  }
+}
+
+struct Buffers {
+  void* x = nullptr;
+  void* y = nullptr;
+  void* dx = nullptr;
+  uint32_t* codes = nullptr;
+  int64_t n = 0;
+};
+
+template <typename T, int kBits, uk::Act kAct, int kTiles>
+double time_forward(const Buffers& b, const uk::FewbitTable& table, std::vector<char>* y_out,
+                    std::vector<char>* c_out) {
+  uk::FewbitForwardParams p;
+  p.x = b.x;
+  p.y = b.y;
+  p.codes = b.codes;
+  p.n = b.n;
+  p.act = kAct;
+  p.table = table;
+  constexpr auto kernel = uk::fewbit_forward_kernel<T, kBits, kAct, kTiles>;
+  const int grid = uk::grid_for<kernel>(b.n);
+  const double ms = median_ms([&] { kernel<<<grid, uk::kThreads>>>(p, true); });
+  *y_out = to_host(b.y, size_t(b.n) * sizeof(T));
+  *c_out = to_host(b.codes, size_t(uk::code_words(b.n, kBits)) * 4);
+  return ms;
+}
+
+template <typename T, int kBits, int kTiles>
+double time_backward(const Buffers& b, const uk::FewbitTable& table, std::vector<char>* dx_out) {
+  uk::FewbitBackwardParams p;
+  p.grad_y = b.x;
+  p.codes = b.codes;
+  p.grad_x = b.dx;
+  p.n = b.n;
+  p.table = table;
+  constexpr auto kernel = uk::fewbit_backward_kernel<T, kBits, kTiles>;
+  const int grid = uk::grid_for<kernel>(b.n);
+  const double ms = median_ms([&] { kernel<<<grid, uk::kThreads>>>(p, true); });
+  *dx_out = to_host(b.dx, size_t(b.n) * sizeof(T));
+  return ms;
+}
+
+int g_mismatches = 0;
+
+template <typename T, int kBits, uk::Act kAct>
+void sweep(uk::DType dtype, const Buffers& b, double copy_ms) {
+  const uk::FewbitTable& table = uk::fewbit_table(kAct, kBits);
+  const double io = double(b.n) * sizeof(T) * 2 + double(uk::code_words(b.n, kBits)) * 4;
+  const double copy_bw = double(b.n) * sizeof(T) * 2 / copy_ms;
+  auto pct = [&](double ms) { return 100.0 * (io / ms) / copy_bw; };
+  std::vector<char> y_ref, c_ref, y, c, dx_ref, dx;
+  const int def_f = uk::fewbit_fwd_tiles<T>(), def_b = uk::fewbit_bwd_tiles<T>();
+  double f1, f2, f4;
+  auto check = [&](const char* what, int tiles, const std::vector<char>& got, const std::vector<char>& want) {
+    if (got != want) {
+      ++g_mismatches;
+      std::printf("MISMATCH %s %s %s %d-bit tiles=%d\n", what, dtype_name(dtype), uk::act_name(kAct), kBits, tiles);
+    }
+  };
+  // Run each variant, then compare its outputs with the tiles=1 run.
+  f1 = time_forward<T, kBits, kAct, 1>(b, table, &y_ref, &c_ref);
+  f2 = time_forward<T, kBits, kAct, 2>(b, table, &y, &c);
+  check("forward y", 2, y, y_ref);
+  check("forward codes", 2, c, c_ref);
+  f4 = time_forward<T, kBits, kAct, 4>(b, table, &y, &c);
+  check("forward y", 4, y, y_ref);
+  check("forward codes", 4, c, c_ref);
+  // Backward reads the codes the last forward wrote (the same for every variant).
+  const double b2 = time_backward<T, kBits, 2>(b, table, &dx_ref);
+  const double b4 = time_backward<T, kBits, 4>(b, table, &dx);
+  check("backward", 4, dx, dx_ref);
+  const double b8 = time_backward<T, kBits, 8>(b, table, &dx);
+  check("backward", 8, dx, dx_ref);
+  std::printf("| %s | %s | %d | %.0f%% | %.0f%% | %.0f%% | %d | %.0f%% | %.0f%% | %.0f%% | %d |\n",
+              dtype_name(dtype), uk::act_name(kAct), kBits, pct(f1), pct(f2), pct(f4), def_f, pct(b2),
+              pct(b4), pct(b8), def_b);
+}
+
+template <typename T>
+void run_dtype(uk::DType dtype, int64_t bytes) {
+  Buffers b;
+  b.n = bytes / int64_t(sizeof(T));
+  CHECK_CUDA(cudaMalloc(&b.x, size_t(bytes)));
+  CHECK_CUDA(cudaMalloc(&b.y, size_t(bytes)));
+  CHECK_CUDA(cudaMalloc(&b.dx, size_t(bytes)));
+  CHECK_CUDA(cudaMalloc(&b.codes, size_t(uk::code_words(b.n, 4)) * 4));
+  // x ~ N(0, 1) by Box-Muller on the host (deterministic, spreads the codes).
+  std::vector<T> h(size_t(b.n));
+  uint64_t s = 0x9E3779B97F4A7C15ull;
+  auto uni = [&] {
+    s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+    return (double(s >> 11) + 0.5) / 9007199254740992.0;
+  };
+  for (auto& v : h) {
+    const double g = std::sqrt(-2 * std::log(uni())) * std::cos(6.283185307179586 * uni());
+    v = T(float(g));
+  }
+  CHECK_CUDA(cudaMemcpy(b.x, h.data(), size_t(bytes), cudaMemcpyHostToDevice));
+  const double copy_ms = median_ms([&] { CHECK_CUDA(cudaMemcpyAsync(b.y, b.x, size_t(bytes), cudaMemcpyDeviceToDevice)); });
+  std::printf("\n%s: %.1f MiB input, copy %.4f ms = %.0f GB/s (read + write)\n\n", dtype_name(dtype),
+              bytes / 1048576.0, copy_ms, 2.0 * bytes / copy_ms / 1e6);
+  std::printf("| dtype | act | bits | fwd t=1 | t=2 | t=4 | default | bwd t=2 | t=4 | t=8 | default |\n");
+  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  sweep<T, 1, uk::Act::kSiLU>(dtype, b, copy_ms);
+  sweep<T, 2, uk::Act::kSiLU>(dtype, b, copy_ms);
+  sweep<T, 3, uk::Act::kSiLU>(dtype, b, copy_ms);
+  sweep<T, 4, uk::Act::kSiLU>(dtype, b, copy_ms);
+  sweep<T, 1, uk::Act::kGELU>(dtype, b, copy_ms);
+  sweep<T, 2, uk::Act::kGELU>(dtype, b, copy_ms);
+  sweep<T, 3, uk::Act::kGELU>(dtype, b, copy_ms);
+  sweep<T, 4, uk::Act::kGELU>(dtype, b, copy_ms);
+  cudaFree(b.x);
+  cudaFree(b.y);
+  cudaFree(b.dx);
+  cudaFree(b.codes);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int64_t mib = argc > 1 ? std::atoll(argv[1]) : 256;
+  cudaDeviceProp prop{};
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("# few-bit kernels: %% of copy bandwidth by tiles in flight per warp (%s, %d SMs)\n", prop.name,
+              prop.multiProcessorCount);
+  std::printf("bytes counted: forward x + y + codes, backward grad_y + grad_x + codes; median of %d after %d warm-ups\n",
+              kReps, kWarmup);
+  run_dtype<__nv_bfloat16>(uk::DType::kBFloat16, mib << 20);
+  run_dtype<__half>(uk::DType::kFloat16, mib << 20);
+  run_dtype<float>(uk::DType::kFloat32, mib << 20);
+  if (g_mismatches) {
+    std::printf("\n%d variant outputs differ from tiles=1 (forward) / tiles=2 (backward)\n", g_mismatches);
+    return 1;
+  }
+  std::printf("\nall variants agree byte for byte\n");
+  return 0;
+}
