@@ -42,4 +42,7 @@ cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$TO
   -DUNSWAG_CPU_ONLY="$cpu_only" -DPython3_EXECUTABLE="$PWD/.venv/bin/python" >build-configure.log 2>&1 \
   || { cat build-configure.log; exit 1; }
 grep -E "UnSwag:" build-configure.log || true
-cmake --build build -j"$(nproc)"
+# UNSWAG_BUILD_TARGETS: which targets (default all; scripts/test.sh builds the
+# library, the CLI and the tests only: the benchmarks add minutes on 2 cores).
+# shellcheck disable=SC2086
+cmake --build build -j"$(nproc)" --target ${UNSWAG_BUILD_TARGETS:-all}
