@@ -7,7 +7,8 @@
 // (fewbit_fwd_tiles / fewbit_bwd_tiles) come from this sweep.
 //
 // Built by -DUNSWAG_BUILD_TUNING=ON (CUDA builds only; scripts/gpu-check.sh sets
-// it) as bench_fewbit_tiles; run by GPU_CHECK_BENCHES=fewbit_tiles. Forward
+// it) as bench_fewbit_tiles; bench/fewbit_tiles.py runs it and writes its
+// docs section (GPU_CHECK_BENCHES=fewbit_tiles). Forward
 // tiles=8 is left out: it spills registers (128-166 per thread on sm_90).
 #include "../src/kernels/elementwise.cu"
 

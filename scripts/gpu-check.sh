@@ -12,7 +12,7 @@
 #   --only X       run only the tests or only the benchmarks (after the build)
 # Environment: GPU_CHECK_BUDGET_S (default 570): seconds for the whole script;
 #   GPU_CHECK_BENCHES: which benchmarks (default "bench_activations bench_mlp bench_optim bench_psa bench_train_cli bench_model";
-#     also "fewbit_tiles": the few-bit kernels' tiles-in-flight sweep, table in out/gpu-check/bench/fewbit_tiles.md);
+#     also "fewbit_tiles": bench/fewbit_tiles.py, the few-bit kernels' tiles-in-flight sweep);
 #   GPU_CHECK_MODEL_SERIES: bench_model.py --series (comma-separated; default all);
 #   GPU_CHECK_MODEL_CONTEXTS, GPU_CHECK_MODEL_SECTION: its --contexts and docs section;
 #   GPU_CHECK_TRAIN_CONTEXTS: bench_train_cli.py --contexts (default 16384,131072);
@@ -423,13 +423,11 @@ if [[ "$ONLY" != tests ]] && ((build_ok)); then
         [[ -n "${GPU_CHECK_TRAIN_ARGS:-}" ]] && train_args+=(${GPU_CHECK_TRAIN_ARGS})
         run_step "$bench" "" "" python3 bench/bench_train_cli.py "${train_args[@]}" \
           --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes ;;
-      fewbit_tiles)  # few-bit kernels' tiles-in-flight sweep (C++/CUDA; its table goes to the log and $bench.md)
-        run_step "$bench" "$BENCH_DIR/$bench.md" "" "$BUILD_DIR/bench_fewbit_tiles" ;;
       *)
         run_step "$bench" "" "" python3 "bench/$bench.py" --device cuda --lib "$BUILD_DIR/libunswag.so" \
           --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes "${quick_flag[@]}" ;;
     esac
-    if [[ -f "$BENCH_DIR/$bench.md" && "$bench" != fewbit_tiles ]]; then touch "$BENCH_DIR/.doc-updated"; fi
+    if [[ -f "$BENCH_DIR/$bench.md" ]]; then touch "$BENCH_DIR/.doc-updated"; fi
     case "$STEP_RC" in
       0) record "$bench" ok "$bench.json, $bench.md, docs/BENCHMARKS.md" $((SECONDS - t0)) ;;
       3) record "$bench" FAILED "CORRECTNESS check failed (see log)" $((SECONDS - t0)) ;;
