@@ -162,35 +162,87 @@ __device__ __forceinline__ void for_each_tile(int64_t n, Body&& body) {
 
 // Few-bit kernels are specialised on the bit width and the activation, so the
 // encode compares against constants, only kBits planes are packed and shuffled,
-// and the activation's branch is resolved at compile time. Each warp keeps
-// kTiles tiles in flight: the loads of all of them, held packed (Pack8), are
-// issued before the math of any, to hide memory latency. The defaults are what
-// bench/fewbit_tiles.cu measured best on the H200 (docs/BENCHMARKS.md): the
-// forward is bound by its math (encode, bit planes, the activation), so more
-// tiles only cost registers (t=4: 80-108 per thread, within 1-5 points of
-// t=2); the 16-bit backward loses 15-20 points at t=4 (occupancy) and the
-// fp32 backward is within 3 points at t=2 and t=4.
-template <typename T>
+// and the activation's branch is resolved at compile time. Each warp owns kTiles
+// consecutive tiles: the loads of all of them, held packed (Pack8), are issued
+// before the math of any. The defaults are the best of bench/fewbit_tiles.cu's
+// sweep on the H200 (docs/BENCHMARKS.md, section fewbit-tiles, 2026-12-04): the
+// 16-bit backward is at 95-100% of copy bandwidth with one tile; the forward
+// depends on how much math the encode and the activation cost. The fp32 cells
+// vary by more than the math explains between neighbouring variants (e.g. the
+// 1- and 2-bit backward at 2 tiles: 61% and 95%); the defaults are what was
+// measured, not a model.
+template <typename T, int kBits, Act kAct>
 constexpr int fewbit_fwd_tiles() {
-  return 2;
+  if constexpr (sizeof(T) == 2) {
+    if constexpr (kAct == Act::kGELU || kAct == Act::kGELUTanh) return 2;
+    return kBits <= 2 ? 1 : 2;
+  } else if constexpr (sizeof(T) == 4) {
+    if constexpr (kAct == Act::kGELU || kAct == Act::kGELUTanh) return kBits <= 2 ? 4 : 2;
+    return kBits == 2 ? 2 : kBits == 3 ? 4 : 1;
+  }
+  return 1;
 }
-template <typename T>
+template <typename T, int kBits>
 constexpr int fewbit_bwd_tiles() {
-  return sizeof(T) == 2 ? 2 : 4;
+  if constexpr (sizeof(T) == 4) return kBits == 1 ? 4 : kBits == 4 ? 1 : 2;
+  return 1;
 }
 
-// f(x) for 16-bit outputs: fast fp32 intrinsics (about 2 ulp of fp32, far
-// below the final rounding to 8 or 11 mantissa bits) and, for GELU, PyTorch's
-// own 1 + erf form; fp32/fp64 outputs use the accurate act_forward.
+// Flush-to-zero fast intrinsics: MUFU.EX2 / MUFU.RCP without the extra
+// compare-and-scale instructions the non-ftz forms spend on subnormal inputs.
+// A subnormal intermediate here only ever feeds 1 + e or x * e, where it is
+// below the final rounding to a 16-bit type anyway.
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float rcp_ftz(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// GELU for 16-bit outputs: x Phi(x) = x erfc(-x / sqrt 2) / 2, with erfc from
+// the Chebyshev-fitted form of Numerical Recipes (erfcc: fractional error below
+// 1.2e-7 for every argument, relative, so the negative tail keeps its digits):
+//   erfc(z) = t exp(-z^2 + P(t)),  t = 1 / (1 + z / 2),  z = |x| / sqrt 2 >= 0,
+// and erfc(-z) = 2 - erfc(z). log2(e) is folded into P's coefficients and the
+// exponent, so the exponential is one MUFU.EX2. About 16 instructions where
+// erff spends about 24 (two coefficient sets selected per element); with the
+// fast ex2/rcp the result is within about 1e-6 relative of x Phi(x), far below
+// the final rounding to 8 or 11 mantissa bits.
+__device__ __forceinline__ float gelu_16bit(float x) {
+  const float a = fabsf(x);
+  const float t = rcp_ftz(fmaf(a, 0.35355339059327376f, 1.f));  // z / 2 = |x| / (2 sqrt 2)
+  // P(t) * log2(e), Horner from the highest coefficient.
+  float p = 0.17087277f * 1.4426950408889634f;
+  p = fmaf(p, t, -0.82215223f * 1.4426950408889634f);
+  p = fmaf(p, t, 1.48851587f * 1.4426950408889634f);
+  p = fmaf(p, t, -1.13520398f * 1.4426950408889634f);
+  p = fmaf(p, t, 0.27886807f * 1.4426950408889634f);
+  p = fmaf(p, t, -0.18628806f * 1.4426950408889634f);
+  p = fmaf(p, t, 0.09678418f * 1.4426950408889634f);
+  p = fmaf(p, t, 0.37409196f * 1.4426950408889634f);
+  p = fmaf(p, t, 1.00002368f * 1.4426950408889634f);
+  p = fmaf(p, t, -1.26551223f * 1.4426950408889634f);
+  // -z^2 log2(e) = -x^2 log2(e) / 2
+  const float half_erfc = 0.5f * t * ex2_ftz(fmaf(x * -0.72134752044448170f, x, p));
+  return x * (x < 0.f ? half_erfc : 1.f - half_erfc);
+}
+
+// f(x) for 16-bit outputs: fast fp32 forms (about 1e-6 relative at worst, far
+// below the final rounding to 8 or 11 mantissa bits); fp32/fp64 outputs use the
+// accurate act_forward.
 template <Act kAct>
 __device__ __forceinline__ float act_forward_16bit(float x) {
   if constexpr (kAct == Act::kSiLU) {
-    return __fdividef(x, 1.f + __expf(-x));
+    return x * rcp_ftz(1.f + ex2_ftz(x * -1.4426950408889634f));
   } else if constexpr (kAct == Act::kGELU) {
-    return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+    return gelu_16bit(x);
   } else if constexpr (kAct == Act::kGELUTanh) {
     const float w = 1.5957691216057308f * (x + 0.044715f * x * x * x);  // 2 sqrt(2/pi) (x + c x^3)
-    return __fdividef(x, 1.f + __expf(-w));
+    return x * rcp_ftz(1.f + ex2_ftz(w * -1.4426950408889634f));
   } else {
     return act_forward(kAct, x);
   }
@@ -222,114 +274,181 @@ __device__ __forceinline__ acc_t<T> act_forward_for(acc_t<T> x) {
   else return act_forward(kAct, x);
 }
 
-template <typename T, int kBits, Act kAct, int kTiles = fewbit_fwd_tiles<T>()>
-__global__ void __launch_bounds__(kThreads) fewbit_forward_kernel(FewbitForwardParams p, bool aligned) {
-  const T* __restrict__ x = static_cast<const T*>(p.x);
-  T* __restrict__ y = static_cast<T*>(p.y);
-  constexpr int kLevels = 1 << kBits;
-  // 3- and 4-bit codes: a binary search over the boundaries in shared memory
-  // (kBits compares) beats 7 or 15 compares against constants.
-  __shared__ float bounds[kLevels];
-  if constexpr (kBits >= 3) {
-    if (threadIdx.x < kLevels - 1) bounds[threadIdx.x] = p.table.boundaries[threadIdx.x];
-    __syncthreads();
-  }
-  const int lane = threadIdx.x & 31;
-  const int quad = lane & 3;
-  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t tile = warp; tile * kTile < p.n; tile += kTiles * warps) {
-    Pack8<T> raw[kTiles];
-    int64_t base[kTiles];
+// The k-bit code of v as bit planes: bit b of the code goes to bit j of
+// frag[b]. code = #{boundaries b_i with !(v <= b_i)} (NaN counts above every
+// boundary). For 1 and 2 bits the planes come straight from the compares:
+// with p_i = !(v <= b_i) monotone in i, code = p0 + p1 + p2 has bit 1 = p1 and
+// bit 0 = p0 ^ p1 ^ p2. 3 and 4 bits: a binary search over the boundaries in
+// shared memory (kBits compares) beats 7 or 15 compares against constants.
+template <int kBits, typename A>
+__device__ __forceinline__ void encode_planes(A v, int j, const FewbitTable& table, const float* bounds,
+                                              uint32_t (&frag)[kBits]) {
+  if constexpr (kBits == 1) {
+    frag[0] |= uint32_t(!(v <= A(table.boundaries[0]))) << j;
+  } else if constexpr (kBits == 2) {
+    const bool p0 = !(v <= A(table.boundaries[0]));
+    const bool p1 = !(v <= A(table.boundaries[1]));
+    const bool p2 = !(v <= A(table.boundaries[2]));
+    frag[0] |= uint32_t(p0 ^ p1 ^ p2) << j;
+    frag[1] |= uint32_t(p1) << j;
+  } else {
+    constexpr int kLevels = 1 << kBits;
+    uint32_t c = 0;
+    // Invariant: code in [c, c + 2 step); boundary c + step - 1 splits it.
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      base[t] = (tile + t * warps) * kTile + int64_t(lane) * kPerLane;
-      raw[t] = aligned ? load_pack8<T, true>(x, base[t], p.n) : load_pack8<T, false>(x, base[t], p.n);
-    }
+    for (int step = kLevels / 2; step >= 1; step /= 2) c += !(v <= A(bounds[c + step - 1])) ? step : 0u;
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      const int64_t i = base[t];
-      acc_t<T> v[8];
-      unpack8(raw[t], v);
-      uint32_t frag[kBits] = {};
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        uint32_t c = 0;
-        if constexpr (kBits >= 3) {
-          // Invariant: code in [c, c + 2 step); boundary c + step - 1 splits it.
-#pragma unroll
-          for (int step = kLevels / 2; step >= 1; step /= 2)
-            c += !(v[j] <= acc_t<T>(bounds[c + step - 1])) ? step : 0u;
-        } else {
-#pragma unroll
-          for (int b = 0; b < kLevels - 1; ++b) c += !(v[j] <= p.table.boundaries[b]) ? 1u : 0u;
-        }
-        c = i + j < p.n ? c : 0u;
-#pragma unroll
-        for (int b = 0; b < kBits; ++b) frag[b] |= ((c >> b) & 1u) << j;
-        v[j] = act_forward_for<T, kAct>(v[j]);
-      }
-      if (y) {
-        if (aligned) store8<T, true>(y, i, p.n, v); else store8<T, false>(y, i, p.n, v);
-      }
-      // Assemble each plane's 32-bit word across the 4 lanes of this code group;
-      // lane `quad` of the group stores plane `quad`.
-      uint32_t mine = 0;
-#pragma unroll
-      for (int b = 0; b < kBits; ++b) {
-        uint32_t w = frag[b] << (8 * quad);
-        w |= __shfl_xor_sync(0xffffffffu, w, 1);
-        w |= __shfl_xor_sync(0xffffffffu, w, 2);
-        mine = quad == b ? w : mine;
-      }
-      const int64_t group = i / kCodeGroup;
-      if (quad < kBits && group * kCodeGroup < p.n) p.codes[group * kBits + quad] = mine;
-    }
+    for (int b = 0; b < kBits; ++b) frag[b] |= ((c >> b) & 1u) << j;
   }
 }
 
-template <typename T, int kBits, int kTiles = fewbit_bwd_tiles<T>()>
-__global__ void __launch_bounds__(kThreads) fewbit_backward_kernel(FewbitBackwardParams p, bool aligned) {
+// Which tiles a warp owns: kTiles consecutive ones, warps in block order, so a
+// block covers one contiguous range. Not a persistent grid: the blocks of one
+// launch overlap each other's loads and tails, which keeps more bytes in flight
+// than a one-wave grid-stride loop. A warp whose tiles all lie inside n (every
+// warp but the last few) runs with no per-element bounds checks.
+template <int kTiles>
+__device__ __forceinline__ int64_t first_tile_of_warp() {
+  return (int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5)) * kTiles;
+}
+template <int kTiles>
+int64_t fewbit_blocks(int64_t n) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t per_block = int64_t(kThreads / 32) * kTiles;
+  return (tiles + per_block - 1) / per_block;
+}
+
+template <typename T, int kBits, Act kAct, int kTiles, bool kAligned, bool kCheck>
+__device__ __forceinline__ void fewbit_forward_tiles(const FewbitForwardParams& p, const float* bounds,
+                                                     int64_t first_tile, int lane) {
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int quad = lane & 3;
+  Pack8<T> raw[kTiles];
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const int64_t i = (first_tile + t) * kTile + lane * kPerLane;
+    raw[t] = load_pack8<T, kAligned && !kCheck>(x, i, kCheck ? p.n : i + kPerLane);
+  }
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const int64_t i = (first_tile + t) * kTile + lane * kPerLane;
+    if (kCheck && (first_tile + t) * kTile >= p.n) break;  // warp-uniform
+    acc_t<T> v[8];
+    unpack8(raw[t], v);
+    uint32_t frag[kBits] = {};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      encode_planes<kBits>(v[j], j, p.table, bounds, frag);
+      v[j] = act_forward_for<T, kAct>(v[j]);
+    }
+    if constexpr (kCheck) {
+      // Codes of elements past n are 0 (the backward and the CPU reference rely on it).
+      const int64_t left = p.n - i;
+      const uint32_t keep = left >= 8 ? 0xffu : left <= 0 ? 0u : (1u << left) - 1u;
+#pragma unroll
+      for (int b = 0; b < kBits; ++b) frag[b] &= keep;
+    }
+    if (y) store8<T, kAligned && !kCheck>(y, i, kCheck ? p.n : i + kPerLane, v);
+    // Assemble each plane's 32-bit word across the 4 lanes of this code group;
+    // lane `quad` of the group stores plane `quad`.
+    uint32_t mine = 0;
+#pragma unroll
+    for (int b = 0; b < kBits; ++b) {
+      uint32_t w = frag[b] << (8 * quad);
+      w |= __shfl_xor_sync(0xffffffffu, w, 1);
+      w |= __shfl_xor_sync(0xffffffffu, w, 2);
+      mine = quad == b ? w : mine;
+    }
+    const int64_t group = i / kCodeGroup;
+    if (quad < kBits && (!kCheck || group * kCodeGroup < p.n)) p.codes[group * kBits + quad] = mine;
+  }
+}
+
+template <typename T, int kBits, Act kAct, int kTiles, bool kAligned>
+__global__ void __launch_bounds__(kThreads) fewbit_forward_kernel(FewbitForwardParams p) {
+  __shared__ float bounds[1 << kBits];
+  if constexpr (kBits >= 3) {
+    if (threadIdx.x < (1 << kBits) - 1) bounds[threadIdx.x] = p.table.boundaries[threadIdx.x];
+    __syncthreads();
+  }
+  const int64_t first = first_tile_of_warp<kTiles>();
+  if (first * kTile >= p.n) return;
+  const int lane = threadIdx.x & 31;
+  if ((first + kTiles) * kTile <= p.n)
+    fewbit_forward_tiles<T, kBits, kAct, kTiles, kAligned, false>(p, bounds, first, lane);
+  else
+    fewbit_forward_tiles<T, kBits, kAct, kTiles, kAligned, true>(p, bounds, first, lane);
+}
+
+// values[code] for 1 and 2 bits by selects on registers (no shared-memory
+// lookup per element); 3 and 4 bits from shared memory.
+template <int kBits, typename A>
+__device__ __forceinline__ A decode_value(const uint32_t (&frag)[kBits], int j, const A (&vals)[1 << kBits],
+                                          const A* shared_vals) {
+  if constexpr (kBits == 1) {
+    return (frag[0] >> j) & 1u ? vals[1] : vals[0];
+  } else if constexpr (kBits == 2) {
+    const bool b0 = (frag[0] >> j) & 1u, b1 = (frag[1] >> j) & 1u;
+    return b1 ? (b0 ? vals[3] : vals[2]) : (b0 ? vals[1] : vals[0]);
+  } else {
+    uint32_t c = 0;
+#pragma unroll
+    for (int b = 0; b < kBits; ++b) c |= ((frag[b] >> j) & 1u) << b;
+    return shared_vals[c];
+  }
+}
+
+template <typename T, int kBits, int kTiles, bool kAligned, bool kCheck>
+__device__ __forceinline__ void fewbit_backward_tiles(const FewbitBackwardParams& p, const acc_t<T> (&vals)[1 << kBits],
+                                                      const acc_t<T>* shared_vals, int64_t first_tile, int lane) {
   const T* __restrict__ dy = static_cast<const T*>(p.grad_y);
   T* __restrict__ dx = static_cast<T*>(p.grad_x);
-  constexpr int kLevels = 1 << kBits;
-  // The table in shared memory: a per-lane (divergent) index into kernel
-  // parameters would be serialised.
-  __shared__ acc_t<T> values[kLevels];
-  if (threadIdx.x < kLevels) values[threadIdx.x] = p.table.values[threadIdx.x];
-  __syncthreads();
-  const int lane = threadIdx.x & 31;
   const int shift = 8 * (lane & 3);
-  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t tile = warp; tile * kTile < p.n; tile += kTiles * warps) {
-    Pack8<T> raw[kTiles];
-    uint32_t frag[kTiles][kBits];
-    int64_t base[kTiles];
+  Pack8<T> raw[kTiles];
+  uint32_t frag[kTiles][kBits];
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      base[t] = (tile + t * warps) * kTile + int64_t(lane) * kPerLane;
-      const int64_t group = base[t] / kCodeGroup;
+  for (int t = 0; t < kTiles; ++t) {
+    const int64_t i = (first_tile + t) * kTile + lane * kPerLane;
+    const int64_t group = i / kCodeGroup;
+    const bool in = !kCheck || i < p.n;
 #pragma unroll
-      for (int b = 0; b < kBits; ++b)
-        frag[t][b] = base[t] < p.n ? (__ldg(p.codes + group * kBits + b) >> shift) & 0xffu : 0u;
-      raw[t] = aligned ? load_pack8<T, true>(dy, base[t], p.n) : load_pack8<T, false>(dy, base[t], p.n);
-    }
-#pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      acc_t<T> v[8];
-      unpack8(raw[t], v);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        uint32_t c = 0;
-#pragma unroll
-        for (int b = 0; b < kBits; ++b) c |= ((frag[t][b] >> j) & 1u) << b;
-        const acc_t<T> d = values[c];
-        v[j] = d == 0 ? acc_t<T>(0) : v[j] * d;
-      }
-      if (aligned) store8<T, true>(dx, base[t], p.n, v); else store8<T, false>(dx, base[t], p.n, v);
-    }
+    for (int b = 0; b < kBits; ++b) frag[t][b] = in ? (__ldg(p.codes + group * kBits + b) >> shift) & 0xffu : 0u;
+    raw[t] = load_pack8<T, kAligned && !kCheck>(dy, i, kCheck ? p.n : i + kPerLane);
   }
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const int64_t i = (first_tile + t) * kTile + lane * kPerLane;
+    if (kCheck && i >= p.n) continue;
+    acc_t<T> v[8];
+    unpack8(raw[t], v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const acc_t<T> d = decode_value<kBits>(frag[t], j, vals, shared_vals);
+      v[j] = d == 0 ? acc_t<T>(0) : v[j] * d;
+    }
+    store8<T, kAligned && !kCheck>(dx, i, kCheck ? p.n : i + kPerLane, v);
+  }
+}
+
+template <typename T, int kBits, int kTiles, bool kAligned>
+__global__ void __launch_bounds__(kThreads) fewbit_backward_kernel(FewbitBackwardParams p) {
+  constexpr int kLevels = 1 << kBits;
+  __shared__ acc_t<T> shared_vals[kLevels];
+  if constexpr (kBits >= 3) {
+    if (threadIdx.x < kLevels) shared_vals[threadIdx.x] = p.table.values[threadIdx.x];
+    __syncthreads();
+  }
+  acc_t<T> vals[kLevels];
+#pragma unroll
+  for (int c = 0; c < kLevels; ++c) vals[c] = kBits <= 2 ? acc_t<T>(p.table.values[c]) : acc_t<T>(0);
+  const int64_t first = first_tile_of_warp<kTiles>();
+  if (first * kTile >= p.n) return;
+  const int lane = threadIdx.x & 31;
+  if ((first + kTiles) * kTile <= p.n)
+    fewbit_backward_tiles<T, kBits, kTiles, kAligned, false>(p, vals, shared_vals, first, lane);
+  else
+    fewbit_backward_tiles<T, kBits, kTiles, kAligned, true>(p, vals, shared_vals, first, lane);
 }
 
 // Exact derivative from the kept output: Newton inversion per element (compute
@@ -502,15 +621,35 @@ void with_act(Act act, F&& f) {
   }
 }
 
+// Launches one few-bit kernel instance (also what bench/fewbit_tiles.cu times).
+template <typename T, int kBits, Act kAct, int kTiles>
+void launch_fewbit_forward(const FewbitForwardParams& p, cudaStream_t stream) {
+  if (p.n == 0) return;
+  const int64_t blocks = fewbit_blocks<kTiles>(p.n);
+  if (aligned16({p.x, p.y}))
+    fewbit_forward_kernel<T, kBits, kAct, kTiles, true><<<blocks, kThreads, 0, stream>>>(p);
+  else
+    fewbit_forward_kernel<T, kBits, kAct, kTiles, false><<<blocks, kThreads, 0, stream>>>(p);
+}
+template <typename T, int kBits, int kTiles>
+void launch_fewbit_backward(const FewbitBackwardParams& p, cudaStream_t stream) {
+  if (p.n == 0) return;
+  const int64_t blocks = fewbit_blocks<kTiles>(p.n);
+  if (aligned16({p.grad_y, p.grad_x}))
+    fewbit_backward_kernel<T, kBits, kTiles, true><<<blocks, kThreads, 0, stream>>>(p);
+  else
+    fewbit_backward_kernel<T, kBits, kTiles, false><<<blocks, kThreads, 0, stream>>>(p);
+}
+
 void fewbit_forward_cuda(const FewbitForwardParams& p, void* stream) {
   if (p.n == 0) return;
-  const bool aligned = aligned16({p.x, p.y});
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     with_bits(p.table.bits, [&](auto bits) {
       with_act(p.act, [&](auto act) {
-        constexpr auto kernel = fewbit_forward_kernel<T, decltype(bits)::value, decltype(act)::value>;
-        kernel<<<grid_for<kernel>(p.n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, aligned);
+        constexpr int kBits = decltype(bits)::value;
+        constexpr Act kAct = decltype(act)::value;
+        launch_fewbit_forward<T, kBits, kAct, fewbit_fwd_tiles<T, kBits, kAct>()>(p, static_cast<cudaStream_t>(stream));
       });
     });
   });
@@ -518,12 +657,11 @@ void fewbit_forward_cuda(const FewbitForwardParams& p, void* stream) {
 }
 void fewbit_backward_cuda(const FewbitBackwardParams& p, void* stream) {
   if (p.n == 0) return;
-  const bool aligned = aligned16({p.grad_y, p.grad_x});
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     with_bits(p.table.bits, [&](auto bits) {
-      constexpr auto kernel = fewbit_backward_kernel<T, decltype(bits)::value>;
-      kernel<<<grid_for<kernel>(p.n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, aligned);
+      constexpr int kBits = decltype(bits)::value;
+      launch_fewbit_backward<T, kBits, fewbit_bwd_tiles<T, kBits>()>(p, static_cast<cudaStream_t>(stream));
     });
   });
   check_launch("fewbit_backward");
