@@ -1,5 +1,5 @@
 // Tuning sweep for the few-bit CUDA kernels: effective bandwidth of
-// fewbit_forward / fewbit_backward for each number of tiles in flight per warp
+// fewbit_forward / fewbit_backward for each number of tiles per warp
 // (the kTiles template argument), as a fraction of a device-to-device copy of
 // the same input, for bf16 / fp16 / fp32, SiLU / GELU and 1-4 bits. Every
 // variant's outputs are compared byte for byte with tiles=1's (the tile

@@ -100,14 +100,6 @@ __device__ __forceinline__ void unpack8(const Pack8<T>& r, acc_t<T> (&v)[8]) {
   for (int j = 0; j < 8; ++j) v[j] = to_f(r.e[j]);
 }
 
-template <typename A>
-__device__ __forceinline__ uint32_t encode(const FewbitTable& t, A x) {
-  const int nb = (1 << t.bits) - 1;
-  uint32_t c = 0;
-  for (int b = 0; b < nb; ++b) c += !(x <= t.boundaries[b]) ? 1u : 0u;
-  return c;
-}
-
 // Quantises 8 values held by each of 8 lanes (one int8 group); returns the scale.
 template <typename A>
 __device__ __forceinline__ float quantize8(const A (&v)[8], int8_t (&q)[8]) {
@@ -166,7 +158,7 @@ __device__ __forceinline__ void for_each_tile(int64_t n, Body&& body) {
 // consecutive tiles: the loads of all of them, held packed (Pack8), are issued
 // before the math of any. The defaults are the best of bench/fewbit_tiles.cu's
 // sweep on the H200 (docs/BENCHMARKS.md, section fewbit-tiles, 2026-12-04): the
-// 16-bit backward is at 95-100% of copy bandwidth with one tile; the forward
+// 16-bit backward is at 92-100% of copy bandwidth with one tile; the forward
 // depends on how much math the encode and the activation cost. The fp32 cells
 // vary by more than the math explains between neighbouring variants (e.g. the
 // 1- and 2-bit backward at 2 tiles: 61% and 95%); the defaults are what was
@@ -312,10 +304,14 @@ __device__ __forceinline__ int64_t first_tile_of_warp() {
   return (int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5)) * kTiles;
 }
 template <int kTiles>
-int64_t fewbit_blocks(int64_t n) {
+unsigned fewbit_blocks(int64_t n) {
   const int64_t tiles = (n + kTile - 1) / kTile;
   const int64_t per_block = int64_t(kThreads / 32) * kTiles;
-  return (tiles + per_block - 1) / per_block;
+  const int64_t blocks = (tiles + per_block - 1) / per_block;
+  // gridDim.x holds up to 2^31 - 1 blocks: 2^42 elements at one tile per warp.
+  if (blocks > 0x7fffffff)
+    throw std::invalid_argument("unswag: few-bit kernels take at most 2^42 elements, got " + std::to_string(n));
+  return unsigned(blocks);
 }
 
 template <typename T, int kBits, Act kAct, int kTiles, bool kAligned, bool kCheck>
@@ -625,7 +621,7 @@ void with_act(Act act, F&& f) {
 template <typename T, int kBits, Act kAct, int kTiles>
 void launch_fewbit_forward(const FewbitForwardParams& p, cudaStream_t stream) {
   if (p.n == 0) return;
-  const int64_t blocks = fewbit_blocks<kTiles>(p.n);
+  const unsigned blocks = fewbit_blocks<kTiles>(p.n);
   if (aligned16({p.x, p.y}))
     fewbit_forward_kernel<T, kBits, kAct, kTiles, true><<<blocks, kThreads, 0, stream>>>(p);
   else
@@ -634,7 +630,7 @@ void launch_fewbit_forward(const FewbitForwardParams& p, cudaStream_t stream) {
 template <typename T, int kBits, int kTiles>
 void launch_fewbit_backward(const FewbitBackwardParams& p, cudaStream_t stream) {
   if (p.n == 0) return;
-  const int64_t blocks = fewbit_blocks<kTiles>(p.n);
+  const unsigned blocks = fewbit_blocks<kTiles>(p.n);
   if (aligned16({p.grad_y, p.grad_x}))
     fewbit_backward_kernel<T, kBits, kTiles, true><<<blocks, kThreads, 0, stream>>>(p);
   else
