@@ -126,7 +126,13 @@ TEST_P(FusedMLPTest, FewbitCompressedWithinTableError) {
 // The exact scheme (derivative_bits 0): the kept f(z) plus 1 side bit give z by
 // inversion, so gradients are exact in float64; in lower precision the rounding
 // e of the kept f(z) moves z by ~ sqrt(e) near f's minimum, hence the stated
-// bound: twice PyTorch's own error at that dtype plus 0.01 sqrt(unit roundoff).
+// bound: twice PyTorch's own error at that dtype plus 0.03 sqrt(unit roundoff).
+// Why 0.03: the excess comes from the few elements (Poisson, mean ~3 at this
+// size in fp32) within ~sqrt(e / f'') of the minimum, each capped at
+// ~sqrt(2 e f'') of derivative error. Over 40 seeds x 3 activations x 2
+// gradients the excess / sqrt(u) had median 0.004 and maximum 0.0098 (fp32);
+// 0.03 needs ~50x the median squared error, i.e. ~150 such elements at the cap.
+// (0.01 failed once in CI, at 0.0104.) A 4-bit code errs by ~1e-2, far above.
 TEST_P(FusedMLPTest, ExactInverseSchemeMatchesFloat64) {
   for (const std::string a : {"gelu", "gelu_tanh", "silu"}) {
     const Case c = make_case(a, 257, 48, 200, opts(torch::kDouble));
@@ -146,7 +152,7 @@ TEST_P(FusedMLPTest, ExactInverseSchemeMatchesFloat64) {
       const Grads torch_same = run(a, cl, "", 0, 0, true);
       const Grads exact = run(a, cl, "compressed", 16, 0, false);
       const Grads fourbit = run(a, cl, "compressed", 16, 4, false);
-      const double slack = 0.01 * std::sqrt(test::unit_roundoff(dtype));
+      const double slack = 0.03 * std::sqrt(test::unit_roundoff(dtype));
       SCOPED_TRACE(::testing::Message() << dtype);
       EXPECT_LE(rel_l2(exact.dx, r.dx), 2 * rel_l2(torch_same.dx, r.dx) + slack);
       EXPECT_LE(rel_l2(exact.dwu, r.dwu), 2 * rel_l2(torch_same.dwu, r.dwu) + slack);
