@@ -338,26 +338,34 @@ void bench_decode(const torch::Device& device, const Shape& s, const std::vector
       std::fflush(stdout);
     }
     for (const double share : signal_shares) {
-      PacketSwitchedAttention psa(s.hidden, s.heads, s.heads, s.head_dim, false, false, psa_config(share, kernel, window));
-      psa->to(device, dtype);
-      psa->eval();
-      PSACache cache;
-      psa->forward_cached(x.narrow(1, 0, L), positions.narrow(1, 0, L), cos.narrow(2, 0, L), sin.narrow(2, 0, L),
-                          cache);
-      const auto prefill_routes = psa->route_stats();
-      int64_t len = L;
-      const auto ms = time_calls(device, 2, steps - 2, [&] {
-        psa->forward_cached(token(len), positions.narrow(1, len, 1), cos_at(len), sin_at(len), cache);
-        ++len;
-      });
-      const double bytes = double(cache.bytes_allocated());
-      std::printf(
-          "{\"mode\": \"decode\", \"what\": \"psa\", \"context\": %ld, \"target_signal\": %.4f, \"ms_per_token\": %.4f, "
-          "\"cache_bytes\": %.0f, \"cache_bytes_per_token\": %.1f, \"signal_tokens\": %ld, \"route_fractions\": %s, "
-          "\"window\": %ld}\n",
-          long(L), share, median(ms), bytes, bytes / double(len), long(cache.signal.length),
-          json_shares(prefill_routes.fractions).c_str(), long(window));
-      std::fflush(stdout);
+      // The fused decode step (one token, five kernels, no host sync) and the
+      // ATen composition it replaces, each from its own prefill of the same
+      // layer (same seed, so the same weights and routes).
+      for (const bool fused : {true, false}) {
+        torch::manual_seed(1234);
+        PacketSwitchedAttention psa(s.hidden, s.heads, s.heads, s.head_dim, false, false,
+                                    psa_config(share, kernel, window));
+        psa->to(device, dtype);
+        psa->eval();
+        psa->set_fused_decode(fused);
+        PSACache cache;
+        psa->forward_cached(x.narrow(1, 0, L), positions.narrow(1, 0, L), cos.narrow(2, 0, L),
+                            sin.narrow(2, 0, L), cache);
+        const auto prefill_routes = psa->route_stats();
+        int64_t len = L;
+        const auto ms = time_calls(device, 2, steps - 2, [&] {
+          psa->forward_cached(token(len), positions.narrow(1, len, 1), cos_at(len), sin_at(len), cache);
+          ++len;
+        });
+        const double bytes = double(cache.bytes_allocated());
+        std::printf(
+            "{\"mode\": \"decode\", \"what\": \"psa\", \"path\": \"%s\", \"context\": %ld, "
+            "\"target_signal\": %.4f, \"ms_per_token\": %.4f, \"cache_bytes\": %.0f, "
+            "\"cache_bytes_per_token\": %.1f, \"signal_tokens\": %ld, \"route_fractions\": %s, \"window\": %ld}\n",
+            fused ? "fused" : "composition", long(L), share, median(ms), bytes, bytes / double(len),
+            long(cache.signal_tokens()), json_shares(prefill_routes.fractions).c_str(), long(window));
+        std::fflush(stdout);
+      }
     }
   }
 }

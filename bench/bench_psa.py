@@ -45,7 +45,8 @@ def run_lines(cmd: list[str], timeout: float) -> list[dict]:
 
 
 def fmt_ms(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
+    # Two decimals, or three significant digits below 1 ms (a fused decode step is ~0.05 ms).
+    return "-" if x is None else f"{x:.2f}" if x >= 1 else f"{x:.3g}"
 
 
 def shares(r: dict) -> str:
@@ -93,19 +94,25 @@ def decode_section(header: dict, rows: list[dict]) -> str:
     sig = sorted({r["target_signal"] for r in rows if r["what"] == "psa"})
     headers = ["context", "dense cache B/token", "dense ms/token"]
     for s in sig:
-        headers += [f"PSA {100 * s:g}% cache B/token", "smaller", "ms/token", "faster"]
+        headers += [f"PSA {100 * s:g}% cache B/token", "smaller", "fused ms/token", "faster", "ATen ms/token"]
     table = []
+
+    def psa_row(t, s, path):
+        return next((r for r in rows if r["context"] == t and r["what"] == "psa" and r["target_signal"] == s
+                     and r.get("path", "composition") == path), None)
+
     for t in contexts:
         dn = next((r for r in rows if r["context"] == t and r["what"] == "dense"), None)
         line = [f"{t:,}", f"{dn['cache_bytes_per_token']:,.0f}" if dn else "-", fmt_ms(dn and dn["ms_per_token"])]
         for s in sig:
-            p = next((r for r in rows if r["context"] == t and r["what"] == "psa" and r["target_signal"] == s), None)
+            p, c = psa_row(t, s, "fused"), psa_row(t, s, "composition")
             if p and dn:
                 line += [f"{p['cache_bytes_per_token']:,.0f}",
                          common.format_ratio(dn["cache_bytes_per_token"] / p["cache_bytes_per_token"]),
-                         fmt_ms(p["ms_per_token"]), common.format_ratio(dn["ms_per_token"] / p["ms_per_token"])]
+                         fmt_ms(p["ms_per_token"]), common.format_ratio(dn["ms_per_token"] / p["ms_per_token"]),
+                         fmt_ms(c and c["ms_per_token"])]
             else:
-                line += ["-"] * 4
+                line += ["-"] * 5
         table.append(line)
     return "\n".join([
         "## PSA generation cache and decode latency (one layer)", "",
@@ -113,8 +120,11 @@ def decode_section(header: dict, rows: list[dict]) -> str:
         "Prefill a context of L random tokens into the layer's cache, then decode single tokens (median of the "
         "timed steps, CUDA events). Cache bytes are what the cache allocated (capacity, not filled length), "
         "divided by the tokens seen: the dense cache holds K and V of every token; PSA holds the signal "
-        f"tokens' K/V, the window's last {window_of(rows)} - 1 tokens' K/V, the conv tail and the summary "
-        "register. Same layer shape as above.", "",
+        f"tokens' K/V, the window's last {window_of(rows)} tokens' K/V (a ring in the fused decode), the conv "
+        "tail and the summary register. Dense: q/k/v projections, RoPE, the cache write, FlashAttention over "
+        "the filled cache and o_proj as ATen ops. PSA fused: the layer's decode step in five kernels with no "
+        "host sync (docs/psa.md, \"Fused decode\"); ATen: the same step as the ATen composition it replaces, "
+        "from its own prefill of the same layer (same weights). Faster = dense / fused. Same layer shape as above.", "",
         common.markdown_table(headers, table),
     ])
 

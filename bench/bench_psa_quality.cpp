@@ -40,6 +40,12 @@ struct Args {
   double lr = 1.5e-3, tau_start = 1.0, tau_end = 0.3;
   std::vector<std::string> variants = {"dense", "psa", "random"};
   std::vector<uint64_t> seeds = {0, 1};
+  std::vector<double> shares;       // prune, local, summary, signal (empty: PSAConfig's)
+  std::vector<int64_t> psa_layers;  // empty: every layer
+  bool detach_router_input = unswag::nn::PSAConfig().detach_router_input;
+  bool all_tokens_read_signal = false;
+  std::string summary = unswag::nn::PSAConfig().summary;
+  double load_loss_weight = unswag::nn::PSAConfig().load_loss_weight;
   bool quick = false;
 };
 
@@ -70,12 +76,21 @@ unswag::ModelConfig model_config(const Args& a, const std::string& variant, uint
   c.dtype = torch::kFloat;
   c.eos_token_ids = {0};
   if (variant != "dense") {
-    for (int64_t l = 0; l < a.layers; ++l) c.psa_layers.push_back(l);
+    if (a.psa_layers.empty()) {
+      for (int64_t l = 0; l < a.layers; ++l) c.psa_layers.push_back(l);
+    } else {
+      c.psa_layers = a.psa_layers;
+    }
+    if (!a.shares.empty()) std::copy(a.shares.begin(), a.shares.end(), c.psa.target_shares.begin());
     c.psa.random_router = variant == "random";
     c.psa.seed = seed;
     c.psa.temperature = a.tau_start;
     c.psa.window = a.window;
     c.psa.entropy_loss_weight = a.entropy_loss_weight;
+    c.psa.load_loss_weight = a.load_loss_weight;
+    c.psa.detach_router_input = a.detach_router_input;
+    c.psa.all_tokens_read_signal = a.all_tokens_read_signal;
+    c.psa.summary = a.summary;
   }
   c.validate("bench_psa_quality");
   return c;
@@ -225,30 +240,8 @@ std::string fmt(double x, int digits = 4) {
   return buf;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  Args a;
-  CLI::App app{"UnSwag: PSA quality (dense vs PSA vs random router, small LM from scratch)"};
-  app.add_option("--data", a.data, "directory of train_*.bin / val_*.bin shards");
-  app.add_option("--out", a.out, "output directory");
-  app.add_option("--device", a.device, "auto | cuda | cpu");
-  app.add_option("--layers", a.layers);
-  app.add_option("--hidden", a.hidden);
-  app.add_option("--heads", a.heads);
-  app.add_option("--ff", a.ff);
-  app.add_option("--context", a.context);
-  app.add_option("--batch", a.batch);
-  app.add_option("--tokens", a.tokens, "training tokens per run");
-  app.add_option("--eval-tokens", a.eval_tokens, "validation tokens per evaluation");
-  app.add_option("--evals", a.evals, "evaluations per run");
-  app.add_option("--lr", a.lr);
-  app.add_option("--window", a.window, "PSA's attention window (0: none)");
-  app.add_option("--entropy-loss-weight", a.entropy_loss_weight, "the router's per-token entropy penalty");
-  app.add_option("--variants", a.variants)->delimiter(',');
-  app.add_option("--seeds", a.seeds)->delimiter(',');
-  app.add_flag("--quick", a.quick, "a short run (a smoke test, not a result)");
-  CLI11_PARSE(app, argc, argv);
+// Everything after the argument parsing: the runs, their JSON, table and plot.
+int run(Args a) {
   if (a.quick) {
     a.tokens = std::min<int64_t>(a.tokens, 2 * a.batch * a.context * 8);
     a.eval_tokens = a.batch * a.context;
@@ -265,7 +258,10 @@ int main(int argc, char** argv) {
   out["config"] = {{"layers", a.layers}, {"hidden", a.hidden}, {"heads", a.heads}, {"ff", a.ff},
                    {"context", a.context}, {"batch", a.batch}, {"tokens", a.tokens}, {"lr", a.lr},
                    {"eval_tokens", a.eval_tokens}, {"data", a.data},
-                   {"window", a.window}, {"entropy_loss_weight", a.entropy_loss_weight}};
+                   {"window", a.window}, {"entropy_loss_weight", a.entropy_loss_weight},
+                   {"load_loss_weight", a.load_loss_weight}, {"detach_router_input", a.detach_router_input},
+                   {"all_tokens_read_signal", a.all_tokens_read_signal}, {"summary", a.summary},
+                   {"shares", model_config(a, "psa", 0).psa.target_shares}, {"psa_layers", a.psa_layers}};
   out["runs"] = json::array();
   for (const auto& r : runs)
     out["runs"].push_back({{"variant", r.variant}, {"seed", r.seed}, {"val_curve", r.val_curve},
@@ -282,14 +278,29 @@ int main(int argc, char** argv) {
     return v.empty() ? NAN : s / double(v.size());
   };
   const double dense_mean = finals.count("dense") ? mean(finals["dense"]) : NAN;
+  std::string psa_layers_text = "every layer", shares_text;
+  if (!a.psa_layers.empty()) {
+    psa_layers_text = "layers";
+    for (size_t i = 0; i < a.psa_layers.size(); ++i)
+      psa_layers_text += (i ? ", " : " ") + std::to_string(a.psa_layers[i]);
+    psa_layers_text += " (the others dense)";
+  }
+  {
+    const auto cfg_shares = model_config(a, "psa", 0).psa.target_shares;
+    for (size_t i = 0; i < cfg_shares.size(); ++i) shares_text += (i ? "/" : "") + fmt(100 * cfg_shares[i], 2);
+  }
   std::ostringstream md;
   md << "A Llama-shaped LM (" << a.layers << " layers, hidden " << a.hidden << ", " << a.heads << " heads, MLP "
      << a.ff << ", tied embeddings, the 2000-token byte-level BPE of tests/fixtures/tokenizers/gpt2) trained from scratch on the GCIDE dictionary text "
      << "(scripts/make-psa-corpus.sh), " << a.tokens / 1000000.0 << "M tokens per run (batch " << a.batch
      << " x " << a.context << "), AdamW (fp32 state, lr " << a.lr << " warmup + cosine), fp32 weights with TF32. "
-     << "PSA: every layer, targets prune/local/summary/signal 12.5/37.5/31.25/18.75%, attention window " << a.window
+     << "PSA: " << psa_layers_text << ", targets prune/local/summary/signal " << shares_text
+     << "%, attention window " << a.window
      << ", Gumbel temperature " << a.tau_start << " -> " << a.tau_end << ", router entropy weight "
-     << a.entropy_loss_weight << ". "
+     << a.entropy_loss_weight << ", load loss weight " << a.load_loss_weight
+     << (a.detach_router_input ? ", router input detached" : "")
+     << (a.all_tokens_read_signal ? ", every token reads the signal tokens" : "") << ", summary register "
+     << a.summary << ". "
      << "Random: the same layer with each token's route drawn from those shares by a hash (no router). "
      << "Validation: " << a.eval_tokens / 1000000.0 << "M held-out tokens, eval mode (hard routing).\n\n";
   md << "| variant | " ;
@@ -329,4 +340,49 @@ int main(int argc, char** argv) {
   std::ofstream(a.out + "/quality.svg") << svg_chart(runs);
   std::printf("%s", md.str().c_str());
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args a;
+  CLI::App app{"UnSwag: PSA quality (dense vs PSA vs random router, small LM from scratch)"};
+  app.add_option("--data", a.data, "directory of train_*.bin / val_*.bin shards");
+  app.add_option("--out", a.out, "output directory");
+  app.add_option("--device", a.device, "auto | cuda | cpu");
+  app.add_option("--layers", a.layers);
+  app.add_option("--hidden", a.hidden);
+  app.add_option("--heads", a.heads);
+  app.add_option("--ff", a.ff);
+  app.add_option("--context", a.context);
+  app.add_option("--batch", a.batch);
+  app.add_option("--tokens", a.tokens, "training tokens per run");
+  app.add_option("--eval-tokens", a.eval_tokens, "validation tokens per evaluation");
+  app.add_option("--evals", a.evals, "evaluations per run");
+  app.add_option("--lr", a.lr);
+  app.add_option("--window", a.window, "PSA's attention window (0: none)");
+  app.add_option("--entropy-loss-weight", a.entropy_loss_weight, "the router's per-token entropy penalty");
+  app.add_option("--variants", a.variants)->delimiter(',');
+  app.add_option("--shares", a.shares, "PSA's target route shares prune,local,summary,signal")
+      ->delimiter(',')
+      ->expected(4);
+  app.add_option("--load-loss-weight", a.load_loss_weight, "the router's load-balancing loss weight");
+  app.add_flag("--detach-router-input,!--no-detach-router-input", a.detach_router_input,
+               "the router reads sg(x): its gradients do not reach the hidden state");
+  app.add_flag("--all-tokens-read-signal", a.all_tokens_read_signal,
+               "every token reads the earlier signal tokens (experimental, O(T^2) in training)");
+  app.add_option("--summary", a.summary, "PSA's summary register: ema | linear_attention")
+      ->check(CLI::IsMember({"ema", "linear_attention"}));
+  app.add_option("--psa-layers", a.psa_layers, "the layers that use PSA (default: all)")->delimiter(',');
+  app.add_option("--seeds", a.seeds)->delimiter(',');
+  app.add_flag("--quick", a.quick, "a short run (a smoke test, not a result)");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    return run(a);
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "bench_psa_quality: %s\n", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_psa_quality: %s\n", e.what());
+  }
+  return 1;
 }

@@ -1,9 +1,9 @@
 // Tuning sweep for the few-bit CUDA kernels: effective bandwidth of
 // fewbit_forward / fewbit_backward for each number of tiles per warp
 // (the kTiles template argument), as a fraction of a device-to-device copy of
-// the same input, for bf16 / fp16 / fp32, SiLU / GELU and 1-4 bits. Every
-// variant's outputs are compared byte for byte with tiles=1's (the tile
-// count must not change results). The defaults in elementwise.cu
+// the same input, for bf16 / fp16 / fp32, ReLU (1 bit: relu_1bit), SiLU / GELU
+// and 1-4 bits. Every variant's outputs are compared byte for byte with
+// tiles=1's (the tile count must not change results). The defaults in elementwise.cu
 // (fewbit_fwd_tiles / fewbit_bwd_tiles) come from this sweep.
 //
 // Built by -DUNSWAG_BUILD_TUNING=ON (CUDA builds only; scripts/gpu-check.sh sets
@@ -169,6 +169,9 @@ void run_dtype(uk::DType dtype, int64_t bytes) {
               bytes / 1048576.0, copy_ms, 2.0 * bytes / copy_ms / 1e6);
   std::printf("| dtype | act | bits | fwd t=1 | t=2 | t=4 | default | bwd t=1 | t=2 | t=4 | default |\n");
   std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  // relu_1bit is the 1-bit ReLU case of the same kernels: its row shows whether
+  // the activation's math (none here) or the 1-bit layout sets the speed.
+  sweep<T, 1, uk::Act::kReLU>(dtype, b, copy_ms);
   sweep<T, 1, uk::Act::kSiLU>(dtype, b, copy_ms);
   sweep<T, 2, uk::Act::kSiLU>(dtype, b, copy_ms);
   sweep<T, 3, uk::Act::kSiLU>(dtype, b, copy_ms);

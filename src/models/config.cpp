@@ -139,6 +139,14 @@ void parse_psa(const json& j, ModelConfig& c, const std::string& src) {
   q.entropy_loss_weight = get_number(p, "entropy_loss_weight", 0.0, where);
   q.controller_gamma = get_number(p, "controller_gamma", q.controller_gamma, where);
   q.random_router = get_bool(p, "random_router", q.random_router, where);
+  // Checkpoints written before the option existed trained their routers with the gradient reaching x.
+  q.detach_router_input = get_bool(p, "detach_router_input", false, where);
+  q.all_tokens_read_signal = get_bool(p, "all_tokens_read_signal", false, where);
+  if (p.contains("summary") && !p["summary"].is_null()) {
+    TORCH_CHECK(p["summary"].is_string(), where, ".summary must be \"ema\" or \"linear_attention\", got ",
+                p["summary"].dump());
+    q.summary = p["summary"].get<std::string>();
+  }
   if (p.contains("seed")) {
     TORCH_CHECK(p["seed"].is_number_unsigned() || p["seed"].is_number_integer(), where,
                 ".seed must be a non-negative integer, got ", p["seed"].dump());
@@ -252,9 +260,11 @@ int64_t ModelConfig::num_parameters() const {
   if (o_bias()) layer += hidden_size;
   if (mlp_bias) layer += 2 * intermediate_size + hidden_size;
   const int64_t embed = vocab_size * hidden_size;
-  // PSA layers add the router (4d + 4), the conv (kv * Kc), the decays (kv)
-  // and the two lambdas (2 q); the controller bias is a buffer.
-  const int64_t psa_extra = 4 * hidden_size + 4 + kv * psa.kernel_size + kv + 2 * q;
+  // PSA layers add the router (4d + 4), the conv (kv * Kc), the decays (kv,
+  // or one per kv head for the linear-attention register) and the two
+  // lambdas (2 q); the controller bias is a buffer.
+  const int64_t decays = psa.summary == "linear_attention" ? num_key_value_heads : kv;
+  const int64_t psa_extra = 4 * hidden_size + 4 + kv * psa.kernel_size + decays + 2 * q;
   return embed + int64_t(psa_layers.size()) * psa_extra + num_hidden_layers * layer + hidden_size +
          (tie_word_embeddings ? 0 : embed);
 }
@@ -343,6 +353,9 @@ std::string ModelConfig::to_json() const {
                        {"entropy_loss_weight", psa.entropy_loss_weight},
                        {"controller_gamma", psa.controller_gamma},
                        {"random_router", psa.random_router},
+                       {"detach_router_input", psa.detach_router_input},
+                       {"all_tokens_read_signal", psa.all_tokens_read_signal},
+                       {"summary", psa.summary},
                        {"seed", psa.seed},
                        {"temperature", psa.temperature}};
   }

@@ -13,6 +13,8 @@
 #include <cmath>
 #include <limits>
 
+#include "kernels/psa_decode.h"
+#include "ops/common.h"
 #include "unswag/nn/functional.h"
 #include "unswag/nn/psa_ops.h"
 
@@ -55,6 +57,8 @@ void PSAConfig::validate(const std::string& src) const {
   TORCH_CHECK(entropy_loss_weight >= 0, src, ": entropy_loss_weight must be >= 0, got ", entropy_loss_weight);
   TORCH_CHECK(controller_gamma >= 0, src, ": controller_gamma must be >= 0, got ", controller_gamma);
   TORCH_CHECK(temperature > 0, src, ": temperature must be positive, got ", temperature);
+  TORCH_CHECK(summary == "ema" || summary == "linear_attention", src,
+              ": summary must be \"ema\" or \"linear_attention\", got \"", summary, "\"");
 }
 
 // ------------------------------------------------------------- KV buffers --
@@ -63,26 +67,29 @@ void KVBuffer::append(const Tensor& k_new, const Tensor& v_new) {
   TORCH_CHECK(k_new.dim() == 4 && k_new.size(0) == 1 && v_new.sizes() == k_new.sizes(),
               "KVBuffer::append: k and v must be [1, Hkv, n, D] of one shape, got ", k_new.sizes(), " and ",
               v_new.sizes());
-  const int64_t n = k_new.size(2), need = length + n;
+  const int64_t n = k_new.size(2);
   if (n == 0) return;
-  const int64_t capacity = k.defined() ? k.size(2) : 0;
-  if (need > capacity) {
-    // Growth by 1/8 keeps appends amortised O(1) (each slot is copied about 8
-    // times) while the capacity stays within 12.5% of what is filled: the
-    // cache's bytes are its point. The first fill is exact (a prompt's size).
-    const int64_t grown = std::max(need, capacity + capacity / 8 + 1);
-    Tensor k2 = torch::empty({1, k_new.size(1), grown, k_new.size(3)}, k_new.options());
-    Tensor v2 = torch::empty({1, v_new.size(1), grown, v_new.size(3)}, v_new.options());
-    if (length > 0) {
-      k2.narrow(2, 0, length).copy_(k.narrow(2, 0, length));
-      v2.narrow(2, 0, length).copy_(v.narrow(2, 0, length));
-    }
-    k = k2;
-    v = v2;
-  }
+  reserve(length + n, k_new.size(1), k_new.size(3), k_new.options());
   k.narrow(2, length, n).copy_(k_new);
   v.narrow(2, length, n).copy_(v_new);
-  length = need;
+  length += n;
+}
+
+void KVBuffer::reserve(int64_t need, int64_t kv_heads, int64_t head_dim, const torch::TensorOptions& options) {
+  const int64_t capacity = k.defined() ? k.size(2) : 0;
+  if (need <= capacity) return;
+  // Growth by 1/8 keeps appends amortised O(1) (each slot is copied about 8
+  // times) while the capacity stays within 12.5% of what is filled: the
+  // cache's bytes are its point. The first fill is exact (a prompt's size).
+  const int64_t grown = capacity == 0 ? need : std::max(need, capacity + capacity / 8 + 1);
+  Tensor k2 = torch::empty({1, kv_heads, grown, head_dim}, options);
+  Tensor v2 = torch::empty({1, kv_heads, grown, head_dim}, options);
+  if (length > 0) {
+    k2.narrow(2, 0, length).copy_(k.narrow(2, 0, length));
+    v2.narrow(2, 0, length).copy_(v.narrow(2, 0, length));
+  }
+  k = k2;
+  v = v2;
 }
 
 Tensor KVBuffer::keys() const { return k.narrow(2, 0, length); }
@@ -97,10 +104,139 @@ int64_t KVBuffer::bytes_allocated() const {
 
 int64_t PSACache::bytes_allocated() const {
   int64_t b = signal.bytes_allocated();
-  for (const Tensor* t : {&conv_tail, &summary, &window_k, &window_v, &window_bias})
+  for (const Tensor* t : {&conv_tail, &summary, &window_k, &window_v, &window_bias, &fused.ring_k, &fused.ring_v,
+                          &fused.ring_keep, &fused.signal_count})
     if (t->defined()) b += t->numel() * int64_t(t->element_size());
   return b;
 }
+
+int64_t PSACache::signal_tokens() const {
+  return fused.active ? int64_t(fused.signal_count.item<int32_t>()) : signal.length;
+}
+
+namespace {
+
+// Moves the window into the fused decode's ring (token j at slot j % W) and
+// the signal count onto the device; makes the conv tail and the register.
+void enter_fused(PSACache& c, int64_t kv_heads, int64_t head_dim, int64_t kernel_size, int64_t window,
+                 const torch::TensorOptions& opt) {
+  if (c.fused.active) return;
+  auto& f = c.fused;
+  const auto dev = opt.device();
+  const int64_t kv_dim = kv_heads * head_dim;
+  if (window > 0) {
+    f.ring_k = torch::zeros({kv_heads, window, head_dim}, opt);
+    f.ring_v = torch::zeros({kv_heads, window, head_dim}, opt);
+    f.ring_keep = torch::zeros({window}, opt.dtype(torch::kFloat));
+    const int64_t n = c.window_k.defined() ? c.window_k.size(2) : 0;
+    if (n > 0) {
+      const Tensor slots = torch::arange(c.tokens - n, c.tokens, opt.dtype(torch::kLong)).remainder(window);
+      f.ring_k.index_copy_(1, slots, c.window_k[0]);
+      f.ring_v.index_copy_(1, slots, c.window_v[0]);
+      f.ring_keep.index_copy_(0, slots, (c.window_bias[0] == 0).to(torch::kFloat));
+    }
+  }
+  c.window_k = c.window_v = c.window_bias = Tensor();
+  if (kernel_size > 1) {
+    c.conv_tail = c.conv_tail.defined() ? c.conv_tail.contiguous()
+                                        : torch::zeros({1, kernel_size - 1, kv_dim}, opt);
+  }
+  if (!c.summary.defined()) c.summary = torch::zeros({1, kv_dim}, opt.dtype(torch::kFloat));
+  c.summary = c.summary.contiguous();
+  f.signal_count = torch::full({1}, c.signal.length, torch::TensorOptions().device(dev).dtype(torch::kInt));
+  f.signal_bound = c.signal.length;
+  f.step = torch::zeros({2}, torch::TensorOptions().device(dev).dtype(torch::kInt));
+  f.active = true;
+}
+
+// The inverse: the window back to window_k/v/bias (the last min(W - 1,
+// tokens) tokens, oldest first), the signal length read back.
+void leave_fused(PSACache& c, int64_t window) {
+  if (!c.fused.active) return;
+  auto& f = c.fused;
+  c.signal.length = f.signal_count.item<int32_t>();
+  const int64_t n = std::min(window - 1, c.tokens);
+  if (window > 0 && n > 0) {
+    const Tensor slots =
+        torch::arange(c.tokens - n, c.tokens, f.ring_k.options().dtype(torch::kLong)).remainder(window);
+    c.window_k = f.ring_k.index_select(1, slots).unsqueeze(0);
+    c.window_v = f.ring_v.index_select(1, slots).unsqueeze(0);
+    c.window_bias = ((1 - f.ring_keep.index_select(0, slots)) * kPrunedKeyBias).unsqueeze(0);
+  }
+  f = PSACache::Fused();
+}
+
+}  // namespace
+
+namespace {
+
+// The "linear_attention" summary register: per kv head h, with gamma_h =
+// sigmoid(theta_h), w_t = z_sum,t (one in value) and phi = elu + 1 > 0,
+//
+//   S_t = gamma_h^{w_t} S_{t-1} + w_t phi(k_t) [v_t, 1]^T        [D, D + 1]
+//   m_t = phi(q_t)^T S_t[:, :D] / (phi(q_t)^T S_t[:, D] + 1)
+//
+// (normalised linear attention over the summary tokens, decayed per write;
+// the last column counts the weights, so the denominator is the same product).
+// The + 1 is a null key of unit weight and zero value: before any summary
+// write m is 0, and dm/d(numerator) stays <= 1. With a tiny eps instead,
+// the straight-through gates' soft gradient into S (nonzero even where no
+// token wrote) was scaled by 1/eps: the first CPU run's router gradient
+// blew up and, clipped, stalled the whole model (loss 5.8 vs 3.4).
+// Chunkwise, as gated linear attention is computed: with l_t = w_t log gamma_h
+// and L the cumulative l inside a chunk of C tokens, position i of a chunk
+// reads the chunk's writes j <= i with weight exp(L_i - L_j) (a masked C x C
+// product) and the state before the chunk with weight exp(L_i); the states
+// before the chunks follow from one linear_scan over the chunks, S_n =
+// exp(L_C) S_{n-1} + sum_j exp(L_C - L_j) w_j phi(k_j) [v_j, 1]^T. Every
+// exponent is <= 0, so nothing overflows. All ATen, autograd as is.
+// q [B, H, T, D], k/v [B, Hkv, T, D], w [B, T], log_gamma [Hkv], all in one
+// float dtype; state [B, Hkv, D, D + 1] or undefined (zeros). Returns m
+// [B, H, T, D] and the state after the last token.
+constexpr int64_t kSummaryChunk = 64;
+
+std::pair<Tensor, Tensor> summary_linear_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                   const Tensor& w, const Tensor& log_gamma, const Tensor& state) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), G = H / Hkv;
+  const auto opt = q.options();
+  const Tensor s0 = state.defined() ? state.to(opt) : torch::zeros({B, Hkv, D, D + 1}, opt);
+  if (T == 0) return {torch::zeros_like(q), s0};
+  const int64_t C = std::min(kSummaryChunk, T), N = (T + C - 1) / C, pad = N * C - T;
+  namespace F = torch::nn::functional;
+  auto pad_t = [&](const Tensor& t, int64_t dim_from_end) {  // zero-pads the time axis to N * C
+    if (pad == 0) return t;
+    std::vector<int64_t> p(2 * dim_from_end, 0);
+    p.back() = pad;
+    return F::pad(t, F::PadFuncOptions(p));
+  };
+  const Tensor fq = pad_t(torch::elu(q) + 1, 2).reshape({B, Hkv, G, N, C, D});
+  const Tensor kw = pad_t((torch::elu(k) + 1) * w.reshape({B, 1, T, 1}), 2).reshape({B, Hkv, 1, N, C, D});
+  const Tensor v1 =
+      pad_t(torch::cat({v, torch::ones({B, Hkv, T, 1}, opt)}, -1), 2).reshape({B, Hkv, 1, N, C, D + 1});
+  const Tensor ell = pad_t(w.reshape({B, 1, T}) * log_gamma.view({1, Hkv, 1}), 1).reshape({B, Hkv, N, C});
+  const Tensor L = ell.cumsum(-1);                                   // [B, Hkv, N, C]
+  const Tensor causal = torch::ones({C, C}, opt.dtype(torch::kBool)).tril();
+  const Tensor decay =
+      (L.unsqueeze(-1) - L.unsqueeze(-2)).masked_fill(causal.logical_not(), -std::numeric_limits<double>::infinity()).exp();  // [B, Hkv, N, C, C]
+  const Tensor intra = torch::matmul(torch::matmul(fq, kw.transpose(-1, -2)) * decay.unsqueeze(2), v1);
+  // Each chunk's writes, decayed to its end; then the states before each chunk.
+  const Tensor L_end = L.select(-1, C - 1);                          // [B, Hkv, N]
+  const Tensor to_end = (L_end.unsqueeze(-1) - L).exp().unsqueeze(-1);  // [B, Hkv, N, C, 1]
+  const Tensor dS = torch::matmul((kw.squeeze(2) * to_end).transpose(-1, -2), v1.squeeze(2));  // [B, Hkv, N, D, D+1]
+  const int64_t E = Hkv * D * (D + 1);
+  const Tensor a = L_end.exp().permute({0, 2, 1}).unsqueeze(-1).expand({B, N, Hkv, D * (D + 1)}).reshape({B, N, E});
+  const Tensor after = unswag::linear_scan(a, dS.permute({0, 2, 1, 3, 4}).reshape({B, N, E}), s0.reshape({B, E}));
+  const Tensor before = torch::cat({s0.reshape({B, 1, E}), after.narrow(1, 0, N - 1)}, 1)
+                            .reshape({B, N, Hkv, D, D + 1})
+                            .permute({0, 2, 1, 3, 4})
+                            .unsqueeze(2);                           // [B, Hkv, 1, N, D, D+1]
+  const Tensor inter = torch::matmul(fq * L.exp().reshape({B, Hkv, 1, N, C, 1}), before);
+  const Tensor r = (intra + inter).reshape({B, H, N * C, D + 1}).narrow(2, 0, T);
+  const Tensor m = r.narrow(-1, 0, D) / (r.narrow(-1, D, 1) + 1);
+  return {m, after.select(1, N - 1).reshape({B, Hkv, D, D + 1})};
+}
+
+}  // namespace
 
 // ------------------------------------------------------------------ layer --
 
@@ -122,7 +258,8 @@ PacketSwitchedAttentionImpl::PacketSwitchedAttentionImpl(int64_t hidden, int64_t
   o_proj = register_module("o_proj", Linear(LinearOptions(heads * head_dim, hidden).bias(o_bias)));
   router = register_module("router", Linear(LinearOptions(hidden, 4).bias(true)));
   conv_weight = register_parameter("conv_weight", torch::empty({kv_dim, kernel_size}));
-  summary_decay = register_parameter("summary_decay", torch::empty({kv_dim}));
+  summary_decay = register_parameter(
+      "summary_decay", torch::empty({config.summary == "linear_attention" ? kv_heads : kv_dim}));
   lambda_local = register_parameter("lambda_local", torch::empty({heads * head_dim}));
   lambda_summary = register_parameter("lambda_summary", torch::empty({heads * head_dim}));
   route_bias = register_buffer("route_bias", torch::zeros({4}));
@@ -138,10 +275,10 @@ void PacketSwitchedAttentionImpl::reset_psa_parameters() {
   for (double s : config_.target_shares) log_targets.push_back(std::log(std::max(s, 1e-6)));
   router->bias.copy_(torch::tensor(log_targets, torch::kDouble));
   conv_weight.fill_(1.0 / double(kernel_size));  // c_t = mean of the last Kc written values
-  // Kept fraction sigmoid(theta) from 0.9 to 0.999 across channels, geometric
-  // in 1 - keep: time constants from 10 to 1000 summary writes.
-  const Tensor frac = kv_dim > 1 ? torch::arange(kv_dim, torch::kDouble) / double(kv_dim - 1)
-                                 : torch::zeros({kv_dim}, torch::kDouble);
+  // Kept fraction sigmoid(theta) from 0.9 to 0.999 across channels (or kv
+  // heads), geometric in 1 - keep: time constants from 10 to 1000 summary writes.
+  const int64_t n = summary_decay.numel();
+  const Tensor frac = n > 1 ? torch::arange(n, torch::kDouble) / double(n - 1) : torch::zeros({n}, torch::kDouble);
   const Tensor forget = 0.1 * torch::pow(0.01, frac);
   summary_decay.copy_(torch::log((1 - forget) / forget));
   lambda_local.fill_(1.0);
@@ -201,7 +338,7 @@ PacketSwitchedAttentionImpl::Routing PacketSwitchedAttentionImpl::route(const Te
                                                                         const Tensor& gumbel_in) {
   const int64_t B = x.size(0), T = x.size(1);
   const auto acc = accumulate_type(x.scalar_type());
-  const Tensor logits = router(x).to(acc);  // [B, T, 4]
+  const Tensor logits = router(config_.detach_router_input ? x.detach() : x).to(acc);  // [B, T, 4]
   const Tensor biased = logits + route_bias.to(acc);
   const Tensor zero = torch::zeros({}, x.options().dtype(torch::kFloat));
   aux_loss_ = load_loss_ = z_loss_ = entropy_loss_ = zero;
@@ -284,11 +421,115 @@ Tensor PacketSwitchedAttentionImpl::forward_cached(const Tensor& x, const Tensor
               "routes by arg-max)");
   TORCH_CHECK(x.dim() == 3 && x.size(0) == 1, "PacketSwitchedAttention::forward_cached: x must be [1, T, d] ",
               "(the cache holds one sequence), got ", x.sizes());
+  TORCH_CHECK(x.size(2) == q_proj->weight.size(1), "PacketSwitchedAttention::forward_cached: x must be [1, T, ",
+              q_proj->weight.size(1), "], got ", x.sizes());
   TORCH_CHECK(positions.dim() == 2 && positions.size(0) == 1 && positions.size(1) == x.size(1),
               "PacketSwitchedAttention::forward_cached: positions must be [1, ", x.size(1), "], got ",
               positions.sizes());
+  TORCH_CHECK(cos.dim() == 4 && cos.size(2) == x.size(1) && cos.size(3) == head_dim && sin.sizes() == cos.sizes(),
+              "PacketSwitchedAttention::forward_cached: cos and sin must be [1, 1, ", x.size(1), ", ", head_dim,
+              "], got ", cos.sizes(), " and ", sin.sizes());
   torch::NoGradGuard no_grad;
+  if (x.size(1) == 1 && fused_decode_) {
+    Tensor y = decode_fused(x, cos, sin, cache);
+    if (y.defined()) return y;
+  }
+  leave_fused(cache, window);
   return compute(x, cos, sin, route(x, positions, {}), &cache);
+}
+
+Tensor PacketSwitchedAttentionImpl::decode_fused(const Tensor& x, const Tensor& cos, const Tensor& sin,
+                                                 PSACache& cache) {
+#ifdef UNSWAG_WITH_CUDA
+  const auto dt = x.scalar_type();
+  if (!x.is_cuda() || config_.random_router || head_dim > 256 ||
+      !(dt == torch::kFloat || dt == torch::kHalf || dt == torch::kBFloat16))
+    return {};
+  // Experimental options: the composition only.
+  if (config_.all_tokens_read_signal || config_.summary != "ema") return {};
+  for (const auto& list : {parameters(), buffers()})
+    for (const Tensor& t : list)
+      if (t.scalar_type() != dt || t.device() != x.device() || !t.is_contiguous()) return {};
+  if (cos.scalar_type() != dt || sin.scalar_type() != dt || cos.device() != x.device()) return {};
+  const auto opt = x.options();
+  enter_fused(cache, kv_heads, head_dim, kernel_size, window, opt);
+  auto& f = cache.fused;
+  auto& sig = cache.signal;
+  if (f.signal_bound + 1 > (sig.k.defined() ? sig.k.size(2) : 0)) {
+    // The bound reached the capacity: read the counter back (the only sync,
+    // about once per capacity / 8 steps) and grow if the count needs it.
+    sig.length = f.signal_count.item<int32_t>();
+    f.signal_bound = sig.length;
+    sig.reserve(sig.length + 1, kv_heads, head_dim, opt);
+  }
+  kernels::PSADecodeParams p;
+  p.dtype = ops::to_kernel_dtype(dt);
+  p.hidden = x.size(2);
+  p.heads = heads;
+  p.kv_heads = kv_heads;
+  p.head_dim = head_dim;
+  p.kernel_size = kernel_size;
+  p.window = window;
+  p.tokens = cache.tokens;
+  p.scale = 1.0 / std::sqrt(double(head_dim));
+  p.signal_capacity = sig.k.size(2);
+  p.signal_bound = f.signal_bound;
+  const int64_t ws = kernels::psa_decode_workspace_elems(p), part = kernels::psa_decode_partial_elems(p);
+  if (!f.workspace.defined() || f.workspace.numel() < ws) f.workspace = torch::empty({ws}, opt);
+  if (!f.partials.defined() || f.partials.numel() < part)
+    f.partials = torch::empty({part}, opt.dtype(torch::kFloat));
+  const Tensor xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  auto ptr = [](const Tensor& t) -> const void* { return t.defined() ? t.const_data_ptr() : nullptr; };
+  p.x = xc.const_data_ptr();
+  p.wq = ptr(q_proj->weight);
+  p.bq = ptr(q_proj->bias);
+  p.wk = ptr(k_proj->weight);
+  p.bk = ptr(k_proj->bias);
+  p.wv = ptr(v_proj->weight);
+  p.bv = ptr(v_proj->bias);
+  p.wr = ptr(router->weight);
+  p.br = ptr(router->bias);
+  p.wo = ptr(o_proj->weight);
+  p.bo = ptr(o_proj->bias);
+  p.cos = cc.const_data_ptr();
+  p.sin = sc.const_data_ptr();
+  p.route_bias = route_bias.const_data_ptr();
+  p.conv_weight = conv_weight.const_data_ptr();
+  p.summary_decay = summary_decay.const_data_ptr();
+  p.lambda_local = lambda_local.const_data_ptr();
+  p.lambda_summary = lambda_summary.const_data_ptr();
+  p.conv_tail = kernel_size > 1 ? cache.conv_tail.data_ptr() : nullptr;
+  p.summary = cache.summary.data_ptr<float>();
+  p.ring_k = window > 0 ? f.ring_k.data_ptr() : nullptr;
+  p.ring_v = window > 0 ? f.ring_v.data_ptr() : nullptr;
+  p.ring_keep = window > 0 ? f.ring_keep.data_ptr<float>() : nullptr;
+  p.signal_k = sig.k.data_ptr();
+  p.signal_v = sig.v.data_ptr();
+  p.signal_count = f.signal_count.data_ptr<int32_t>();
+  p.workspace = f.workspace.data_ptr();
+  p.partials = f.partials.data_ptr<float>();
+  p.step = f.step.data_ptr<int32_t>();
+  routes_ = torch::empty({1, 1}, opt.dtype(torch::kLong));
+  fractions_ = torch::empty({4}, opt.dtype(torch::kFloat));
+  Tensor y = torch::empty({1, 1, p.hidden}, opt);
+  p.route_out = routes_.data_ptr<int64_t>();
+  p.fractions_out = fractions_.data_ptr<float>();
+  p.y = y.data_ptr();
+  kernels::psa_decode_step_cuda(p, ops::current_cuda_stream(x.device()));
+  // Eval routing's statistics, as route() leaves them (made once per device, not per step).
+  if (!decode_zero_.defined() || decode_zero_.device() != x.device()) {
+    decode_zero_ = torch::zeros({}, opt.dtype(torch::kFloat));
+    decode_one_ = torch::ones({}, opt.dtype(torch::kFloat));
+  }
+  aux_loss_ = load_loss_ = z_loss_ = entropy_loss_ = decode_zero_;
+  agreement_ = decode_one_;
+  f.signal_bound += 1;
+  cache.tokens += 1;
+  return y;
+#else
+  (void)x, (void)cos, (void)sin, (void)cache;
+  return {};
+#endif
 }
 
 Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, const Tensor& sin,
@@ -298,9 +539,12 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
   const Tensor z = routing.gates.to(dt);                      // [B, T, 4], one-hot in value
   const Tensor z_prune = z.select(-1, kPrune).unsqueeze(-1);   // [B, T, 1]
   const Tensor z_summary = routing.gates.select(-1, kSummary).unsqueeze(-1);  // [B, T, 1] in acc
-  const Tensor q = apply_rope(q_proj(x).view({B, T, H, D}).transpose(1, 2), cos, sin);     // [B, H, T, D]
-  const Tensor k = apply_rope(k_proj(x).view({B, T, Hkv, D}).transpose(1, 2), cos, sin);   // [B, Hkv, T, D]
-  const Tensor v = v_proj(x);                                                               // [B, T, kv_dim]
+  const Tensor q_lin = q_proj(x).view({B, T, H, D}).transpose(1, 2);    // [B, H, T, D]
+  const Tensor k_lin = k_proj(x).view({B, T, Hkv, D}).transpose(1, 2);  // [B, Hkv, T, D]
+  const Tensor q = apply_rope(q_lin, cos, sin);
+  const Tensor k = apply_rope(k_lin, cos, sin);
+  const Tensor v = v_proj(x);  // [B, T, kv_dim]
+  const Tensor v_heads = v.view({B, T, Hkv, D}).transpose(1, 2);
 
   // Local: every non-pruned token writes its value into the conv stream.
   const Tensor u = (1 - z_prune) * v;
@@ -315,28 +559,38 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
     local = T > 0 ? unswag::causal_depthwise_conv1d(u, conv_weight) : torch::zeros_like(u);
   }
 
-  // Summary: s_t = a_t s_{t-1} + (1 - a_t) v_t, a_t = 1 - z_sum,t (1 - sigmoid(theta)), in fp32.
-  const Tensor forget = 1 - torch::sigmoid(summary_decay.to(acc));  // [kv_dim]
-  const Tensor a = 1 - z_summary * forget;                           // [B, T, kv_dim]
-  const Tensor h0 = cache != nullptr ? cache->summary : Tensor();
-  const Tensor s = unswag::linear_scan(a, (1 - a) * v.to(acc), h0);
-  if (cache != nullptr && T > 0) cache->summary = s.select(1, T - 1).clone();
-  if (cache != nullptr && !cache->summary.defined()) cache->summary = torch::zeros({1, kv_dim}, v.options().dtype(acc));
-  const Tensor summary = s.to(dt);
-
-  const Tensor v_heads = v.view({B, T, Hkv, D}).transpose(1, 2);
-  Tensor attn = signal_attention(q, k, v_heads, routing, cache);
-  if (window > 0) attn = attn + window_attention(q, k, v_heads, routing, cache);
   // kv_dim reads into the query space: kv head j serves query heads j*G..j*G+G-1 (as GQA's v).
   auto expand = [&](const Tensor& t) {
     return t.view({B, T, Hkv, 1, D}).expand({B, T, Hkv, G, D}).reshape({B, T, H * D});
   };
+  const Tensor h0 = cache != nullptr ? cache->summary : Tensor();
+  Tensor summary;  // [B, T, H * D]
+  if (config_.summary == "linear_attention") {
+    // Pre-RoPE q and k: the register is position-free, as a summary should be.
+    auto [m, state] = summary_linear_attention(q_lin.to(acc), k_lin.to(acc), v_heads.to(acc),
+                                               z_summary.squeeze(-1), torch::log_sigmoid(summary_decay.to(acc)), h0);
+    if (cache != nullptr) cache->summary = state;
+    summary = m.to(dt).transpose(1, 2).reshape({B, T, H * D});
+  } else {
+    // s_t = a_t s_{t-1} + (1 - a_t) v_t, a_t = 1 - z_sum,t (1 - sigmoid(theta)), in fp32.
+    const Tensor forget = 1 - torch::sigmoid(summary_decay.to(acc));  // [kv_dim]
+    const Tensor a = 1 - z_summary * forget;                           // [B, T, kv_dim]
+    const Tensor s = unswag::linear_scan(a, (1 - a) * v.to(acc), h0);
+    if (cache != nullptr && T > 0) cache->summary = s.select(1, T - 1).clone();
+    if (cache != nullptr && !cache->summary.defined())
+      cache->summary = torch::zeros({1, kv_dim}, v.options().dtype(acc));
+    summary = expand(s.to(dt));
+  }
+
+  Tensor attn = signal_attention(q, k, v_heads, routing, cache);
+  if (window > 0) attn = attn + window_attention(q, k, v_heads, routing, cache);
   if (cache != nullptr) cache->tokens += T;
-  return o_proj(attn + lambda_local * expand(local) + lambda_summary * expand(summary));
+  return o_proj(attn + lambda_local * expand(local) + lambda_summary * summary);
 }
 
 Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const Routing& routing, PSACache* cache) {
+  if (config_.all_tokens_read_signal) return signal_read_all(q, k, v, routing, cache);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
   const double scale = 1.0 / std::sqrt(double(D));
   const Tensor signal = routing.index == kSignal;                              // [B, T] bool
@@ -438,6 +692,46 @@ Tensor biased_window_attention(const Tensor& q, const Tensor& k, const Tensor& v
 }
 
 }  // namespace
+
+// Every query reads the signal keys at or before it: in training (and in a
+// cacheless eval) dense causal attention over all keys with non-signal keys
+// removed by the additive bias kPrunedKeyBias and their values gated to zero
+// by z_sig (the router's gradient), O(T^2); a row with no signal key averages
+// zero values and reads 0. With a cache: the chunk's queries over the cached
+// signal keys (after appending the chunk's), query t seeing the first
+// L + (signal tokens of the chunk up to t) of them, plus a zero key of bias
+// kPrunedKeyBias that every row sees, so a row with no signal key reads 0.
+Tensor PacketSwitchedAttentionImpl::signal_read_all(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                    const Routing& routing, PSACache* cache) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const double scale = 1.0 / std::sqrt(double(D));
+  const Tensor signal = routing.index == kSignal;  // [B, T] bool
+  Tensor out;
+  if (cache == nullptr) {
+    if (T == 0) return torch::zeros({B, T, H * D}, q.options());
+    const Tensor z_sig = routing.gates.select(-1, kSignal).to(q.scalar_type()).view({B, 1, T, 1});
+    const Tensor bias = signal.logical_not().to(torch::kFloat) * kPrunedKeyBias;  // [B, T]
+    out = biased_window_attention(q, k * z_sig, v * z_sig, bias, scale, /*window=*/T);
+  } else {
+    const Tensor idx = signal[0].nonzero().squeeze(1);
+    const int64_t n = idx.size(0), L = cache->signal.length;
+    if (n > 0) cache->signal.append(k.index_select(2, idx), v.index_select(2, idx));
+    const auto opt = q.options();
+    const Tensor zero = torch::zeros({1, Hkv, 1, D}, opt);
+    const Tensor keys = torch::cat({zero, L + n > 0 ? cache->signal.keys() : zero.narrow(2, 0, 0)}, 2);
+    const Tensor values = torch::cat({zero, L + n > 0 ? cache->signal.values() : zero.narrow(2, 0, 0)}, 2);
+    // Key 1 + j (cached signal index j) is visible to query t iff j < L + count_t.
+    const auto lopt = torch::TensorOptions().device(q.device()).dtype(torch::kLong);
+    const Tensor limit = L + signal[0].to(torch::kLong).cumsum(0);                 // [T]
+    const Tensor visible = torch::arange(L + n, lopt).unsqueeze(0) < limit.unsqueeze(1);  // [T, L + n]
+    Tensor mask = torch::zeros({T, 1 + L + n}, opt.dtype(torch::kFloat));
+    mask.select(1, 0).fill_(kPrunedKeyBias);
+    mask.narrow(1, 1, L + n).masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
+    out = at::scaled_dot_product_attention(q, keys, values, mask.to(q.scalar_type()).view({1, 1, T, 1 + L + n}),
+                                           0.0, /*is_causal=*/false, scale, /*enable_gqa=*/H != Hkv);
+  }
+  return out.transpose(1, 2).reshape({B, T, H * D});
+}
 
 Tensor PacketSwitchedAttentionImpl::window_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const Routing& routing, PSACache* cache) {

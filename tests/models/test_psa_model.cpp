@@ -59,6 +59,8 @@ TEST(PSAModelConfig, JsonRoundTripAndErrors) {
   c.psa.random_router = true;
   c.psa.seed = 77;
   c.psa.entropy_loss_weight = 0.125;
+  c.psa.detach_router_input = !unswag::nn::PSAConfig().detach_router_input;
+  c.psa.all_tokens_read_signal = true;
   const ModelConfig back = ModelConfig::from_json(c.to_json());
   EXPECT_EQ(back.psa_layers, c.psa_layers);
   EXPECT_EQ(back.psa.kernel_size, 4);
@@ -68,8 +70,19 @@ TEST(PSAModelConfig, JsonRoundTripAndErrors) {
   EXPECT_EQ(back.psa.seed, 77u);
   EXPECT_DOUBLE_EQ(back.psa.controller_gamma, 0.05);
   EXPECT_DOUBLE_EQ(back.psa.entropy_loss_weight, 0.125);
+  EXPECT_EQ(back.psa.detach_router_input, c.psa.detach_router_input);
+  EXPECT_TRUE(back.psa.all_tokens_read_signal);
+  EXPECT_EQ(back.psa.summary, "ema");
   EXPECT_EQ(back.num_parameters(), c.num_parameters());
   EXPECT_EQ(Model::from_config(c).num_parameters(), c.num_parameters());
+  {
+    ModelConfig la = c;
+    la.psa.summary = "linear_attention";
+    const ModelConfig la_back = ModelConfig::from_json(la.to_json());
+    EXPECT_EQ(la_back.psa.summary, "linear_attention");
+    EXPECT_EQ(Model::from_config(la_back).num_parameters(), la.num_parameters());
+    EXPECT_LT(la.num_parameters(), c.num_parameters());  // one decay per kv head, not per channel
+  }
   // A dense config writes no PSA section.
   ModelConfig dense = c;
   dense.psa_layers.clear();
@@ -90,8 +103,17 @@ TEST(PSAModelConfig, JsonRoundTripAndErrors) {
   EXPECT_EQ(ModelConfig::from_json(with(R"({"layers": [0]})")).psa.window, 0);
   // Nor an entropy term.
   EXPECT_EQ(ModelConfig::from_json(with(R"({"layers": [0]})")).psa.entropy_loss_weight, 0.0);
+  // Nor a detached router input (their routers were trained with the gradient reaching x).
+  EXPECT_FALSE(ModelConfig::from_json(with(R"({"layers": [0]})")).psa.detach_router_input);
+  EXPECT_FALSE(ModelConfig::from_json(with(R"({"layers": [0]})")).psa.all_tokens_read_signal);
   expect_error([&] { ModelConfig::from_json(with(R"({"layers": [0], "entropy_loss_weight": -1})")); },
                {"entropy_loss_weight must be >= 0"});
+  // A section without "summary" (written before the option) has the EMA register.
+  EXPECT_EQ(ModelConfig::from_json(with(R"({"layers": [0]})")).psa.summary, "ema");
+  expect_error([&] { ModelConfig::from_json(with(R"({"layers": [0], "summary": "gru"})")); },
+               {"summary must be \"ema\" or \"linear_attention\", got \"gru\""});
+  expect_error([&] { ModelConfig::from_json(with(R"({"layers": [0], "summary": 3})")); },
+               {"summary must be \"ema\" or \"linear_attention\", got 3"});
 }
 
 TEST(PSAModel, FromScratchTrainsAndSavesLoads) {
@@ -218,6 +240,29 @@ TEST(PSAModel, CachedGreedyEqualsUncached) {
   expect_error([&] { m.forward_cached(torch::zeros({2, 3}, torch::kLong), fresh); }, {"[1, tokens]"});
   m.train();
   expect_error([&] { m.forward_cached(torch::zeros({1, 3}, torch::kLong), fresh); }, {"eval()"});
+}
+
+// The same on the GPU, where every generated token after the prompt takes the
+// fused decode step in both PSA layers.
+TEST(PSAModel, CudaFusedDecodeGreedyEqualsUncached) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device here";
+  const uint64_t seed = unswag::test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  ModelConfig c = tiny_psa_config();
+  c.psa_layers = {0, 1};
+  Model m = Model::from_config(c, {torch::Device(torch::kCUDA, 0), torch::kFloat}, seed);
+  for (const auto& [name, p] : m.named_parameters())
+    if (name.find("router.weight") != std::string::npos) p.detach().normal_(0.0, 1.0);
+  bool equal = false;
+  auto [tokens, cache] = greedy_both(m, 20, &equal);
+  EXPECT_TRUE(equal);
+  int64_t signal = 0;
+  for (const auto& p : cache.psa) {
+    EXPECT_TRUE(p.fused.active) << "the decode steps took the fused path";
+    signal += p.signal_tokens();
+  }
+  EXPECT_GT(signal, 0);
+  EXPECT_LT(signal, 2 * 25) << "fewer signal entries than tokens";
 }
 
 }  // namespace

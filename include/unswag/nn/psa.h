@@ -1,7 +1,8 @@
 // Packet-Switched Attention (docs/psa.md): an attention layer with Llama's
 // q/k/v/o projections in which a per-token router picks what each token
 // WRITES for later tokens (0 prune: nothing; 1 local: the causal depthwise
-// conv stream; 2 summary: an EMA register; 3 signal: its key and value for the
+// conv stream; 2 summary: a recurrent register, an EMA or a linear-attention
+// state; 3 signal: its key and value for the
 // sparse attention), while every token READS the conv, the register, a small
 // causal window of the last W non-pruned tokens (if configured) and (if it is
 // a signal token) causal attention over the earlier signal tokens:
@@ -54,6 +55,30 @@ struct PSAConfig {
   // The ablation: each token's route drawn i.i.d. from target_shares by a hash
   // of (seed, layer, batch row, position), in training and eval alike.
   bool random_router = false;
+  // The router reads sg(x): its gradients (straight-through gates and aux
+  // losses) train the router's own weights but do not reach the hidden state
+  // and the layers below. Measured (docs/psa.md, "Quality"): with the
+  // gradient reaching x, the aux losses and the 1/tau-scaled gate gradients
+  // bend the residual stream and the learned router lost to a random one by
+  // 0.12 nats; detached, it beats the random router.
+  bool detach_router_input = true;
+  // Experimental (docs/psa.md, "Every token reads the signal tokens"): every
+  // token, not only the signal ones, reads causal attention over the earlier
+  // signal tokens' keys and values. The training forward runs it as dense
+  // causal attention with non-signal keys removed by kPrunedKeyBias, O(T^2):
+  // it is for measuring what the read is worth, not for speed.
+  bool all_tokens_read_signal = false;
+  // What the summary register is and how tokens read it (docs/psa.md, "Summary register"):
+  //  "ema": per kv channel an exponential moving average of the summary
+  //    tokens' values, s_t = a s_{t-1} + (1 - a) v_t, which every query reads
+  //    alike (state kv_dim);
+  //  "linear_attention": per kv head a D x (D + 1) matrix of the summary
+  //    tokens' phi(k) [v, 1]^T (phi = elu + 1, pre-RoPE q and k), decayed by
+  //    sigmoid(theta_h) at each summary write, which each query reads as
+  //    normalised linear attention, phi(q)^T S[:, :D] / (phi(q)^T S[:, D] + 1):
+  //    a content-addressed read of the whole past for every token, O(T D^2)
+  //    in training, Hkv D (D + 1) floats of state.
+  std::string summary = "ema";
   uint64_t seed = 0;         // the Gumbel noise generator's and the random router's seed
   // tau: training routes are Gumbel-max draws from softmax(logits / tau) with
   // the straight-through gradient of softmax(logits / tau + g); annealing tau
@@ -81,6 +106,8 @@ struct KVBuffer {
   torch::Tensor k, v;  // [1, Hkv, capacity, D]
   int64_t length = 0;
   void append(const torch::Tensor& k_new, const torch::Tensor& v_new);  // [1, Hkv, n, D]
+  // Grows the capacity to at least `need` slots (by 1/8 at least, as append does).
+  void reserve(int64_t need, int64_t kv_heads, int64_t head_dim, const torch::TensorOptions& options);
   torch::Tensor keys() const;    // [1, Hkv, length, D] (a view)
   torch::Tensor values() const;  // [1, Hkv, length, D] (a view)
   int64_t bytes_allocated() const;
@@ -91,12 +118,33 @@ struct KVBuffer {
 struct PSACache {
   KVBuffer signal;          // keys (RoPE at the original positions) and values of the signal tokens only
   torch::Tensor conv_tail;  // [1, Kc - 1, kv_dim]: the last Kc - 1 written local values u
-  torch::Tensor summary;    // [1, kv_dim] fp32 (fp64 for fp64 models): the register s
+  // The register, fp32 (fp64 for fp64 models): [1, kv_dim] ("ema") or the
+  // matrix state [1, Hkv, D, D + 1] ("linear_attention").
+  torch::Tensor summary;
   // The window's last min(W - 1, tokens) tokens: keys (RoPE applied), values
   // (zero where pruned) [1, Hkv, n, D] and the key bias [1, n] fp32 (0, or
   // kPrunedKeyBias where pruned).
   torch::Tensor window_k, window_v, window_bias;
   int64_t tokens = 0;       // tokens seen (all routes)
+
+  // The fused CUDA decode's state (docs/psa.md, "Fused decode"). While
+  // `fused.active`, the window lives in a ring of W slots (token j at slot
+  // j % W) instead of window_k/v/bias, and the signal count in a device
+  // counter: signal.length is then stale (signal_tokens() reads the counter).
+  // A chunk of more than one token converts the state back first.
+  struct Fused {
+    bool active = false;
+    torch::Tensor ring_k, ring_v;  // [Hkv, W, D]
+    torch::Tensor ring_keep;       // [W] fp32: 1, or 0 where pruned or empty
+    torch::Tensor signal_count;    // [1] int32
+    int64_t signal_bound = 0;      // an upper bound of the counter, kept on the host
+    torch::Tensor workspace;       // model dtype
+    torch::Tensor partials;        // fp32
+    torch::Tensor step;            // [2] int32
+  } fused;
+
+  // Signal tokens held (reads the device counter back while fused.active).
+  int64_t signal_tokens() const;
   int64_t bytes_allocated() const;
   void clear() { *this = PSACache(); }
 };
@@ -117,8 +165,13 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
                         const torch::Tensor& sin, const torch::Tensor& gumbel = {});
   // The same in eval mode over a chunk that continues `cache` (prefill: an
   // empty cache; decode: T = 1), batch 1, no autograd; fills the cache.
+  // On CUDA (fp32/fp16/bf16, learned router, head_dim <= 256) a one-token
+  // chunk takes the fused decode step (five kernels, no host sync; docs/psa.md)
+  // unless set_fused_decode(false); everything else is the ATen composition.
   torch::Tensor forward_cached(const torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& cos,
                                const torch::Tensor& sin, PSACache& cache);
+  void set_fused_decode(bool on) { fused_decode_ = on; }
+  bool fused_decode() const { return fused_decode_; }
 
   // The parameters PSA adds over Llama attention, initialised as docs/psa.md
   // says (router N(0, 0.02) with bias log(targets), conv 1/Kc, decays spread
@@ -148,7 +201,9 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   torch::nn::Linear router{nullptr};  // [4, d] + bias [4]
   torch::Tensor conv_weight;          // [kv_dim, Kc]
-  torch::Tensor summary_decay;        // theta [kv_dim]: the register keeps sigmoid(theta) per summary write
+  // theta [kv_dim] ("ema") or [Hkv] ("linear_attention"): the register keeps
+  // sigmoid(theta) of its state per summary write.
+  torch::Tensor summary_decay;
   torch::Tensor lambda_local, lambda_summary;  // [H * D]
   torch::Tensor route_bias;           // c [4], a buffer (the controller's, not trained)
 
@@ -167,12 +222,22 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   // q [B, H, T, D], k/v [B, Hkv, T, D] -> [B, T, H * D].
   torch::Tensor signal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                  const Routing& routing, PSACache* cache);
+  // PSAConfig::all_tokens_read_signal's read: every query over the signal
+  // keys at or before it -> [B, T, H * D].
+  torch::Tensor signal_read_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const Routing& routing, PSACache* cache);
   // Causal attention of every query over the last W tokens, pruned ones
   // removed: q [B, H, T, D], k/v [B, Hkv, T, D] -> [B, T, H * D].
   torch::Tensor window_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                  const Routing& routing, PSACache* cache);
+  // The fused CUDA decode step (kernels/psa_decode.h) over one token, or an
+  // undefined tensor when this layer, dtype or device cannot take it.
+  torch::Tensor decode_fused(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                             PSACache& cache);
 
   PSAConfig config_;
+  bool fused_decode_ = true;
+  torch::Tensor decode_zero_, decode_one_;  // the fused decode's aux losses and agreement
   torch::Tensor train_fractions_;  // arg-max (noise-free) fractions of the last training forward, for update_controller()
   torch::Tensor aux_loss_, load_loss_, z_loss_, entropy_loss_, routes_, gumbel_, fractions_, agreement_;
   at::Generator generator_;
