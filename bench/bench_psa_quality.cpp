@@ -44,6 +44,8 @@ struct Args {
   std::vector<int64_t> psa_layers;  // empty: every layer
   bool detach_router_input = unswag::nn::PSAConfig().detach_router_input;
   bool all_tokens_read_signal = false;
+  bool joint_softmax = false;
+  double lambda_init = unswag::nn::PSAConfig().lambda_init;
   std::string summary = unswag::nn::PSAConfig().summary;
   double load_loss_weight = unswag::nn::PSAConfig().load_loss_weight;
   bool quick = false;
@@ -90,6 +92,8 @@ unswag::ModelConfig model_config(const Args& a, const std::string& variant, uint
     c.psa.load_loss_weight = a.load_loss_weight;
     c.psa.detach_router_input = a.detach_router_input;
     c.psa.all_tokens_read_signal = a.all_tokens_read_signal;
+    c.psa.joint_softmax = a.joint_softmax;
+    c.psa.lambda_init = a.lambda_init;
     c.psa.summary = a.summary;
   }
   c.validate("bench_psa_quality");
@@ -260,7 +264,7 @@ int run(Args a) {
                    {"eval_tokens", a.eval_tokens}, {"data", a.data},
                    {"window", a.window}, {"entropy_loss_weight", a.entropy_loss_weight},
                    {"load_loss_weight", a.load_loss_weight}, {"detach_router_input", a.detach_router_input},
-                   {"all_tokens_read_signal", a.all_tokens_read_signal}, {"summary", a.summary},
+                   {"all_tokens_read_signal", a.all_tokens_read_signal}, {"joint_softmax", a.joint_softmax}, {"lambda_init", a.lambda_init}, {"summary", a.summary},
                    {"shares", model_config(a, "psa", 0).psa.target_shares}, {"psa_layers", a.psa_layers}};
   out["runs"] = json::array();
   for (const auto& r : runs)
@@ -299,7 +303,9 @@ int run(Args a) {
      << ", Gumbel temperature " << a.tau_start << " -> " << a.tau_end << ", router entropy weight "
      << a.entropy_loss_weight << ", load loss weight " << a.load_loss_weight
      << (a.detach_router_input ? ", router input detached" : "")
-     << (a.all_tokens_read_signal ? ", every token reads the signal tokens" : "") << ", summary register "
+     << (a.all_tokens_read_signal ? ", every token reads the signal tokens" : "")
+     << (a.joint_softmax ? ", one softmax over the window and the signal tokens" : "")
+     << ", read gates (lambdas) initialised to " << a.lambda_init << ", summary register "
      << a.summary << ". "
      << "Random: the same layer with each token's route drawn from those shares by a hash (no router). "
      << "Validation: " << a.eval_tokens / 1000000.0 << "M held-out tokens, eval mode (hard routing).\n\n";
@@ -371,6 +377,9 @@ int main(int argc, char** argv) {
                "the router reads sg(x): its gradients do not reach the hidden state");
   app.add_flag("--all-tokens-read-signal", a.all_tokens_read_signal,
                "every token reads the earlier signal tokens (experimental, O(T^2) in training)");
+  app.add_option("--lambda-init", a.lambda_init, "PSA's initial conv and register read gates (lambdas)");
+  app.add_flag("--joint-softmax", a.joint_softmax,
+               "one softmax over the window and the signal tokens (experimental, O(T^2) in training)");
   app.add_option("--summary", a.summary, "PSA's summary register: ema | linear_attention")
       ->check(CLI::IsMember({"ema", "linear_attention"}));
   app.add_option("--psa-layers", a.psa_layers, "the layers that use PSA (default: all)")->delimiter(',');

@@ -142,6 +142,9 @@ void parse_psa(const json& j, ModelConfig& c, const std::string& src) {
   // Checkpoints written before the option existed trained their routers with the gradient reaching x.
   q.detach_router_input = get_bool(p, "detach_router_input", false, where);
   q.all_tokens_read_signal = get_bool(p, "all_tokens_read_signal", false, where);
+  q.joint_softmax = get_bool(p, "joint_softmax", false, where);
+  // Configs written before the option initialised the read gates to 1.
+  q.lambda_init = get_number(p, "lambda_init", 1.0, where);
   if (p.contains("summary") && !p["summary"].is_null()) {
     TORCH_CHECK(p["summary"].is_string(), where, ".summary must be \"ema\" or \"linear_attention\", got ",
                 p["summary"].dump());
@@ -355,6 +358,8 @@ std::string ModelConfig::to_json() const {
                        {"random_router", psa.random_router},
                        {"detach_router_input", psa.detach_router_input},
                        {"all_tokens_read_signal", psa.all_tokens_read_signal},
+                       {"joint_softmax", psa.joint_softmax},
+                       {"lambda_init", psa.lambda_init},
                        {"summary", psa.summary},
                        {"seed", psa.seed},
                        {"temperature", psa.temperature}};

@@ -59,6 +59,10 @@ void PSAConfig::validate(const std::string& src) const {
   TORCH_CHECK(temperature > 0, src, ": temperature must be positive, got ", temperature);
   TORCH_CHECK(summary == "ema" || summary == "linear_attention", src,
               ": summary must be \"ema\" or \"linear_attention\", got \"", summary, "\"");
+  TORCH_CHECK(std::isfinite(lambda_init), src, ": lambda_init must be finite, got ", lambda_init);
+  TORCH_CHECK(!joint_softmax || window > 0, src,
+              ": joint_softmax joins the window's and the signal tokens' softmax and needs window > 0, got window ",
+              window);
 }
 
 // ------------------------------------------------------------- KV buffers --
@@ -104,8 +108,8 @@ int64_t KVBuffer::bytes_allocated() const {
 
 int64_t PSACache::bytes_allocated() const {
   int64_t b = signal.bytes_allocated();
-  for (const Tensor* t : {&conv_tail, &summary, &window_k, &window_v, &window_bias, &fused.ring_k, &fused.ring_v,
-                          &fused.ring_keep, &fused.signal_count})
+  for (const Tensor* t : {&conv_tail, &summary, &window_k, &window_v, &window_bias, &window_signal, &fused.ring_k,
+                          &fused.ring_v, &fused.ring_keep, &fused.signal_count})
     if (t->defined()) b += t->numel() * int64_t(t->element_size());
   return b;
 }
@@ -281,8 +285,8 @@ void PacketSwitchedAttentionImpl::reset_psa_parameters() {
   const Tensor frac = n > 1 ? torch::arange(n, torch::kDouble) / double(n - 1) : torch::zeros({n}, torch::kDouble);
   const Tensor forget = 0.1 * torch::pow(0.01, frac);
   summary_decay.copy_(torch::log((1 - forget) / forget));
-  lambda_local.fill_(1.0);
-  lambda_summary.fill_(1.0);
+  lambda_local.fill_(config_.lambda_init);
+  lambda_summary.fill_(config_.lambda_init);
   route_bias.zero_();
 }
 
@@ -446,7 +450,7 @@ Tensor PacketSwitchedAttentionImpl::decode_fused(const Tensor& x, const Tensor& 
       !(dt == torch::kFloat || dt == torch::kHalf || dt == torch::kBFloat16))
     return {};
   // Experimental options: the composition only.
-  if (config_.all_tokens_read_signal || config_.summary != "ema") return {};
+  if (config_.all_tokens_read_signal || config_.joint_softmax || config_.summary != "ema") return {};
   for (const auto& list : {parameters(), buffers()})
     for (const Tensor& t : list)
       if (t.scalar_type() != dt || t.device() != x.device() || !t.is_contiguous()) return {};
@@ -582,8 +586,13 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
     summary = expand(s.to(dt));
   }
 
-  Tensor attn = signal_attention(q, k, v_heads, routing, cache);
-  if (window > 0) attn = attn + window_attention(q, k, v_heads, routing, cache);
+  Tensor attn;
+  if (config_.joint_softmax && window > 0) {
+    attn = joint_attention(q, k, v_heads, routing, cache);
+  } else {
+    attn = signal_attention(q, k, v_heads, routing, cache);
+    if (window > 0) attn = attn + window_attention(q, k, v_heads, routing, cache);
+  }
   if (cache != nullptr) cache->tokens += T;
   return o_proj(attn + lambda_local * expand(local) + lambda_summary * summary);
 }
@@ -691,6 +700,35 @@ Tensor biased_window_attention(const Tensor& q, const Tensor& k, const Tensor& v
   return o.narrow(-1, 0, D).transpose(1, 2);
 }
 
+// Attention under an explicit visibility mask, with a null key: q [B, H, Tq,
+// D], k/v [B, Hkv, Tk, D], visible [B or 1, Tq, Tk] bool -> [B, H, Tq, D].
+// Key 0 is a zero key and value of bias kPrunedKeyBias that every row sees: a
+// row that sees nothing else reads 0; next to any other visible key its
+// weight (about e^-2000 of theirs) is 0 in every float type.
+Tensor masked_attention_with_null_key(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& visible,
+                                      double scale) {
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const int64_t Bm = visible.size(0), Tk = visible.size(2);
+  const auto opt = q.options();
+  const Tensor zero = torch::zeros({B, Hkv, 1, D}, opt);
+  const Tensor blocked = torch::zeros({Bm, Tq, Tk}, opt).masked_fill(visible.logical_not(), -INFINITY);
+  const Tensor mask = torch::cat({torch::full({Bm, Tq, 1}, kPrunedKeyBias, opt), blocked}, 2);
+  return at::scaled_dot_product_attention(q, torch::cat({zero, k}, 2), torch::cat({zero, v}, 2),
+                                          mask.view({Bm, 1, Tq, 1 + Tk}), 0.0, /*is_causal=*/false, scale,
+                                          /*enable_gqa=*/H != Hkv);
+}
+
+// Keeps the window's last min(W - 1, L) keys of a chunk's [cached + new] keys
+// [1, Hkv, L, D], values, biases [1, L] and, if defined, signal flags [1, L].
+void keep_window_tail(PSACache& c, int64_t window, const Tensor& k_all, const Tensor& v_all, const Tensor& b_all,
+                      const Tensor& s_all) {
+  const int64_t L = k_all.size(2), n = std::min(window - 1, L);
+  c.window_k = k_all.narrow(2, L - n, n).clone();
+  c.window_v = v_all.narrow(2, L - n, n).clone();
+  c.window_bias = b_all.narrow(1, L - n, n).clone();
+  if (s_all.defined()) c.window_signal = s_all.narrow(1, L - n, n).clone();
+}
+
 }  // namespace
 
 // Every query reads the signal keys at or before it: in training (and in a
@@ -761,12 +799,72 @@ Tensor PacketSwitchedAttentionImpl::window_attention(const Tensor& q, const Tens
       out = T > 0 ? biased_window_attention(q_all, k_all, v_all, b_all, scale, window).narrow(2, P, T)
                   : torch::zeros_like(q);
     }
-    const int64_t L = k_all.size(2), n = std::min(window - 1, L);
-    cache->window_k = k_all.narrow(2, L - n, n).clone();
-    cache->window_v = v_all.narrow(2, L - n, n).clone();
-    cache->window_bias = b_all.narrow(1, L - n, n).clone();
+    keep_window_tail(*cache, window, k_all, v_all, b_all, Tensor());
   } else {
     out = T > 0 ? biased_window_attention(q, k, vg, bias, scale, window) : torch::zeros_like(q);
+  }
+  return out.transpose(1, 2).reshape({B, T, H * D});
+}
+
+// One softmax per query over the union of two key sets: its window (tokens
+// j in (t - W, t], not pruned) and, if t reads the signal tokens (a signal
+// token, or every token with all_tokens_read_signal), the signal tokens j <= t.
+// A key's value carries the gate of the route that lets it be read: z_sig for
+// a signal key, 1 - z_prune for any other (both 1 in value), so the router
+// feels both writes. Without a cache an explicit [B, T, T] mask, O(T^2).
+Tensor PacketSwitchedAttentionImpl::joint_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                    const Routing& routing, PSACache* cache) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const double scale = 1.0 / std::sqrt(double(D));
+  const Tensor signal = routing.index == kSignal, kept = routing.index != kPrune;  // [B, T] bool
+  const Tensor reads = config_.all_tokens_read_signal ? torch::ones_like(signal) : signal;
+  const auto lopt = torch::TensorOptions().device(q.device()).dtype(torch::kLong);
+  Tensor out;
+  if (cache == nullptr) {
+    if (T == 0) return torch::zeros({B, T, H * D}, q.options());
+    const Tensor gates = routing.gates.to(q.scalar_type());
+    const Tensor gate = torch::where(signal, gates.select(-1, kSignal), 1 - gates.select(-1, kPrune));  // [B, T]
+    const Tensor pos = torch::arange(T, lopt);
+    const Tensor dist = pos.unsqueeze(1) - pos.unsqueeze(0);  // query - key, [T, T]
+    const Tensor causal = (dist >= 0).unsqueeze(0), in_window = (dist >= 0).logical_and(dist < window).unsqueeze(0);
+    const Tensor visible = in_window.logical_and(kept.unsqueeze(1))
+                               .logical_or(causal.logical_and(signal.unsqueeze(1)).logical_and(reads.unsqueeze(2)));
+    out = masked_attention_with_null_key(q, k, v * gate.view({B, 1, T, 1}), visible, scale);
+  } else {
+    // Batch 1. Keys: the cached signal keys (this chunk's appended), then the
+    // window's cached keys and this chunk's. A query that reads the signal
+    // tokens sees a signal key through the first part only, never twice.
+    const Tensor sig0 = signal[0], reads0 = reads[0];
+    const Tensor idx = sig0.nonzero().squeeze(1);
+    const int64_t n = idx.size(0), L = cache->signal.length;
+    if (n > 0) cache->signal.append(k.index_select(2, idx), v.index_select(2, idx));
+    const Tensor vg = v * kept.to(q.scalar_type()).view({1, 1, T, 1});
+    const Tensor bias = kept.logical_not().to(torch::kFloat) * kPrunedKeyBias;  // [1, T]
+    const int64_t P = cache->window_k.defined() ? cache->window_k.size(2) : 0;
+    TORCH_CHECK(P == 0 || cache->window_signal.defined(),
+                "PSA joint_softmax: the cache's window has no signal flags (was it filled with joint_softmax off?)");
+    const Tensor k_all = P > 0 ? torch::cat({cache->window_k, k}, 2) : k;
+    const Tensor v_all = P > 0 ? torch::cat({cache->window_v, vg}, 2) : vg;
+    const Tensor b_all = P > 0 ? torch::cat({cache->window_bias, bias}, 1) : bias;
+    const Tensor s_all = P > 0 ? torch::cat({cache->window_signal, signal}, 1) : signal;  // [1, P + T]
+    // Signal key j is at or before chunk query i iff j < L + (signal tokens of the chunk up to i).
+    const Tensor limit = L + sig0.to(torch::kLong).cumsum(0);  // [T]
+    const Tensor sig_visible =
+        (torch::arange(L + n, lopt).unsqueeze(0) < limit.unsqueeze(1)).logical_and(reads0.unsqueeze(1));
+    // Window key m sits at chunk position m - P: query i sees it iff
+    // 0 <= i - (m - P) < W, it was not pruned, and i does not already read it as a signal key.
+    const Tensor dist = torch::arange(T, lopt).unsqueeze(1) + P - torch::arange(P + T, lopt).unsqueeze(0);
+    const Tensor win_visible = (dist >= 0)
+                                   .logical_and(dist < window)
+                                   .logical_and((b_all[0] == 0).unsqueeze(0))
+                                   .logical_and(s_all[0].unsqueeze(0).logical_and(reads0.unsqueeze(1)).logical_not());
+    const bool any_signal = L + n > 0;
+    const Tensor keys = any_signal ? torch::cat({cache->signal.keys(), k_all}, 2) : k_all;
+    const Tensor values = any_signal ? torch::cat({cache->signal.values(), v_all}, 2) : v_all;
+    out = T > 0 ? masked_attention_with_null_key(q, keys, values,
+                                                 torch::cat({sig_visible, win_visible}, 1).unsqueeze(0), scale)
+                : torch::zeros_like(q);
+    keep_window_tail(*cache, window, k_all, v_all, b_all, s_all);
   }
   return out.transpose(1, 2).reshape({B, T, H * D});
 }

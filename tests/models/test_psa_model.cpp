@@ -61,6 +61,8 @@ TEST(PSAModelConfig, JsonRoundTripAndErrors) {
   c.psa.entropy_loss_weight = 0.125;
   c.psa.detach_router_input = !unswag::nn::PSAConfig().detach_router_input;
   c.psa.all_tokens_read_signal = true;
+  c.psa.joint_softmax = true;
+  c.psa.lambda_init = 0.25;
   const ModelConfig back = ModelConfig::from_json(c.to_json());
   EXPECT_EQ(back.psa_layers, c.psa_layers);
   EXPECT_EQ(back.psa.kernel_size, 4);
@@ -72,6 +74,8 @@ TEST(PSAModelConfig, JsonRoundTripAndErrors) {
   EXPECT_DOUBLE_EQ(back.psa.entropy_loss_weight, 0.125);
   EXPECT_EQ(back.psa.detach_router_input, c.psa.detach_router_input);
   EXPECT_TRUE(back.psa.all_tokens_read_signal);
+  EXPECT_TRUE(back.psa.joint_softmax);
+  EXPECT_DOUBLE_EQ(back.psa.lambda_init, 0.25);
   EXPECT_EQ(back.psa.summary, "ema");
   EXPECT_EQ(back.num_parameters(), c.num_parameters());
   EXPECT_EQ(Model::from_config(c).num_parameters(), c.num_parameters());
@@ -106,6 +110,13 @@ TEST(PSAModelConfig, JsonRoundTripAndErrors) {
   // Nor a detached router input (their routers were trained with the gradient reaching x).
   EXPECT_FALSE(ModelConfig::from_json(with(R"({"layers": [0]})")).psa.detach_router_input);
   EXPECT_FALSE(ModelConfig::from_json(with(R"({"layers": [0]})")).psa.all_tokens_read_signal);
+  EXPECT_FALSE(ModelConfig::from_json(with(R"({"layers": [0]})")).psa.joint_softmax);
+  // Sections written before lambda_init: read gates initialised to 1.
+  EXPECT_EQ(ModelConfig::from_json(with(R"({"layers": [0]})")).psa.lambda_init, 1.0);
+  expect_error([&] { ModelConfig::from_json(with(R"({"layers": [0], "lambda_init": "one"})")); },
+               {"lambda_init"});
+  expect_error([&] { ModelConfig::from_json(with(R"({"layers": [0], "joint_softmax": true})")); },
+               {"joint_softmax", "needs window > 0, got window 0"});
   expect_error([&] { ModelConfig::from_json(with(R"({"layers": [0], "entropy_loss_weight": -1})")); },
                {"entropy_loss_weight must be >= 0"});
   // A section without "summary" (written before the option) has the EMA register.
@@ -172,12 +183,14 @@ TEST(PSAModel, ForTrainingKeepsWeightsAndRope) {
   const Tensor ids = torch::randint(0, 256, {2, 13});
   torch::NoGradGuard no_grad;
   const Tensor want = dense.forward(ids);
-  // Every token routed to "signal", local, summary and window reads off: dense attention again.
+  // Every token routed to "signal" and the window read off: dense attention
+  // again, since the local and summary read gates start at lambda_init = 0.
+  ASSERT_EQ(o.psa.lambda_init, 0.0);
   for (int64_t l : {0, 1}) {
     const std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
     tensor_named(psa, p + "route_bias").copy_(torch::tensor({-1e4, -1e4, -1e4, 1e4}));
-    tensor_named(psa, p + "lambda_local").zero_();
-    tensor_named(psa, p + "lambda_summary").zero_();
+    EXPECT_EQ(tensor_named(psa, p + "lambda_local").abs().max().item<double>(), 0.0);
+    EXPECT_EQ(tensor_named(psa, p + "lambda_summary").abs().max().item<double>(), 0.0);
     EXPECT_TRUE(torch::equal(tensor_named(psa, p + "q_proj.weight"), tensor_named(dense, p + "q_proj.weight")));
   }
   EXPECT_LT(rel_l2(psa.forward(ids), want), 1e-5);

@@ -65,7 +65,7 @@ Tensor gumbel_noise(int64_t B, int64_t T) {
 Tensor reference(const std::map<std::string, Tensor>& p, const Shape& s, const Tensor& x, const Tensor& cos,
                  const Tensor& sin, const Tensor& gumbel, double tau, Tensor* routes = nullptr,
                  bool detach_router_input = PSAConfig().detach_router_input, bool all_read = false,
-                 const std::string& summary = "ema") {
+                 const std::string& summary = "ema", bool joint = false) {
   const int64_t B = x.size(0), T = x.size(1), H = s.H, Hkv = s.Hkv, D = s.D, G = H / Hkv, K = s.Kc;
   auto lin = [&](const Tensor& in, const std::string& name) {
     Tensor y = torch::matmul(in, p.at(name + ".weight").t());
@@ -146,10 +146,29 @@ Tensor reference(const std::map<std::string, Tensor>& p, const Shape& s, const T
     sa = sa.masked_fill((j <= i).logical_not().unsqueeze(1), -INFINITY);
     attn = torch::matmul(torch::softmax(sa, -1), vr);
   }
+  if (joint && s.window > 0) {
+    // One softmax over the window's unpruned keys and, for queries that read
+    // them, the signal keys; values gated by z_sig (signal keys) or 1 - z_prune.
+    // A zero null key of score kPrunedKeyBias: a row that sees nothing reads 0.
+    const Tensor gate = torch::where(sig, z.select(-1, 3), 1 - z.select(-1, 0)).view({B, 1, T, 1});
+    const Tensor vh = v.view({B, T, Hkv, D}).transpose(1, 2);
+    const Tensor kj = torch::cat({k, torch::zeros({B, Hkv, 1, D}, x.options())}, 2).repeat_interleave(G, 1);
+    const Tensor vj = torch::cat({vh * gate, torch::zeros({B, Hkv, 1, D}, x.options())}, 2).repeat_interleave(G, 1);
+    const Tensor reads = all_read ? torch::ones_like(sig) : sig;
+    const Tensor causal = j <= i;  // [1, T, T]
+    const Tensor visible = causal.logical_and(j > i - s.window).logical_and((hard != 0).view({B, 1, T}))
+                               .logical_or(causal.logical_and(sig.view({B, 1, T})).logical_and(reads.view({B, T, 1})));
+    const Tensor null_col = torch::ones({B, T, 1}, torch::kBool);
+    Tensor sc = torch::matmul(q, kj.transpose(2, 3)) / std::sqrt(double(D));  // [B, H, T, T + 1]
+    sc = sc + torch::cat({torch::zeros({B, T, T}, x.options()),
+                          torch::full({B, T, 1}, unswag::nn::kPrunedKeyBias, x.options())}, 2).unsqueeze(1);
+    sc = sc.masked_fill(torch::cat({visible, null_col}, 2).logical_not().unsqueeze(1), -INFINITY);
+    attn = torch::matmul(torch::softmax(sc, -1), vj);
+  }
   attn = attn.transpose(1, 2).reshape({B, T, H * D});
   // Window: dense attention over the last W tokens, pruned keys carrying the
   // bias kPrunedKeyBias (weight e^-2000 = 0) and zero values.
-  if (s.window > 0) {
+  if (s.window > 0 && !joint) {
     const Tensor keep = 1 - z.select(-1, 0).view({B, 1, T, 1});
     const Tensor kw = k.repeat_interleave(G, 1);
     const Tensor vw = (v.view({B, T, Hkv, D}).transpose(1, 2) * keep).repeat_interleave(G, 1);
@@ -186,26 +205,31 @@ class PSALayer : public ::testing::Test {
 TEST_F(PSALayer, EveryRouteGradientMatchesFloat64Reference) {
   SCOPED_TRACE("seed " + std::to_string(seed_));
   // T 150 crosses the linear-attention register's 64-token chunks (and pads the last).
-  for (const auto& [training, window, detach, all_read, summary, T] :
-       std::vector<std::tuple<bool, int64_t, bool, bool, std::string, int64_t>>{
-           {true, 5, true, false, "ema", 29},
-           {true, 5, false, false, "ema", 29},
-           {false, 5, true, false, "ema", 29},
-           {true, 0, true, false, "ema", 29},
-           {true, 5, true, true, "ema", 29},
-           {false, 5, true, true, "ema", 29},
-           {true, 5, true, false, "linear_attention", 29},
-           {true, 5, false, false, "linear_attention", 150},
-           {false, 5, true, false, "linear_attention", 150}}) {
+  for (const auto& [training, window, detach, all_read, summary, T, joint] :
+       std::vector<std::tuple<bool, int64_t, bool, bool, std::string, int64_t, bool>>{
+           {true, 5, true, false, "ema", 29, false},
+           {true, 5, false, false, "ema", 29, false},
+           {false, 5, true, false, "ema", 29, false},
+           {true, 0, true, false, "ema", 29, false},
+           {true, 5, true, true, "ema", 29, false},
+           {false, 5, true, true, "ema", 29, false},
+           {true, 5, true, false, "linear_attention", 29, false},
+           {true, 5, false, false, "linear_attention", 150, false},
+           {false, 5, true, false, "linear_attention", 150, false},
+           {true, 5, true, false, "ema", 29, true},
+           {false, 5, true, false, "ema", 29, true},
+           {true, 5, false, true, "ema", 29, true},
+           {false, 5, true, true, "ema", 29, true}}) {
     SCOPED_TRACE(std::string(training ? "training" : "eval") + ", window " + std::to_string(window) +
                  (detach ? ", router input detached" : "") + (all_read ? ", every token reads signal" : "") +
-                 ", summary " + summary + ", T " + std::to_string(T));
+                 (joint ? ", one softmax" : "") + ", summary " + summary + ", T " + std::to_string(T));
     Shape s;
     s.qkv_bias = training;  // both with and without biases
     s.window = window;
     PSAConfig c;
     c.detach_router_input = detach;
     c.all_tokens_read_signal = all_read;
+    c.joint_softmax = joint;
     c.summary = summary;
     auto m = make_layer(s, torch::kDouble, c);
     m->train(training);
@@ -220,7 +244,7 @@ TEST_F(PSALayer, EveryRouteGradientMatchesFloat64Reference) {
     const Tensor out = m->forward(x, pos, cos, sin, g);
     auto p = leaf_copies(m);
     Tensor routes;
-    const Tensor want = reference(p, s, xr, cos, sin, g, 0.7, &routes, detach, all_read, summary);
+    const Tensor want = reference(p, s, xr, cos, sin, g, 0.7, &routes, detach, all_read, summary, joint);
     ASSERT_TRUE(torch::equal(m->last_routes(), routes));
     const Tensor counts = torch::one_hot(routes.flatten(), 4).sum(0);
     EXPECT_GT(counts.min().item<int64_t>(), 0) << "every route should occur: " << counts;
@@ -371,12 +395,14 @@ TEST_F(PSALayer, EntropyLossSharpensRouting) {
 TEST_F(PSALayer, Causality) {
   SCOPED_TRACE("seed " + std::to_string(seed_));
   Shape s;
-  for (const auto& [all_read, summary] : std::vector<std::pair<bool, std::string>>{
-           {false, "ema"}, {true, "ema"}, {false, "linear_attention"}}) {
+  for (const auto& [all_read, summary, joint] : std::vector<std::tuple<bool, std::string, bool>>{
+           {false, "ema", false}, {true, "ema", false}, {false, "linear_attention", false}, {false, "ema", true},
+           {true, "ema", true}}) {
   SCOPED_TRACE(std::string(all_read ? "every token reads signal" : "signal tokens read signal") + ", summary " +
-               summary);
+               summary + (joint ? ", one softmax" : ""));
   PSAConfig c;
   c.all_tokens_read_signal = all_read;
+  c.joint_softmax = joint;
   c.summary = summary;
   auto m = make_layer(s, torch::kDouble, c);
   // T 90 crosses the linear-attention register's 64-token chunks.
@@ -420,18 +446,22 @@ TEST_F(PSALayer, BatchInvariance) {
 TEST_F(PSALayer, PrefillAndDecodeEqualFullForward) {
   SCOPED_TRACE("seed " + std::to_string(seed_));
   Shape s;
-  for (const auto& [dtype, all_read, summary] : std::vector<std::tuple<torch::ScalarType, bool, std::string>>{
-           {torch::kDouble, false, "ema"},
-           {torch::kFloat, false, "ema"},
-           {torch::kDouble, true, "ema"},
-           {torch::kFloat, true, "ema"},
-           {torch::kDouble, false, "linear_attention"},
-           {torch::kFloat, false, "linear_attention"}}) {
+  for (const auto& [dtype, all_read, summary, joint] :
+       std::vector<std::tuple<torch::ScalarType, bool, std::string, bool>>{
+           {torch::kDouble, false, "ema", false},
+           {torch::kFloat, false, "ema", false},
+           {torch::kDouble, true, "ema", false},
+           {torch::kFloat, true, "ema", false},
+           {torch::kDouble, false, "linear_attention", false},
+           {torch::kFloat, false, "linear_attention", false},
+           {torch::kDouble, false, "ema", true},
+           {torch::kFloat, true, "ema", true}}) {
     const bool la = summary == "linear_attention";
     SCOPED_TRACE(std::string(all_read ? "every token reads signal" : "signal tokens read signal") + ", summary " +
-                 summary + ", " + std::string(c10::toString(dtype)));
+                 summary + (joint ? ", one softmax" : "") + ", " + std::string(c10::toString(dtype)));
     PSAConfig c;
     c.all_tokens_read_signal = all_read;
+    c.joint_softmax = joint;
     c.summary = summary;
     auto m = make_layer(s, dtype, c);
     m->eval();
@@ -488,14 +518,62 @@ TEST_F(PSALayer, PrefillAndDecodeEqualFullForward) {
     EXPECT_LT(rel_l2(cache.window_k, kr.narrow(2, T - n, n)), 1e-6);
     EXPECT_LT(rel_l2(cache.window_v, v.narrow(2, T - n, n) * kept), 1e-6);
     EXPECT_TRUE(torch::equal(cache.window_bias[0].ne(0), last_routes.eq(0)));
+    // With one softmax the window also keeps which of its tokens are signal (1 byte each).
+    if (joint) EXPECT_TRUE(torch::equal(cache.window_signal[0], last_routes.eq(3)));
+    else EXPECT_FALSE(cache.window_signal.defined());
     // The register: kv_dim ("ema") or Hkv x D x (D + 1) ("linear_attention") fp32 (fp64) values.
     const int64_t register_values = la ? s.Hkv * s.D * (s.D + 1) : s.Hkv * s.D;
     EXPECT_EQ(cache.summary.numel(), register_values);
-    EXPECT_EQ(cache.bytes_allocated(), capacity * slot + n * slot + n * 4 +
+    EXPECT_EQ(cache.bytes_allocated(), capacity * slot + n * slot + n * 4 + (joint ? n : 0) +
                                            (s.Kc - 1) * s.Hkv * s.D * int64_t(c10::elementSize(dtype)) +
                                            register_values * int64_t(c10::elementSize(dtype == torch::kDouble
                                                                                           ? torch::kDouble
                                                                                           : torch::kFloat)));
+  }
+}
+
+// One softmax over the window and the signal tokens (joint_softmax): with
+// every token signal it is dense causal attention; with every token local,
+// a sliding window of W. The lambdas are zeroed so that only attention reads.
+TEST_F(PSALayer, JointSoftmaxIsDenseOrSlidingWindowAttentionAtTheExtremes) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  for (const int64_t route : {int64_t(3), int64_t(1)}) {
+    SCOPED_TRACE(route == 3 ? "every token signal" : "every token local");
+    PSAConfig c;
+    c.joint_softmax = true;
+    c.random_router = true;
+    c.target_shares = {0, 0, 0, 0};
+    c.target_shares[route] = 1;
+    auto m = make_layer(s, torch::kDouble, c);
+    {
+      torch::NoGradGuard no_grad;
+      m->lambda_local.zero_();
+      m->lambda_summary.zero_();
+    }
+    for (bool training : {true, false}) {
+      m->train(training);
+      const int64_t B = 2, T = 19, G = s.H / s.Hkv;
+      const Tensor x = torch::randn({B, T, s.d}, torch::kDouble), pos = positions_of(B, T);
+      const auto [cos, sin] = rope(pos, s.D, torch::kDouble);
+      torch::NoGradGuard no_grad;
+      const Tensor out = m->forward(x, pos, cos, sin, training ? gumbel_noise(B, T) : Tensor());
+      ASSERT_TRUE(torch::equal(m->last_routes(), torch::full({B, T}, route, torch::kLong)));
+      auto rot = [&](const Tensor& t) {
+        return t * cos + torch::cat({-t.narrow(-1, s.D / 2, s.D / 2), t.narrow(-1, 0, s.D / 2)}, -1) * sin;
+      };
+      const Tensor q = rot(m->q_proj(x).view({B, T, s.H, s.D}).transpose(1, 2));
+      const Tensor k = rot(m->k_proj(x).view({B, T, s.Hkv, s.D}).transpose(1, 2)).repeat_interleave(G, 1);
+      const Tensor v = m->v_proj(x).view({B, T, s.Hkv, s.D}).transpose(1, 2).repeat_interleave(G, 1);
+      const Tensor i = torch::arange(T).view({T, 1}), j = torch::arange(T).view({1, T});
+      Tensor visible = j <= i;
+      if (route == 1) visible = visible.logical_and(j > i - s.window);
+      const Tensor sc = (torch::matmul(q, k.transpose(2, 3)) / std::sqrt(double(s.D)))
+                            .masked_fill(visible.logical_not(), -INFINITY);
+      const Tensor want =
+          m->o_proj(torch::matmul(torch::softmax(sc, -1), v).transpose(1, 2).reshape({B, T, s.H * s.D}));
+      EXPECT_LT(rel_l2(out, want), 1e-12) << (training ? "training" : "eval");
+    }
   }
 }
 

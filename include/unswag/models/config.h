@@ -53,8 +53,9 @@ struct ModelConfig {
   // their settings. config.json: "unswag_psa": {"layers": [...], "kernel_size":
   // 8, "window": 128 (absent: 0), "target_shares": [prune, local, summary, signal], "load_loss_weight",
   // "z_loss_weight", "entropy_loss_weight" (absent: 0), "controller_gamma", "random_router",
-  // "detach_router_input" (absent: false), "all_tokens_read_signal" (absent: false), "summary" ("ema" or
-  // "linear_attention"; absent: "ema"), "seed", "temperature"}.
+  // "detach_router_input" (absent: false), "all_tokens_read_signal" (absent: false), "joint_softmax"
+  // (absent: false), "summary" ("ema" or "linear_attention"; absent: "ema"), "lambda_init" (absent: 1),
+  // "seed", "temperature"}.
   std::vector<int64_t> psa_layers;
   nn::PSAConfig psa;
   bool is_psa_layer(int64_t layer) const;

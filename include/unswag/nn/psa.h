@@ -68,6 +68,15 @@ struct PSAConfig {
   // causal attention with non-signal keys removed by kPrunedKeyBias, O(T^2):
   // it is for measuring what the read is worth, not for speed.
   bool all_tokens_read_signal = false;
+  // Experimental (docs/psa.md, "One softmax over the window and the signal
+  // tokens"): with a window, a query that reads the signal tokens reads them
+  // and its window in one softmax over the union of the two key sets, as
+  // dense attention over those keys would, instead of the sum of two
+  // separately normalised reads (which counts a signal key inside the window
+  // twice). With every token signal and no prune, the layer's attention is
+  // then dense causal attention. Runs with an explicit [T, T] mask, O(T^2):
+  // for measuring what the read is worth, not for speed.
+  bool joint_softmax = false;
   // What the summary register is and how tokens read it (docs/psa.md, "Summary register"):
   //  "ema": per kv channel an exponential moving average of the summary
   //    tokens' values, s_t = a s_{t-1} + (1 - a) v_t, which every query reads
@@ -79,6 +88,16 @@ struct PSAConfig {
   //    a content-addressed read of the whole past for every token, O(T D^2)
   //    in training, Hkv D (D + 1) floats of state.
   std::string summary = "ema";
+  // The initial value of lambda_local and lambda_summary, the per-channel
+  // gates of the conv and register reads (o = Wo(attention + lambda_local c +
+  // lambda_summary m)). 0: a fresh layer starts as its attention reads alone
+  // (with every token signal, dense attention) and training opens the cheap
+  // reads as far as they help, as zero-initialised residual gates do
+  // (ReZero, LayerScale). Measured on a CPU proxy (docs/psa.md, "Read gates
+  // start at zero"): 1, the earlier default, cost the small LM ~0.1-0.2
+  // nats, with every token signal too. config.json "lambda_init"; absent: 1,
+  // what layers saved before the option were initialised with.
+  double lambda_init = 0.0;
   uint64_t seed = 0;         // the Gumbel noise generator's and the random router's seed
   // tau: training routes are Gumbel-max draws from softmax(logits / tau) with
   // the straight-through gradient of softmax(logits / tau + g); annealing tau
@@ -125,6 +144,7 @@ struct PSACache {
   // (zero where pruned) [1, Hkv, n, D] and the key bias [1, n] fp32 (0, or
   // kPrunedKeyBias where pruned).
   torch::Tensor window_k, window_v, window_bias;
+  torch::Tensor window_signal;  // [1, n] bool: which of them are signal tokens (PSAConfig::joint_softmax only)
   int64_t tokens = 0;       // tokens seen (all routes)
 
   // The fused CUDA decode's state (docs/psa.md, "Fused decode"). While
@@ -225,6 +245,10 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   // PSAConfig::all_tokens_read_signal's read: every query over the signal
   // keys at or before it -> [B, T, H * D].
   torch::Tensor signal_read_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const Routing& routing, PSACache* cache);
+  // PSAConfig::joint_softmax's read: one softmax over each query's window
+  // and, where it reads them, the signal keys -> [B, T, H * D].
+  torch::Tensor joint_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const Routing& routing, PSACache* cache);
   // Causal attention of every query over the last W tokens, pruned ones
   // removed: q [B, H, T, D], k/v [B, Hkv, T, D] -> [B, T, H * D].
