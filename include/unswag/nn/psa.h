@@ -195,7 +195,7 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
 
   // The parameters PSA adds over Llama attention, initialised as docs/psa.md
   // says (router N(0, 0.02) with bias log(targets), conv 1/Kc, decays spread
-  // over 0.9..0.999, lambdas 1, controller bias 0); q/k/v/o untouched.
+  // over 0.9..0.999, lambdas lambda_init, controller bias 0); q/k/v/o untouched.
   void reset_psa_parameters();
 
   void set_temperature(double tau);
