@@ -718,6 +718,18 @@ Tensor masked_attention_with_null_key(const Tensor& q, const Tensor& k, const Te
                                           /*enable_gqa=*/H != Hkv);
 }
 
+// The window's cached keys [1, Hkv, P, D], values and biases [1, P] followed
+// by a chunk's: [1, Hkv, P + T, D], [1, P + T]; P = the cached count.
+struct WindowKeys {
+  Tensor k, v, bias;
+  int64_t cached;
+};
+WindowKeys extend_window(const PSACache& c, const Tensor& k, const Tensor& v, const Tensor& bias) {
+  const int64_t P = c.window_k.defined() ? c.window_k.size(2) : 0;
+  if (P == 0) return {k, v, bias, 0};
+  return {torch::cat({c.window_k, k}, 2), torch::cat({c.window_v, v}, 2), torch::cat({c.window_bias, bias}, 1), P};
+}
+
 // Keeps the window's last min(W - 1, L) keys of a chunk's [cached + new] keys
 // [1, Hkv, L, D], values, biases [1, L] and, if defined, signal flags [1, L].
 void keep_window_tail(PSACache& c, int64_t window, const Tensor& k_all, const Tensor& v_all, const Tensor& b_all,
@@ -784,10 +796,7 @@ Tensor PacketSwitchedAttentionImpl::window_attention(const Tensor& q, const Tens
   if (cache != nullptr) {
     // Continue the cached window: the last min(W - 1, seen) tokens come first;
     // zero queries in their rows keep q and k aligned (their outputs are dropped).
-    const int64_t P = cache->window_k.defined() ? cache->window_k.size(2) : 0;
-    const Tensor k_all = P > 0 ? torch::cat({cache->window_k, k}, 2) : k;
-    const Tensor v_all = P > 0 ? torch::cat({cache->window_v, vg}, 2) : vg;
-    const Tensor b_all = P > 0 ? torch::cat({cache->window_bias, bias}, 1) : bias;
+    const auto [k_all, v_all, b_all, P] = extend_window(*cache, k, vg, bias);
     if (T == 1) {
       // Decode: one query and at most W keys, all inside its window, so the
       // bias is the whole mask: one SDPA call.
@@ -840,12 +849,9 @@ Tensor PacketSwitchedAttentionImpl::joint_attention(const Tensor& q, const Tenso
     if (n > 0) cache->signal.append(k.index_select(2, idx), v.index_select(2, idx));
     const Tensor vg = v * kept.to(q.scalar_type()).view({1, 1, T, 1});
     const Tensor bias = kept.logical_not().to(torch::kFloat) * kPrunedKeyBias;  // [1, T]
-    const int64_t P = cache->window_k.defined() ? cache->window_k.size(2) : 0;
+    const auto [k_all, v_all, b_all, P] = extend_window(*cache, k, vg, bias);
     TORCH_CHECK(P == 0 || cache->window_signal.defined(),
                 "PSA joint_softmax: the cache's window has no signal flags (was it filled with joint_softmax off?)");
-    const Tensor k_all = P > 0 ? torch::cat({cache->window_k, k}, 2) : k;
-    const Tensor v_all = P > 0 ? torch::cat({cache->window_v, vg}, 2) : vg;
-    const Tensor b_all = P > 0 ? torch::cat({cache->window_bias, bias}, 1) : bias;
     const Tensor s_all = P > 0 ? torch::cat({cache->window_signal, signal}, 1) : signal;  // [1, P + T]
     // Signal key j is at or before chunk query i iff j < L + (signal tokens of the chunk up to i).
     const Tensor limit = L + sig0.to(torch::kLong).cumsum(0);  // [T]
