@@ -136,6 +136,10 @@ def main() -> int:
                         help="comma-separated (default: $BENCH_PSA_MODES or speed,decode,quality)")
     parser.add_argument("--quality-args", default=os.environ.get("BENCH_PSA_QUALITY_ARGS", ""),
                         help="extra arguments for bench_psa_quality (default: $BENCH_PSA_QUALITY_ARGS)")
+    parser.add_argument("--quality-section", default=os.environ.get("BENCH_PSA_QUALITY_SECTION", "psa-quality"),
+                        help="docs/BENCHMARKS.md section for the quality table, its plot named after it "
+                             "(default: $BENCH_PSA_QUALITY_SECTION or psa-quality; a variant run, e.g. "
+                             "psa-quality-joint, keeps the main table)")
     args = parser.parse_args()
     lib = Path(args.lib) if args.lib else common.default_library_path(args.device)
     build = lib.parent
@@ -173,21 +177,23 @@ def main() -> int:
         print(proc.stdout[-6000:])
         if proc.returncode != 0:
             common.die(f"bench_psa_quality exited with {proc.returncode}", 1)
+        section = args.quality_section
+        svg_name = section.replace("-", "_") + ".svg"
         md_path = out / "psa_quality" / "quality.md"
         # The plot: beside the results (gpu-check collects out/*.svg) and, with
         # the doc, in docs/ where the section's image link points.
         svg = (out / "psa_quality" / "quality.svg").read_text()
-        common.write_text(out / "bench_psa_quality.svg", svg)
+        common.write_text(out / f"bench_{svg_name}", svg)
         if update:
-            common.write_text(Path(args.doc).parent / "psa_quality.svg", svg)
+            common.write_text(Path(args.doc).parent / svg_name, svg)
         md = "\n".join(["## PSA quality: small LM from scratch (dense vs PSA vs random router)", "",
                         common.header_markdown(header),
                         f"- bench_psa_quality arguments: `{' '.join(extra) or '(defaults)'}`", "",
-                        md_path.read_text().strip()])
+                        md_path.read_text().strip().replace("(psa_quality.svg)", f"({svg_name})")])
         results["quality"] = json.loads((out / "psa_quality" / "quality.json").read_text())
         common.write_text(out / "bench_psa_quality.md", md + "\n")
         if update:
-            common.update_benchmarks_doc(Path(args.doc), "psa-quality", md)
+            common.update_benchmarks_doc(Path(args.doc), section, md)
     common.write_json(out / "bench_psa.json", {"header": header, "results": results})
     return 0
 
