@@ -451,9 +451,12 @@ Tensor PacketSwitchedAttentionImpl::decode_fused(const Tensor& x, const Tensor& 
     return {};
   // Experimental options: the composition only.
   if (config_.all_tokens_read_signal || config_.joint_softmax || config_.summary != "ema") return {};
-  for (const auto& list : {parameters(), buffers()})
-    for (const Tensor& t : list)
-      if (t.scalar_type() != dt || t.device() != x.device() || !t.is_contiguous()) return {};
+  if (fused_operands_.empty()) {
+    for (const auto& list : {parameters(), buffers()})
+      fused_operands_.insert(fused_operands_.end(), list.begin(), list.end());
+  }
+  for (const Tensor& t : fused_operands_)
+    if (t.scalar_type() != dt || t.device() != x.device() || !t.is_contiguous()) return {};
   if (cos.scalar_type() != dt || sin.scalar_type() != dt || cos.device() != x.device()) return {};
   const auto opt = x.options();
   enter_fused(cache, kv_heads, head_dim, kernel_size, window, opt);

@@ -262,6 +262,11 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   PSAConfig config_;
   bool fused_decode_ = true;
   torch::Tensor decode_zero_, decode_one_;  // the fused decode's aux losses and agreement
+  // The parameters and buffers the fused decode checks each step, listed once:
+  // to(), load_state_dict and optimizer steps update them in place, so the
+  // handles stay valid, and walking the module tree per token costs more host
+  // time than the checks.
+  std::vector<torch::Tensor> fused_operands_;
   torch::Tensor train_fractions_;  // arg-max (noise-free) fractions of the last training forward, for update_controller()
   torch::Tensor aux_loss_, load_loss_, z_loss_, entropy_loss_, routes_, gumbel_, fractions_, agreement_;
   at::Generator generator_;
