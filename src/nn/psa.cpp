@@ -580,9 +580,11 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
     summary = m.to(dt).transpose(1, 2).reshape({B, T, H * D});
   } else {
     // s_t = a_t s_{t-1} + (1 - a_t) v_t, a_t = 1 - z_sum,t (1 - sigmoid(theta)), in fp32.
-    const Tensor forget = 1 - torch::sigmoid(summary_decay.to(acc));  // [kv_dim]
-    const Tensor a = 1 - z_summary * forget;                           // [B, T, kv_dim]
-    const Tensor s = unswag::linear_scan(a, (1 - a) * v.to(acc), h0);
+    // b = 1 - a is formed once and v is promoted inside the product (no
+    // separate fp32 copy of v): two fewer [B, T, kv_dim] passes each way.
+    const Tensor forget = torch::sigmoid(-summary_decay.to(acc));  // 1 - sigmoid(theta), [kv_dim]
+    const Tensor b = z_summary * forget;                             // [B, T, kv_dim]
+    const Tensor s = unswag::linear_scan(1 - b, b * v, h0);
     if (cache != nullptr && T > 0) cache->summary = s.select(1, T - 1).clone();
     if (cache != nullptr && !cache->summary.defined())
       cache->summary = torch::zeros({1, kv_dim}, v.options().dtype(acc));
