@@ -7,11 +7,14 @@
 #include "unswag/nn/psa.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 #include <torch/torch.h>
 
 #include <cmath>
 #include <limits>
+#include <memory>
 
 #include "kernels/psa_decode.h"
 #include "ops/common.h"
@@ -30,6 +33,26 @@ Tensor rotate_half(const Tensor& x) {
 
 // x [B, heads, T, D]; cos/sin [B, 1, T, D]: HF's RoPE (the two halves rotated).
 Tensor apply_rope(const Tensor& x, const Tensor& cos, const Tensor& sin) { return x * cos + rotate_half(x) * sin; }
+
+// An integer device scalar read back without draining the launch queue: the
+// copy into pinned host memory and an event are queued now, and the returned
+// function waits for that event only. Work queued after this point keeps the
+// GPU busy while the host waits, where .item() would leave it idle until the
+// host has launched the next kernels. On the CPU the value is read at once.
+std::function<int64_t()> read_back_later(const Tensor& value) {
+  if (!value.is_cuda()) {
+    const int64_t v = value.item<int64_t>();
+    return [v] { return v; };
+  }
+  Tensor host = torch::empty({}, value.options().device(torch::kCPU).dtype(torch::kLong).pinned_memory(true));
+  host.copy_(value, /*non_blocking=*/true);
+  auto ready = std::make_shared<c10::Event>(c10::DeviceType::CUDA);
+  ready->record(c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).getStream(value.device()));
+  return [host, ready] {
+    ready->synchronize();
+    return host.item<int64_t>();
+  };
+}
 
 uint64_t splitmix64(uint64_t z) {
   z += 0x9e3779b97f4a7c15ull;
@@ -299,8 +322,7 @@ void PacketSwitchedAttentionImpl::set_temperature(double tau) {
 void PacketSwitchedAttentionImpl::update_controller() {
   if (config_.random_router || !train_fractions_.defined()) return;
   torch::NoGradGuard no_grad;
-  const Tensor target = torch::tensor(std::vector<double>(config_.target_shares.begin(), config_.target_shares.end()),
-                                      route_bias.options());
+  const Tensor target = target_shares_like(route_bias);
   route_bias.add_(config_.controller_gamma * (target - train_fractions_.to(route_bias.options())));
 }
 
@@ -338,6 +360,14 @@ Tensor PacketSwitchedAttentionImpl::random_routes(const Tensor& positions) const
   return out.to(positions.device());
 }
 
+Tensor PacketSwitchedAttentionImpl::target_shares_like(const Tensor& like) {
+  if (!target_shares_.defined() || target_shares_.device() != like.device())
+    target_shares_ = torch::tensor(std::vector<double>(config_.target_shares.begin(), config_.target_shares.end()),
+                                   torch::kDouble)
+                         .to(like.device());
+  return target_shares_.to(like.scalar_type());
+}
+
 PacketSwitchedAttentionImpl::Routing PacketSwitchedAttentionImpl::route(const Tensor& x, const Tensor& positions,
                                                                         const Tensor& gumbel_in) {
   const int64_t B = x.size(0), T = x.size(1);
@@ -362,7 +392,10 @@ PacketSwitchedAttentionImpl::Routing PacketSwitchedAttentionImpl::route(const Te
       // values), so runs are reproducible on any device; the logs run on the
       // layer's device (on the CPU they cost 1-5 ms per call at 8k tokens,
       // measured by bench_psa --profile on the H200).
-      const Tensor u = torch::rand({B, T, 4}, generator_, torch::kDouble).to(x.device()).clamp(1e-12, 1 - 1e-12);
+      // Drawn into pinned memory on CUDA, so the upload does not wait for the stream to drain.
+      Tensor u = torch::empty({B, T, 4}, torch::TensorOptions().dtype(torch::kDouble).pinned_memory(x.is_cuda()));
+      u.uniform_(0, 1, generator_);  // what torch::rand(..., generator_) draws
+      u = u.to(x.device(), /*non_blocking=*/true).clamp(1e-12, 1 - 1e-12);
       g = -torch::log(-torch::log(u));
     }
     g = g.to(x.device(), acc);
@@ -382,8 +415,7 @@ PacketSwitchedAttentionImpl::Routing PacketSwitchedAttentionImpl::route(const Te
       // The distribution routes are drawn from, and its log for the entropy term.
       const Tensor log_p = torch::log_softmax(biased / config_.temperature, -1);
       const Tensor p = log_p.exp();
-      const Tensor target = torch::tensor(
-          std::vector<double>(config_.target_shares.begin(), config_.target_shares.end()), p.options());
+      const Tensor target = target_shares_like(p);
       load_loss_ = (p.mean(at::IntArrayRef{0, 1}) - target).pow(2).sum().to(torch::kFloat);
       z_loss_ = torch::logsumexp(logits, -1).pow(2).mean().to(torch::kFloat);
       entropy_loss_ = -(p * log_p).sum(-1).mean().to(torch::kFloat);
@@ -540,8 +572,15 @@ Tensor PacketSwitchedAttentionImpl::decode_fused(const Tensor& x, const Tensor& 
 }
 
 Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, const Tensor& sin,
-                                            const Routing& routing, PSACache* cache) {
+                                            const Routing& routes, PSACache* cache) {
   const int64_t B = x.size(0), T = x.size(1), H = heads, Hkv = kv_heads, D = head_dim, G = heads / kv_heads;
+  Routing routing = routes;
+  if (cache == nullptr && B * T > 0 && !routing.max_signal && !config_.all_tokens_read_signal &&
+      !(config_.joint_softmax && window > 0)) {
+    // The packed signal length, started before the projections are queued so
+    // that reading it back waits on the router's kernels only.
+    routing.max_signal = read_back_later((routing.index == kSignal).sum(1).max());
+  }
   const auto dt = x.scalar_type(), acc = accumulate_type(dt);
   const Tensor z = routing.gates.to(dt);                      // [B, T, 4], one-hot in value
   const Tensor z_prune = z.select(-1, kPrune).unsqueeze(-1);   // [B, T, 1]
@@ -595,8 +634,11 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
   if (config_.joint_softmax && window > 0) {
     attn = joint_attention(q, k, v_heads, routing, cache);
   } else {
+    // The window first: its kernels are queued before signal_attention waits
+    // for the packed length (they touch disjoint parts of the cache).
+    const Tensor win = window > 0 ? window_attention(q, k, v_heads, routing, cache) : Tensor();
     attn = signal_attention(q, k, v_heads, routing, cache);
-    if (window > 0) attn = attn + window_attention(q, k, v_heads, routing, cache);
+    if (win.defined()) attn = attn + win;
   }
   if (cache != nullptr) cache->tokens += T;
   return o_proj(attn + lambda_local * expand(local) + lambda_summary * summary);
@@ -636,7 +678,9 @@ Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tens
       out.index_copy_(2, idx, o);
     }
   } else {
-    const int64_t S_max = B * T > 0 ? signal.sum(1).max().item<int64_t>() : 0;
+    const int64_t S_max = B * T == 0 ? 0
+                          : routing.max_signal ? routing.max_signal()
+                                               : signal.sum(1).max().item<int64_t>();
     if (S_max == 0) return torch::zeros({B, T, H * D}, q.options());
     // The packed length is rounded up to a multiple of 256 so that its shape
     // repeats from step to step: attention backends that plan per shape
@@ -645,11 +689,12 @@ Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tens
     // Pack each row's signal tokens in order, right-padded to S: slot dest[t]
     // holds token t. Padding sits after every real slot, so causal attention
     // never lets a real query see it; padded outputs are never read back.
+    // Non-signal tokens are scattered into a spare last column that is then
+    // dropped (a scatter rather than nonzero + index_put: no host sync).
     const Tensor dest = signal.to(torch::kLong).cumsum(1) - 1;  // [B, T]
-    const Tensor nz = signal.nonzero();
-    const Tensor rows = nz.select(1, 0), cols = nz.select(1, 1);
-    Tensor slots = torch::zeros({B, S}, dest.options());
-    slots.index_put_({rows, dest.index({rows, cols})}, cols);
+    Tensor slots = torch::zeros({B, S + 1}, dest.options());
+    slots.scatter_(1, torch::where(signal, dest, S), torch::arange(T, dest.options()).expand({B, T}));
+    slots = slots.narrow(1, 0, S);
     auto pack = [&](const Tensor& t) {
       return t.gather(2, slots.view({B, 1, S, 1}).expand({B, t.size(1), S, D}));
     };

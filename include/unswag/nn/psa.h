@@ -24,6 +24,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace unswag::nn {
@@ -231,9 +232,16 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   struct Routing {
     torch::Tensor index;  // [B, T] int64
     torch::Tensor gates;  // [B, T, 4] fp32: one-hot forward values, straight-through gradient
+    // The largest per-row count of signal tokens (the packed length), read
+    // back when called; compute() starts the read early (see read_back_later).
+    std::function<int64_t()> max_signal;
   };
   Routing route(const torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& gumbel);
   torch::Tensor random_routes(const torch::Tensor& positions) const;
+  // config_.target_shares as a [4] tensor of like's device and dtype (made
+  // once per device: building it from a host vector each step is a
+  // blocking host-to-device copy).
+  torch::Tensor target_shares_like(const torch::Tensor& like);
   // The projections, writes and reads for given routes; with `cache` (batch 1,
   // eval) the chunk continues the cached state and the cache is updated.
   torch::Tensor compute(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
@@ -267,6 +275,7 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   // handles stay valid, and walking the module tree per token costs more host
   // time than the checks.
   std::vector<torch::Tensor> fused_operands_;
+  torch::Tensor target_shares_;  // float64 on the last device asked for
   torch::Tensor train_fractions_;  // arg-max (noise-free) fractions of the last training forward, for update_controller()
   torch::Tensor aux_loss_, load_loss_, z_loss_, entropy_loss_, routes_, gumbel_, fractions_, agreement_;
   at::Generator generator_;
