@@ -24,6 +24,8 @@
 #   each step gets what is left, so the summary and $OUT always get written.
 #   GPU_CHECK_ALLOW_PY_SKIPS=1: do not fail on skipped Python tests.
 #   JOBS (default 16): build parallelism.
+#   GPU_CHECK_BUILD_TARGETS: build only these targets (e.g. "unswag bench_psa_quality" for a
+#     quality-only run on a short device budget; the tests then need a later full build).
 #   GPU_CHECK_USE_DEBS=1: use the carried CLI11/GTest/nlohmann_json even if the system has them.
 #   CTEST_PARALLEL_LEVEL: ctest's own knob (unset: one test at a time).
 # Carry ".whl" (wheels + .debs) with the device call, and ".source-commit" written by
@@ -265,7 +267,8 @@ else
   run_step configure "" "" cmake -S . -B "$BUILD_DIR" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_PREFIX_PATH="$prefix_path" -DUNSWAG_CUDA_ARCHS=90 -DUNSWAG_BUILD_TUNING=ON -DPython3_EXECUTABLE="$(command -v python3)"
   if ((STEP_RC == 0)); then
-    run_step build "" "" cmake --build "$BUILD_DIR" -j"$JOBS"
+    # shellcheck disable=SC2086  # a word list of targets
+    run_step build "" "" cmake --build "$BUILD_DIR" -j"$JOBS" ${GPU_CHECK_BUILD_TARGETS:+--target $GPU_CHECK_BUILD_TARGETS}
   fi
   if ((STEP_RC != 0)); then
     record build "$(status_of_rc "$STEP_RC")" "configure/build rc=$STEP_RC (see gpu-check.log)" $((SECONDS - t0))
