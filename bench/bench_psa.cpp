@@ -52,13 +52,13 @@ void synchronize(const torch::Device& device) {
   if (on_cuda(device)) torch::cuda::synchronize();
 }
 
-// Milliseconds of each of `repeats` calls of fn after `warmup` calls: CUDA
-// events around each call on the current stream, wall clock on CPU.
 // Untimed decode steps before the timed ones: a quarter of them, at least 2.
 // (With 2, the first context's dense steps once measured 3x slower than the
 // next context's, on an H100 fresh from idle.)
 int decode_warmup(int steps) { return std::max(2, steps / 4); }
 
+// Milliseconds of each of `repeats` calls of fn after `warmup` calls: CUDA
+// events around each call on the current stream, wall clock on CPU.
 std::vector<double> time_calls(const torch::Device& device, int warmup, int repeats, const std::function<void()>& fn) {
   for (int i = 0; i < warmup; ++i) fn();
   synchronize(device);
