@@ -340,14 +340,10 @@ __global__ void scan_backward_kernel(const T* __restrict__ a, const T* __restric
   const Coord q = coord(idx, channels, chunks);
   const int64_t s = q.tile * kScanChunk, e = min64(time, s + kScanChunk);
   const int64_t off = q.b * time * channels + q.c;
-  // checkpoint[u] = h just before sub-chunk u. The sub-chunk loops are not
-  // unrolled (checkpoint[] then lives in local memory, 16 values per thread):
-  // fully unrolled, ptxas gave the fp32 kernel 242 registers, one block of
-  // 256 threads per SM, and the kernel ran at about a fifth of the
-  // bandwidth bound on an H100 (docs/psa.md, "Where the time goes at 128k").
+  // checkpoint[u] = h just before sub-chunk u.
   A checkpoint[kScanSub];
   A h = h_carry[idx];
-#pragma unroll 1
+#pragma unroll
   for (int u = 0; u < kScanSub; ++u) {
     checkpoint[u] = h;
 #pragma unroll
@@ -358,7 +354,7 @@ __global__ void scan_backward_kernel(const T* __restrict__ a, const T* __restric
   }
   A g = g_carry[idx];
   A a_next = e < time ? A(to_f(a[off + e * channels])) : A(0);
-#pragma unroll 1
+#pragma unroll
   for (int u = kScanSub - 1; u >= 0; --u) {
     const int64_t su = s + u * kScanSubLen;
     if (su >= e) continue;
