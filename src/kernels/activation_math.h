@@ -28,6 +28,38 @@ UNSWAG_HD double m_erfc(double x) { return erfc(x); }
 UNSWAG_HD float m_tanh(float x) { return tanhf(x); }
 UNSWAG_HD double m_tanh(double x) { return tanh(x); }
 
+// A product or sum rounded exactly as written: nvcc would contract a*b+c into
+// one fma (rounded once) where the host compiler and ATen's separate
+// elementwise kernels round twice; the _rn intrinsics are never contracted.
+UNSWAG_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+UNSWAG_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+UNSWAG_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+UNSWAG_HD double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 template <typename F>
 UNSWAG_HD F sigmoid(F x) {
   return F(1) / (F(1) + m_exp(-x));

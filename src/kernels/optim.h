@@ -42,21 +42,8 @@ constexpr int64_t kMaxBlockSize = 2048;
 // -(0.1 + 0.9 * 63.5 / 64) = -0.99296875.
 void build_dynamic_map(bool is_signed, float* codes);  // codes: [kMapSize], optim_cpu.cpp
 
-// Products and sums that the device compiler may not fuse (see the top).
-UNSWAG_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-UNSWAG_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
+// Products and sums that the device compiler may not fuse (see the top):
+// mul_rn and add_rn in activation_math.h, and these.
 UNSWAG_HD float sub_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fsub_rn(a, b);

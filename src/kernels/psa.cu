@@ -226,28 +226,65 @@ void dispatch_window(int kp, Fn&& fn) {
 
 // ---- linear scan ------------------------------------------------------------
 
+// Where a scan step's coefficient a_t and input x_t come from. The plain
+// scan reads both from [B, T, C] tensors. The gated EMA (kEma) forms them
+// from the gate z [B, T] (in A), the per-channel rate f [C] (in A) and the
+// values v [B, T, C]: b = z f, a = 1 - b, x = b v, each rounded as ATen
+// rounds `b = z * f; linear_scan(1 - b, b * v)`, so both give the same h.
+template <typename T, bool kEma>
+struct ScanIn {
+  using A = acc_t<T>;
+  const T* __restrict__ a;  // plain: [B, T, C]
+  const T* __restrict__ x;  // plain: [B, T, C]; EMA: v
+  const A* __restrict__ z;  // EMA: [B, T]
+  const A* __restrict__ f;  // EMA: [C]
+  struct Step {
+    A a, x, b, v;  // b and v: EMA only
+  };
+  // f_c, read once per thread (1 for the plain scan: unused).
+  __device__ __forceinline__ A rate(int64_t c) const { return kEma ? f[c] : A(1); }
+  // Element i = (b*T + t)*C + c of [B, T, C]; zi = b*T + t.
+  __device__ __forceinline__ Step load(int64_t i, int64_t zi, A fc) const {
+    Step st;
+    if constexpr (kEma) {
+      st.v = to_f(x[i]);
+      st.b = mul_rn(z[zi], fc);
+      st.a = add_rn(A(1), -st.b);
+      st.x = mul_rn(st.b, st.v);
+    } else {
+      st.a = to_f(a[i]);
+      st.x = to_f(x[i]);
+    }
+    return st;
+  }
+  __device__ __forceinline__ A coef(int64_t i, int64_t zi, A fc) const {
+    if constexpr (kEma) return add_rn(A(1), -mul_rn(z[zi], fc));
+    else return to_f(a[i]);
+  }
+};
+
 // Pass 1. Forward map of the chunk [s, e): h_{e-1} = P h_{s-1} + E. Backward
 // also the reverse map g_s = Eg + Qg g_e with Eg = sum_t w_t dh_t,
 // w_t = a_{s+1} ... a_t, Qg = w_{e-1} a_e (0 when e = T, where g_T = 0).
-template <typename T, bool kBackward>
-__global__ void scan_summary_kernel(const T* __restrict__ a, const T* __restrict__ x, const T* __restrict__ dh,
-                                    acc_t<T>* __restrict__ E, acc_t<T>* __restrict__ P, acc_t<T>* __restrict__ Eg,
-                                    acc_t<T>* __restrict__ Qg, int64_t time, int64_t channels, int64_t chunks,
-                                    int64_t threads) {
+template <typename T, bool kEma, bool kBackward>
+__global__ void scan_summary_kernel(ScanIn<T, kEma> in, const T* __restrict__ dh, acc_t<T>* __restrict__ E,
+                                    acc_t<T>* __restrict__ P, acc_t<T>* __restrict__ Eg, acc_t<T>* __restrict__ Qg,
+                                    int64_t time, int64_t channels, int64_t chunks, int64_t threads) {
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
   const Coord q = coord(idx, channels, chunks);
   const int64_t s = q.tile * kScanChunk, e = min64(time, s + kScanChunk);
-  const int64_t off = q.b * time * channels + q.c;
+  const int64_t off = q.b * time * channels + q.c, zoff = q.b * time;
+  const A fc = in.rate(q.c);
   A h = 0, p = 1, eg = 0, wt = 1;
 #pragma unroll 4
   for (int64_t t = s; t < e; ++t) {
-    const A at = to_f(a[off + t * channels]);
-    h = at * h + A(to_f(x[off + t * channels]));
-    p *= at;
+    const auto st = in.load(off + t * channels, zoff + t, fc);
+    h = st.a * h + st.x;
+    p *= st.a;
     if (kBackward) {
-      if (t > s) wt *= at;
+      if (t > s) wt *= st.a;
       eg += wt * A(to_f(dh[off + t * channels]));
     }
   }
@@ -255,7 +292,7 @@ __global__ void scan_summary_kernel(const T* __restrict__ a, const T* __restrict
   P[idx] = p;
   if (kBackward) {
     Eg[idx] = eg;
-    Qg[idx] = e < time ? wt * A(to_f(a[off + e * channels])) : A(0);
+    Qg[idx] = e < time ? wt * in.coef(off + e * channels, zoff + e, fc) : A(0);
   }
 }
 
@@ -309,64 +346,87 @@ __global__ void scan_carry_backward_kernel(A* __restrict__ Eg, const A* __restri
   }
 }
 
-// Pass 3, forward: replay each chunk from its incoming state, writing h.
-template <typename T>
-__global__ void scan_forward_kernel(const T* __restrict__ a, const T* __restrict__ x,
-                                    const acc_t<T>* __restrict__ carry, T* __restrict__ h_out, int64_t time,
-                                    int64_t channels, int64_t chunks, int64_t threads) {
+// Pass 3, forward: replay each chunk from its incoming state, writing h (and,
+// where `last` is given, the state after the last step in A).
+template <typename T, bool kEma>
+__global__ void scan_forward_kernel(ScanIn<T, kEma> in, const acc_t<T>* __restrict__ carry, T* __restrict__ h_out,
+                                    acc_t<T>* __restrict__ last, int64_t time, int64_t channels, int64_t chunks,
+                                    int64_t threads) {
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
   const Coord q = coord(idx, channels, chunks);
   const int64_t s = q.tile * kScanChunk, e = min64(time, s + kScanChunk);
-  const int64_t off = q.b * time * channels + q.c;
+  const int64_t off = q.b * time * channels + q.c, zoff = q.b * time;
+  const A fc = in.rate(q.c);
   A h = carry[idx];
 #pragma unroll 4
   for (int64_t t = s; t < e; ++t) {
-    h = A(to_f(a[off + t * channels])) * h + A(to_f(x[off + t * channels]));
+    const auto st = in.load(off + t * channels, zoff + t, fc);
+    h = st.a * h + st.x;
     h_out[off + t * channels] = from_f<T>(h);
   }
+  if (last != nullptr && e == time) last[q.b * channels + q.c] = h;
 }
 
 // Pass 3, backward (see the file comment). dh0 = a_0 g_0 from chunk 0.
-template <typename T>
-__global__ void scan_backward_kernel(const T* __restrict__ a, const T* __restrict__ x, const T* __restrict__ dh,
+// Plain scan: dx_t = g_t, da_t = g_t h_{t-1}. Gated EMA (dx is dv):
+//   dv_t = b_t g_t,  db_t = g_t (v_t - h_{t-1}),
+//   dz_t = sum_c f_c db_t  (one partial per warp of 32 channels: dz_part [B, T, C / 32]),
+//   df_c = sum_t z_t db_t  (one partial per chunk: df_part [B, chunks, C]),
+// so the caller's sums are deterministic. The EMA form needs C % 32 == 0, so
+// every warp lies in one (b, chunk) and its shuffles see the same steps.
+template <typename T, bool kEma>
+__global__ void scan_backward_kernel(ScanIn<T, kEma> in, const T* __restrict__ dh,
                                      const acc_t<T>* __restrict__ h_carry, const acc_t<T>* __restrict__ g_carry,
                                      T* __restrict__ da, T* __restrict__ dx, acc_t<T>* __restrict__ dh0,
-                                     int64_t time, int64_t channels, int64_t chunks, int64_t threads) {
+                                     acc_t<T>* __restrict__ dz_part, acc_t<T>* __restrict__ df_part, int64_t time,
+                                     int64_t channels, int64_t chunks, int64_t threads) {
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
   const Coord q = coord(idx, channels, chunks);
   const int64_t s = q.tile * kScanChunk, e = min64(time, s + kScanChunk);
-  const int64_t off = q.b * time * channels + q.c;
-  // checkpoint[u] = h just before sub-chunk u.
+  const int64_t off = q.b * time * channels + q.c, zoff = q.b * time;
+  const A fc = in.rate(q.c);
+  // checkpoint[u] = h just before sub-chunk u. The sub-chunk loops are not
+  // unrolled (checkpoint[] then lives in local memory, 16 values per thread):
+  // fully unrolled, ptxas gave the fp32 kernel 242 registers, one block of
+  // 256 threads per SM, and the kernel ran at about a fifth of the
+  // bandwidth bound on an H100 (docs/psa.md, "Where the time goes at 128k").
   A checkpoint[kScanSub];
   A h = h_carry[idx];
-#pragma unroll
+#pragma unroll 1
   for (int u = 0; u < kScanSub; ++u) {
     checkpoint[u] = h;
 #pragma unroll
     for (int i = 0; i < kScanSubLen; ++i) {
       const int64_t t = s + u * kScanSubLen + i;
-      if (t < e) h = A(to_f(a[off + t * channels])) * h + A(to_f(x[off + t * channels]));
+      if (t < e) {
+        const auto st = in.load(off + t * channels, zoff + t, fc);
+        h = st.a * h + st.x;
+      }
     }
   }
   A g = g_carry[idx];
-  A a_next = e < time ? A(to_f(a[off + e * channels])) : A(0);
-#pragma unroll
+  A a_next = e < time ? in.coef(off + e * channels, zoff + e, fc) : A(0);
+  A df = 0;
+#pragma unroll 1
   for (int u = kScanSub - 1; u >= 0; --u) {
     const int64_t su = s + u * kScanSubLen;
     if (su >= e) continue;
-    A prev[kScanSubLen], as[kScanSubLen];  // h_{t-1} and a_t of the sub-chunk
+    // h_{t-1}, a_t (and for the EMA b_t, v_t) of the sub-chunk.
+    A prev[kScanSubLen], as[kScanSubLen], bs[kEma ? kScanSubLen : 1], vs[kEma ? kScanSubLen : 1];
     A hh = checkpoint[u];
 #pragma unroll
     for (int i = 0; i < kScanSubLen; ++i) {
       const int64_t t = su + i;
       if (t < e) {
-        as[i] = to_f(a[off + t * channels]);
+        const auto st = in.load(off + t * channels, zoff + t, fc);
+        as[i] = st.a;
+        if constexpr (kEma) bs[i] = st.b, vs[i] = st.v;
         prev[i] = hh;
-        hh = as[i] * hh + A(to_f(x[off + t * channels]));
+        hh = st.a * hh + st.x;
       }
     }
 #pragma unroll
@@ -374,13 +434,24 @@ __global__ void scan_backward_kernel(const T* __restrict__ a, const T* __restric
       const int64_t t = su + i;
       if (t < e) {
         g = A(to_f(dh[off + t * channels])) + a_next * g;
-        if (dx != nullptr) dx[off + t * channels] = from_f<T>(g);
-        if (da != nullptr) da[off + t * channels] = from_f<T>(g * prev[i]);
+        if constexpr (kEma) {
+          if (dx != nullptr) dx[off + t * channels] = from_f<T>(bs[i] * g);
+          const A db = g * (vs[i] - prev[i]);
+          df += in.z[zoff + t] * db;
+          A zc = fc * db;
+#pragma unroll
+          for (int m = 16; m >= 1; m /= 2) zc += __shfl_xor_sync(0xffffffffu, zc, m);
+          if ((threadIdx.x & 31) == 0) dz_part[(zoff + t) * (channels / 32) + q.c / 32] = zc;
+        } else {
+          if (dx != nullptr) dx[off + t * channels] = from_f<T>(g);
+          if (da != nullptr) da[off + t * channels] = from_f<T>(g * prev[i]);
+        }
         a_next = as[i];
       }
     }
   }
   if (q.tile == 0 && dh0 != nullptr) dh0[q.b * channels + q.c] = a_next * g;
+  if (kEma) df_part[idx] = df;
 }
 
 }  // namespace
@@ -437,49 +508,72 @@ void causal_conv_backward_cuda(const CausalConvParams& p, void* stream) {
   check_launch("causal_conv backward");
 }
 
-void linear_scan_forward_cuda(const LinearScanParams& p, void* stream) {
+namespace {
+
+template <typename T, bool kEma>
+ScanIn<T, kEma> scan_in(const LinearScanParams& p) {
+  using A = acc_t<T>;
+  return {static_cast<const T*>(p.a), static_cast<const T*>(p.x), static_cast<const A*>(p.z),
+          static_cast<const A*>(p.f)};
+}
+
+template <typename T, bool kEma>
+void scan_forward(const LinearScanParams& p, cudaStream_t s) {
+  using A = acc_t<T>;
   const int64_t chunks = scan_chunks(p.time);
   const int64_t threads = p.batch * chunks * p.channels, rows = p.batch * p.channels;
-  if (threads == 0) return;
-  auto s = static_cast<cudaStream_t>(stream);
+  const auto in = scan_in<T, kEma>(p);
+  A* E = static_cast<A*>(p.workspace);
+  A* P = E + threads;
+  scan_summary_kernel<T, kEma, false><<<blocks_for(threads), kThreads, 0, s>>>(in, nullptr, E, P, nullptr, nullptr,
+                                                                               p.time, p.channels, chunks, threads);
+  scan_carry_forward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(E, P, static_cast<const A*>(p.h0), p.channels,
+                                                                      chunks, rows);
+  scan_forward_kernel<T, kEma><<<blocks_for(threads), kThreads, 0, s>>>(
+      in, E, static_cast<T*>(p.h), static_cast<A*>(p.last), p.time, p.channels, chunks, threads);
+}
+
+template <typename T, bool kEma>
+void scan_backward(const LinearScanParams& p, cudaStream_t s) {
+  using A = acc_t<T>;
+  const int64_t chunks = scan_chunks(p.time);
+  const int64_t threads = p.batch * chunks * p.channels, rows = p.batch * p.channels;
+  const auto in = scan_in<T, kEma>(p);
+  const auto* dh = static_cast<const T*>(p.dh);
+  A* E = static_cast<A*>(p.workspace);
+  A *P = E + threads, *Eg = P + threads, *Qg = Eg + threads;
+  scan_summary_kernel<T, kEma, true><<<blocks_for(threads), kThreads, 0, s>>>(in, dh, E, P, Eg, Qg, p.time,
+                                                                              p.channels, chunks, threads);
+  scan_carry_forward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(E, P, static_cast<const A*>(p.h0), p.channels,
+                                                                      chunks, rows);
+  scan_carry_backward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(Eg, Qg, p.channels, chunks, rows);
+  scan_backward_kernel<T, kEma><<<blocks_for(threads), kThreads, 0, s>>>(
+      in, dh, E, Eg, static_cast<T*>(p.da), static_cast<T*>(p.dx), static_cast<A*>(p.dh0),
+      static_cast<A*>(p.dz_partial), static_cast<A*>(p.df_partial), p.time, p.channels, chunks, threads);
+}
+
+}  // namespace
+
+void linear_scan_forward_cuda(const LinearScanParams& p, void* stream) {
+  if (p.batch * p.time * p.channels == 0) return;
+  if (p.z != nullptr && p.channels % 32 != 0)
+    throw std::invalid_argument("unswag: gated EMA scan on CUDA needs channels % 32 == 0");
   dispatch_cuda(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    using A = acc_t<T>;
-    const auto* a = static_cast<const T*>(p.a);
-    const auto* x = static_cast<const T*>(p.x);
-    A* E = static_cast<A*>(p.workspace);
-    A* P = E + threads;
-    scan_summary_kernel<T, false><<<blocks_for(threads), kThreads, 0, s>>>(
-        a, x, nullptr, E, P, nullptr, nullptr, p.time, p.channels, chunks, threads);
-    scan_carry_forward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(E, P, static_cast<const A*>(p.h0),
-                                                                        p.channels, chunks, rows);
-    scan_forward_kernel<T><<<blocks_for(threads), kThreads, 0, s>>>(a, x, E, static_cast<T*>(p.h), p.time,
-                                                                    p.channels, chunks, threads);
+    if (p.z != nullptr) scan_forward<T, true>(p, static_cast<cudaStream_t>(stream));
+    else scan_forward<T, false>(p, static_cast<cudaStream_t>(stream));
   });
   check_launch("linear_scan forward");
 }
 
 void linear_scan_backward_cuda(const LinearScanParams& p, void* stream) {
-  const int64_t chunks = scan_chunks(p.time);
-  const int64_t threads = p.batch * chunks * p.channels, rows = p.batch * p.channels;
-  if (threads == 0) return;
-  auto s = static_cast<cudaStream_t>(stream);
+  if (p.batch * p.time * p.channels == 0) return;
+  if (p.z != nullptr && p.channels % 32 != 0)
+    throw std::invalid_argument("unswag: gated EMA scan on CUDA needs channels % 32 == 0");
   dispatch_cuda(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    using A = acc_t<T>;
-    const auto* a = static_cast<const T*>(p.a);
-    const auto* x = static_cast<const T*>(p.x);
-    const auto* dh = static_cast<const T*>(p.dh);
-    A* E = static_cast<A*>(p.workspace);
-    A *P = E + threads, *Eg = P + threads, *Qg = Eg + threads;
-    scan_summary_kernel<T, true><<<blocks_for(threads), kThreads, 0, s>>>(a, x, dh, E, P, Eg, Qg, p.time,
-                                                                          p.channels, chunks, threads);
-    scan_carry_forward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(E, P, static_cast<const A*>(p.h0),
-                                                                        p.channels, chunks, rows);
-    scan_carry_backward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(Eg, Qg, p.channels, chunks, rows);
-    scan_backward_kernel<T><<<blocks_for(threads), kThreads, 0, s>>>(
-        a, x, dh, E, Eg, static_cast<T*>(p.da), static_cast<T*>(p.dx), static_cast<A*>(p.dh0), p.time, p.channels,
-        chunks, threads);
+    if (p.z != nullptr) scan_backward<T, true>(p, static_cast<cudaStream_t>(stream));
+    else scan_backward<T, false>(p, static_cast<cudaStream_t>(stream));
   });
   check_launch("linear_scan backward");
 }

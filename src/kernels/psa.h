@@ -87,6 +87,17 @@ struct LinearScanParams {
   void* dx = nullptr;        // backward: [B, T, C], or null
   void* dh0 = nullptr;       // backward: [B, C] in A, or null
   void* workspace = nullptr;  // CUDA only: scan_cuda_workspace_elems(p, backward) elements of A
+  // Gated EMA form (CUDA only, channels % 32 == 0; z non-null selects it):
+  // a = 1 - z[b,t] f[c] and x = z[b,t] f[c] v[b,t,c] are formed on the fly
+  // (v = the `x` pointer, `a` unused), as ATen rounds `b = z * f; 1 - b, b * v`.
+  // Backward writes dv = b g into `dx` (da unused) and the partial sums
+  // dz_partial [B, T, C / 32] (summed: dz = sum_c f_c g_t (v_t - h_{t-1})) and
+  // df_partial [B, chunks, C] (summed: df = sum_t z_t g_t (v_t - h_{t-1})).
+  const void* z = nullptr;   // [B, T] in A
+  const void* f = nullptr;   // [C] in A
+  void* last = nullptr;      // CUDA forward, either form: h at t = T - 1 [B, C] in A, or null (the CPU ignores it)
+  void* dz_partial = nullptr;
+  void* df_partial = nullptr;
 };
 
 inline int64_t scan_chunks(int64_t time) { return (time + kScanChunk - 1) / kScanChunk; }

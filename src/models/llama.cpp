@@ -52,14 +52,6 @@ Tensor rope_inv_freq(const RopeConfig& r, int64_t head_dim) {
   return inv_freq;
 }
 
-Tensor rotate_half(const Tensor& x) {
-  const int64_t h = x.size(-1) / 2;
-  return torch::cat({-x.narrow(-1, h, h), x.narrow(-1, 0, h)}, -1);
-}
-
-// q or k [B, heads, T, D]; cos/sin [B, 1, T, D] in q's dtype.
-Tensor apply_rope(const Tensor& x, const Tensor& cos, const Tensor& sin) { return x * cos + rotate_half(x) * sin; }
-
 Tensor plain_rms_norm(const Tensor& x, const Tensor& w, double eps, bool add_one) {
   const Tensor xf = x.to(torch::kFloat);
   const Tensor xh = xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps);
@@ -122,8 +114,8 @@ struct AttentionImpl : torch::nn::Module {
 
   Tensor forward(const Tensor& x, const Rope& rope, const TrainingOptions& o) {
     const int64_t B = x.size(0), T = x.size(1);
-    const Tensor q = apply_rope(q_proj(x).view({B, T, heads, head_dim}).transpose(1, 2), rope.cos, rope.sin);
-    const Tensor k = apply_rope(k_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2), rope.cos, rope.sin);
+    const Tensor q = unswag::rotary_embedding(q_proj(x).view({B, T, heads, head_dim}), rope.cos, rope.sin).transpose(1, 2);
+    const Tensor k = unswag::rotary_embedding(k_proj(x).view({B, T, kv_heads, head_dim}), rope.cos, rope.sin).transpose(1, 2);
     const Tensor v = v_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2);
     const double scale = 1.0 / std::sqrt(double(head_dim));
     const bool windowed = window > 0 && window < T;
@@ -152,8 +144,8 @@ struct AttentionImpl : torch::nn::Module {
   // themselves (and within the sliding window).
   Tensor forward_cached(const Tensor& x, const Rope& rope, nn::KVBuffer& cache) {
     const int64_t T = x.size(1), L = cache.length;
-    const Tensor q = apply_rope(q_proj(x).view({1, T, heads, head_dim}).transpose(1, 2), rope.cos, rope.sin);
-    const Tensor k = apply_rope(k_proj(x).view({1, T, kv_heads, head_dim}).transpose(1, 2), rope.cos, rope.sin);
+    const Tensor q = unswag::rotary_embedding(q_proj(x).view({1, T, heads, head_dim}), rope.cos, rope.sin).transpose(1, 2);
+    const Tensor k = unswag::rotary_embedding(k_proj(x).view({1, T, kv_heads, head_dim}), rope.cos, rope.sin).transpose(1, 2);
     const Tensor v = v_proj(x).view({1, T, kv_heads, head_dim}).transpose(1, 2);
     cache.append(k, v);
     const int64_t G = heads / kv_heads;

@@ -26,14 +26,6 @@ namespace {
 
 using torch::Tensor;
 
-Tensor rotate_half(const Tensor& x) {
-  const int64_t h = x.size(-1) / 2;
-  return torch::cat({-x.narrow(-1, h, h), x.narrow(-1, 0, h)}, -1);
-}
-
-// x [B, heads, T, D]; cos/sin [B, 1, T, D]: HF's RoPE (the two halves rotated).
-Tensor apply_rope(const Tensor& x, const Tensor& cos, const Tensor& sin) { return x * cos + rotate_half(x) * sin; }
-
 // An integer device scalar read back without draining the launch queue: the
 // copy into pinned host memory and an event are queued now, and the returned
 // function waits for that event only. Work queued after this point keeps the
@@ -585,10 +577,13 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
   const Tensor z = routing.gates.to(dt);                      // [B, T, 4], one-hot in value
   const Tensor z_prune = z.select(-1, kPrune).unsqueeze(-1);   // [B, T, 1]
   const Tensor z_summary = routing.gates.select(-1, kSummary).unsqueeze(-1);  // [B, T, 1] in acc
-  const Tensor q_lin = q_proj(x).view({B, T, H, D}).transpose(1, 2);    // [B, H, T, D]
-  const Tensor k_lin = k_proj(x).view({B, T, Hkv, D}).transpose(1, 2);  // [B, Hkv, T, D]
-  const Tensor q = apply_rope(q_lin, cos, sin);
-  const Tensor k = apply_rope(k_lin, cos, sin);
+  // Token-major [B, T, heads, D] as the projections write it; RoPE runs on
+  // that layout in one pass (unswag::rotary_embedding), and q and k are its
+  // [B, heads, T, D] views, the layout FlashAttention reads without a copy.
+  const Tensor q_lin = q_proj(x).view({B, T, H, D});
+  const Tensor k_lin = k_proj(x).view({B, T, Hkv, D});
+  const Tensor q = unswag::rotary_embedding(q_lin, cos, sin).transpose(1, 2);  // [B, H, T, D]
+  const Tensor k = unswag::rotary_embedding(k_lin, cos, sin).transpose(1, 2);  // [B, Hkv, T, D]
   const Tensor v = v_proj(x);  // [B, T, kv_dim]
   const Tensor v_heads = v.view({B, T, Hkv, D}).transpose(1, 2);
 
@@ -613,21 +608,19 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
   Tensor summary;  // [B, T, H * D]
   if (config_.summary == "linear_attention") {
     // Pre-RoPE q and k: the register is position-free, as a summary should be.
-    auto [m, state] = summary_linear_attention(q_lin.to(acc), k_lin.to(acc), v_heads.to(acc),
+    auto [m, state] = summary_linear_attention(q_lin.transpose(1, 2).to(acc), k_lin.transpose(1, 2).to(acc),
+                                               v_heads.to(acc),
                                                z_summary.squeeze(-1), torch::log_sigmoid(summary_decay.to(acc)), h0);
     if (cache != nullptr) cache->summary = state;
     summary = m.to(dt).transpose(1, 2).reshape({B, T, H * D});
   } else {
-    // s_t = a_t s_{t-1} + (1 - a_t) v_t, a_t = 1 - z_sum,t (1 - sigmoid(theta)), in fp32.
-    // b = 1 - a is formed once and v is promoted inside the product (no
-    // separate fp32 copy of v): two fewer [B, T, kv_dim] passes each way.
-    const Tensor forget = torch::sigmoid(-summary_decay.to(acc));  // 1 - sigmoid(theta), [kv_dim]
-    const Tensor b = z_summary * forget;                             // [B, T, kv_dim]
-    const Tensor s = unswag::linear_scan(1 - b, b * v, h0);
-    if (cache != nullptr && T > 0) cache->summary = s.select(1, T - 1).clone();
-    if (cache != nullptr && !cache->summary.defined())
-      cache->summary = torch::zeros({1, kv_dim}, v.options().dtype(acc));
-    summary = expand(s.to(dt));
+    // s_t = (1 - b_t) s_{t-1} + b_t v_t, b_t = z_sum,t (1 - sigmoid(theta)), the
+    // state in fp32: unswag::gated_ema_scan forms 1 - b and b v inside the
+    // scan (on CUDA no [B, T, kv_dim] fp32 tensor is written either way).
+    const Tensor rate = torch::sigmoid(-summary_decay.to(acc));  // 1 - sigmoid(theta), [kv_dim]
+    auto [s, last] = unswag::gated_ema_scan(v, z_summary.squeeze(-1), rate, h0);
+    if (cache != nullptr) cache->summary = last;
+    summary = expand(s);
   }
 
   Tensor attn;

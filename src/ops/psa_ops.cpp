@@ -1,7 +1,7 @@
 // Torch glue of the PSA sequence primitives (include/unswag/nn/psa_ops.h):
 // argument checks, autograd functions over the raw-pointer kernels of
 // src/kernels/psa.h (CPU reference and CUDA), and the registrations of
-// torch.ops.unswag.causal_depthwise_conv1d / linear_scan.
+// torch.ops.unswag.causal_depthwise_conv1d / linear_scan / gated_ema_scan.
 //
 // Saved for backward: the conv keeps x and its (tiny) weight; the scan keeps
 // a, x and h0 only and recomputes h in fp32 inside its backward (no [B, T, C]
@@ -42,10 +42,11 @@ void check_sequence(const at::Tensor& t, const char* op, const char* arg) {
               t.sizes());
 }
 
-void check_parameter(const at::Tensor& t, const at::Tensor& x, const char* op, const char* arg) {
+void check_parameter(const at::Tensor& t, const at::Tensor& x, const char* op, const char* arg,
+                     const char* x_arg = "x") {
   ops::check_float_tensor(t, op, arg);
-  TORCH_CHECK(t.device() == x.device(), op, ": argument '", arg, "' must be on the device of 'x' (", x.device(),
-              "), got ", t.device());
+  TORCH_CHECK(t.device() == x.device(), op, ": argument '", arg, "' must be on the device of '", x_arg, "' (",
+              x.device(), "), got ", t.device());
 }
 
 // ---- causal depthwise conv1d ----------------------------------------------
@@ -189,6 +190,80 @@ struct LinearScanFunction : public torch::autograd::Function<LinearScanFunction>
   }
 };
 
+// ---- gated EMA scan -----------------------------------------------------------
+
+// h_t = (1 - z_t f) h_{t-1} + z_t f v_t on CUDA in the fused kernels (the scan
+// kernels' EMA form, src/kernels/psa.h): a and x are formed on the fly, so
+// nothing of [B, T, C] in fp32 is written, and the backward returns dv, dz and
+// df (deterministic partial sums) from one replay.
+struct GatedEmaScanFunction : public torch::autograd::Function<GatedEmaScanFunction> {
+  static kernels::LinearScanParams params(const at::Tensor& v, const at::Tensor& z, const at::Tensor& f,
+                                          const at::Tensor& h0) {
+    kernels::LinearScanParams p;
+    p.dtype = ops::to_kernel_dtype(v.scalar_type());
+    p.batch = v.size(0);
+    p.time = v.size(1);
+    p.channels = v.size(2);
+    p.x = v.const_data_ptr();
+    p.z = z.const_data_ptr();
+    p.f = f.const_data_ptr();
+    p.h0 = h0.defined() ? h0.const_data_ptr() : nullptr;
+    return p;
+  }
+
+  // v [B, T, C] contiguous; z [B, T], f [C] and h0 (placeholder unless has_h0) in A.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& v_in, const at::Tensor& z_in,
+                               const at::Tensor& f_in, const at::Tensor& h0_in, bool has_h0) {
+    const at::Tensor v = v_in.contiguous(), z = z_in.contiguous(), f = f_in.contiguous();
+    const at::Tensor h0 = has_h0 ? h0_in.contiguous() : at::Tensor();
+    const int64_t B = v.size(0), T = v.size(1), C = v.size(2);
+    at::Tensor h = at::empty_like(v, at::MemoryFormat::Contiguous);
+    at::Tensor last = T == 0 ? (h0.defined() ? h0.clone() : at::zeros({B, C}, z.options()))
+                             : at::empty({B, C}, z.options());
+    if (v.numel() > 0) {
+      auto p = params(v, z, f, h0);
+      p.h = h.data_ptr();
+      p.last = last.data_ptr();
+      const at::Tensor ws = at::empty({kernels::scan_cuda_workspace_elems(p, false)}, z.options());
+      p.workspace = ws.data_ptr();
+      ops::launch(v.device(), p, 0, &kernels::linear_scan_forward_cpu, UNSWAG_CUDA_FN(linear_scan_forward_cuda));
+    }
+    ctx->save_for_backward({v, z, f, h0_in});
+    ctx->saved_data["has_h0"] = has_h0;
+    ctx->mark_non_differentiable({last});
+    return {h, last};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &v = saved[0], &z = saved[1], &f = saved[2];
+    const at::Tensor h0 = ctx->saved_data["has_h0"].toBool() ? saved[3].contiguous() : at::Tensor();
+    const int64_t B = v.size(0), T = v.size(1), C = v.size(2);
+    const bool want_h0 = h0.defined() && ctx->needs_input_grad(3);
+    at::Tensor dv = ctx->needs_input_grad(0) ? at::empty_like(v, at::MemoryFormat::Contiguous) : at::Tensor();
+    at::Tensor dz = at::zeros({B, T}, z.options()), df = at::zeros({C}, z.options());
+    at::Tensor dh0 = want_h0 ? at::zeros({B, C}, z.options()) : at::Tensor();
+    if (!grads[0].defined() || v.numel() == 0) {
+      if (dv.defined()) dv.zero_();
+      return {dv, dz, df, dh0, at::Tensor()};
+    }
+    const at::Tensor dh = grads[0].contiguous();
+    auto p = params(v, z, f, h0);
+    const int64_t chunks = kernels::scan_chunks(T);
+    const at::Tensor dz_part = at::empty({B, T, C / 32}, z.options());
+    const at::Tensor df_part = at::empty({B * chunks, C}, z.options());
+    const at::Tensor ws = at::empty({kernels::scan_cuda_workspace_elems(p, true)}, z.options());
+    p.dh = dh.const_data_ptr();
+    p.dx = dv.defined() ? dv.data_ptr() : nullptr;
+    p.dh0 = want_h0 ? dh0.data_ptr() : nullptr;
+    p.dz_partial = dz_part.data_ptr();
+    p.df_partial = df_part.data_ptr();
+    p.workspace = ws.data_ptr();
+    ops::launch(v.device(), p, 0, &kernels::linear_scan_backward_cpu, UNSWAG_CUDA_FN(linear_scan_backward_cuda));
+    return {dv, dz_part.sum(-1), df_part.sum(0), dh0, at::Tensor()};
+  }
+};
+
 }  // namespace
 
 at::Tensor causal_depthwise_conv1d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
@@ -221,6 +296,39 @@ at::Tensor linear_scan(const at::Tensor& a, const at::Tensor& x, const at::Tenso
   return LinearScanFunction::apply(a, x, h0.defined() ? h0 : at::empty({0}, x.options()), h0.defined());
 }
 
+std::tuple<at::Tensor, at::Tensor> gated_ema_scan(const at::Tensor& v, const at::Tensor& z, const at::Tensor& rate,
+                                                   const at::Tensor& h0) {
+  constexpr const char* op = "gated_ema_scan";
+  check_sequence(v, op, "v");
+  const int64_t B = v.size(0), T = v.size(1), C = v.size(2);
+  check_parameter(z, v, op, "z", "v");
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == B && z.size(1) == T, op, ": argument 'z' must be [B, T] = [", B, ", ",
+              T, "], got ", z.sizes());
+  check_parameter(rate, v, op, "rate", "v");
+  TORCH_CHECK(rate.dim() == 1 && rate.size(0) == C, op, ": argument 'rate' must be [C] = [", C, "], got ",
+              rate.sizes());
+  if (h0.defined()) {
+    check_parameter(h0, v, op, "h0", "v");
+    TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) == C, op, ": argument 'h0' must be [B, C] = [", B,
+                ", ", C, "], got ", h0.sizes());
+  }
+  const auto acc = ops::opmath_type(v);
+  // The gate, rate and state in the accumulation type (their gradients flow
+  // back through these casts into the callers' dtypes).
+  const at::Tensor za = z.to(acc), fa = rate.to(acc), h0a = h0.defined() ? h0.to(acc) : at::Tensor();
+  if (v.is_cuda() && C % 32 == 0) {
+    auto out = GatedEmaScanFunction::apply(v, za, fa, h0a.defined() ? h0a : at::empty({0}, za.options()),
+                                           h0a.defined());
+    return {out[0], out[1]};
+  }
+  // Elsewhere the composition it fuses (linear_scan's CPU and CUDA kernels).
+  const at::Tensor b = za.unsqueeze(-1) * fa;  // [B, T, C] in A
+  const at::Tensor h = linear_scan(1 - b, b * v, h0a);
+  const at::Tensor last = T > 0 ? h.select(1, T - 1).detach().clone()
+                                : (h0a.defined() ? h0a.detach().clone() : at::zeros({B, C}, za.options()));
+  return {h.to(v.scalar_type()), last};
+}
+
 namespace {
 // The registered forms (schema `Tensor?` arrives as an optional).
 at::Tensor causal_depthwise_conv1d_op(const at::Tensor& x, const at::Tensor& weight,
@@ -230,11 +338,16 @@ at::Tensor causal_depthwise_conv1d_op(const at::Tensor& x, const at::Tensor& wei
 at::Tensor linear_scan_op(const at::Tensor& a, const at::Tensor& x, const std::optional<at::Tensor>& h0) {
   return linear_scan(a, x, h0.value_or(at::Tensor()));
 }
+std::tuple<at::Tensor, at::Tensor> gated_ema_scan_op(const at::Tensor& v, const at::Tensor& z, const at::Tensor& rate,
+                                                      const std::optional<at::Tensor>& h0) {
+  return gated_ema_scan(v, z, rate, h0.value_or(at::Tensor()));
+}
 }  // namespace
 
 }  // namespace unswag
 
 TORCH_LIBRARY_IMPL(unswag, CompositeImplicitAutograd, m) {
+  m.impl("gated_ema_scan", &unswag::gated_ema_scan_op);
   m.impl("causal_depthwise_conv1d", &unswag::causal_depthwise_conv1d_op);
   m.impl("linear_scan", &unswag::linear_scan_op);
 }

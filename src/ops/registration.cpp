@@ -33,4 +33,5 @@ TORCH_LIBRARY(unswag, m) {
   // Packet-Switched Attention's sequence primitives (include/unswag/nn/psa_ops.h).
   m.def("causal_depthwise_conv1d(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("linear_scan(Tensor a, Tensor x, Tensor? h0=None) -> Tensor");
+  m.def("gated_ema_scan(Tensor v, Tensor z, Tensor rate, Tensor? h0=None) -> (Tensor h, Tensor last)");
 }

@@ -4,7 +4,8 @@
 // an explicit loop over time), in fp32/fp16/bf16/fp64, odd sizes (K = 1, K > T,
 // K beyond the GPU's register window, T across tiles and scan chunks), a long
 // slowly decaying scan (no bf16 drift), non-contiguous inputs, empty tensors,
-// bitwise causality, central finite differences in float64, and errors.
+// bitwise causality, central finite differences in float64, and errors; and
+// gated_ema_scan against its float64 composition and, bit for bit, its fp32 one.
 #include <functional>
 
 #include "test_util.h"
@@ -374,6 +375,122 @@ TEST_P(PsaScan, BadInputErrorsNameTheArgument) {
                {"argument 'h0' must be [B, C] = [2, 3]", "[2, 4]"});
   expect_error([&] { linear_scan(a, x.to(torch::kLong)); }, {"argument 'x' must be float32", "Long"});
   if (device().is_cuda()) expect_error([&] { linear_scan(a.cpu(), x); }, {"argument 'a' must be on the same device"});
+}
+
+// ---- gated_ema_scan ---------------------------------------------------------
+
+// The float64 composition it fuses: b = z f; h = linear_scan(1 - b, b v, h0).
+torch::Tensor gated_ema_reference(const std::vector<torch::Tensor>& in) {
+  auto b = in[1].unsqueeze(-1) * in[2];
+  return scan_reference(1 - b, b * in[0], in[3]);
+}
+Fn gated_ema_fn() {
+  return [](const std::vector<torch::Tensor>& in) { return std::get<0>(gated_ema_scan(in[0], in[1], in[2], in[3])); };
+}
+
+// C a multiple of 32 runs the fused CUDA kernels (C = 32, 64, 96); C = 5 and 33
+// the composition. T across the 256-step chunks; z and rate in [0, 1).
+const std::vector<ScanShape> kGatedShapes = {{2, 37, 64}, {1, 1, 32}, {3, 300, 32}, {1, 700, 96}, {2, 37, 5},
+                                             {1, 260, 33}};
+
+TEST_P(PsaScan, GatedEmaForwardAndGradientsMatchFloat64) {
+  for (auto dtype : kAllDtypes) {
+    for (const auto& s : kGatedShapes) {
+      for (bool with_h0 : {true, false}) {
+        SCOPED_TRACE(::testing::Message() << dtype << " B " << s.B << " T " << s.T << " C " << s.C << " h0 "
+                                          << with_h0 << " seed " << seed_);
+        auto v = torch::randn({s.B, s.T, s.C}, opts(dtype));
+        auto z = torch::rand({s.B, s.T}, opts(dtype));
+        auto rate = torch::rand({s.C}, opts(dtype)) * 0.5;
+        auto h0 = with_h0 ? torch::randn({s.B, s.C}, opts(dtype)) : torch::Tensor();
+        check_against_reference(gated_ema_fn(), gated_ema_reference, {v, z, rate, h0}, {"v", "z", "rate", "h0"},
+                                tolerance(dtype));
+      }
+    }
+  }
+}
+
+// The summary register's use: 16-bit v with an fp32 gate, rate and state, over
+// T = 3000 (12 chunks) with rates near 1e-3 (the state sums ~1000 steps).
+TEST_P(PsaScan, GatedEmaLongSequenceFp32StateWith16BitValues) {
+  for (auto dtype : {torch::kBFloat16, torch::kFloat16}) {
+    SCOPED_TRACE(::testing::Message() << dtype << " seed " << seed_);
+    const int64_t B = 2, T = 3000, C = 64;
+    auto v = torch::randn({B, T, C}, opts(dtype));
+    auto z = torch::rand({B, T}, opts(torch::kFloat32));
+    auto rate = torch::rand({C}, opts(torch::kFloat32)) * 2e-3;
+    auto h0 = torch::randn({B, C}, opts(torch::kFloat32));
+    check_against_reference(gated_ema_fn(), gated_ema_reference, {v, z, rate, h0}, {"v", "z", "rate", "h0"},
+                            tolerance(dtype));
+  }
+}
+
+// The fused kernels (CUDA, C % 32 == 0) round as the composition does: h and
+// the fp32 `last` bit for bit equal to linear_scan(1 - z f, z f v, h0), whose
+// last step `last` is; gradients within fp32 summation order of it.
+TEST_P(PsaScan, GatedEmaEqualsItsCompositionBitwise) {
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+    for (int64_t T : {1, 255, 700}) {
+      SCOPED_TRACE(::testing::Message() << dtype << " T " << T << " seed " << seed_);
+      const int64_t B = 2, C = 64;
+      auto v = leaf(torch::randn({B, T, C}, opts(dtype)));
+      auto z = leaf(torch::rand({B, T}, opts(torch::kFloat32)));
+      auto rate = leaf(torch::rand({C}, opts(torch::kFloat32)));
+      auto h0 = leaf(torch::randn({B, C}, opts(torch::kFloat32)));
+      auto [h, last] = gated_ema_scan(v, z, rate, h0);
+      EXPECT_EQ(h.scalar_type(), dtype);
+      EXPECT_EQ(last.scalar_type(), torch::kFloat32);
+      EXPECT_FALSE(last.requires_grad());
+      auto v2 = leaf(v), z2 = leaf(z), rate2 = leaf(rate), h02 = leaf(h0);
+      auto b = z2.unsqueeze(-1) * rate2;
+      auto h_fp32 = linear_scan(1 - b, b * v2, h02);
+      auto h_ref = h_fp32.to(dtype);
+      EXPECT_TRUE(test::bitwise_equal(h, h_ref));
+      EXPECT_TRUE(test::bitwise_equal(last, h_fp32.select(1, T - 1).detach()));
+      auto dh = torch::randn_like(h);
+      h.backward(dh);
+      h_ref.backward(dh);
+      const double tol = dtype == torch::kFloat32 ? 1e-6 : test::unit_roundoff(dtype);
+      EXPECT_LE(rel_l2(v.grad(), v2.grad()), tol) << "dv";
+      EXPECT_LE(rel_l2(z.grad(), z2.grad()), 1e-5) << "dz";
+      EXPECT_LE(rel_l2(rate.grad(), rate2.grad()), 1e-5) << "drate";
+      EXPECT_LE(rel_l2(h0.grad(), h02.grad()), 1e-6) << "dh0";
+    }
+  }
+}
+
+TEST_P(PsaScan, GatedEmaEmptyTensors) {
+  for (const auto& s : std::vector<ScanShape>{{0, 5, 32}, {2, 0, 32}, {2, 0, 5}, {2, 5, 0}}) {
+    SCOPED_TRACE(::testing::Message() << "B " << s.B << " T " << s.T << " C " << s.C);
+    auto v = leaf(torch::randn({s.B, s.T, s.C}, opts(torch::kFloat32)));
+    auto z = leaf(torch::rand({s.B, s.T}, opts(torch::kFloat32)));
+    auto rate = leaf(torch::rand({s.C}, opts(torch::kFloat32)));
+    auto h0 = leaf(torch::randn({s.B, s.C}, opts(torch::kFloat32)));
+    auto [h, last] = gated_ema_scan(v, z, rate, h0);
+    EXPECT_EQ(h.sizes(), v.sizes());
+    EXPECT_EQ(last.sizes(), h0.sizes());
+    if (s.T == 0) EXPECT_TRUE(torch::equal(last, h0.detach()));  // no step: the state stays h0
+    h.sum().backward();
+    EXPECT_EQ(v.grad().sizes(), v.sizes());
+    EXPECT_EQ(z.grad().sizes(), z.sizes());
+    EXPECT_TRUE(torch::equal(rate.grad(), torch::zeros_like(rate)));
+    EXPECT_TRUE(torch::equal(h0.grad(), torch::zeros_like(h0)));
+  }
+}
+
+TEST_P(PsaScan, GatedEmaBadInputErrorsNameTheArgument) {
+  auto v = torch::randn({2, 7, 32}, opts(torch::kFloat32));
+  auto z = torch::rand({2, 7}, opts(torch::kFloat32));
+  auto rate = torch::rand({32}, opts(torch::kFloat32));
+  using test::expect_error;
+  expect_error([&] { gated_ema_scan(v[0], z, rate); }, {"argument 'v' must be [B, T, C]"});
+  expect_error([&] { gated_ema_scan(v, z.slice(1, 0, 5), rate); }, {"argument 'z' must be [B, T] = [2, 7]", "[2, 5]"});
+  expect_error([&] { gated_ema_scan(v, z, rate.slice(0, 0, 8)); }, {"argument 'rate' must be [C] = [32]", "[8]"});
+  expect_error([&] { gated_ema_scan(v, z, rate, torch::randn({2, 4}, opts(torch::kFloat32))); },
+               {"argument 'h0' must be [B, C] = [2, 32]", "[2, 4]"});
+  expect_error([&] { gated_ema_scan(v.to(torch::kInt), z, rate); }, {"argument 'v' must be float", "Int"});
+  if (device().is_cuda())
+    expect_error([&] { gated_ema_scan(v, z.cpu(), rate); }, {"argument 'z' must be on the device of 'v'"});
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // The memory-lean transformer ops (include/unswag/nn/functional.h) against
 // float64 PyTorch compositions of the same math: rms_norm (Llama and Gemma
-// forms), chunked_attention (causal, sliding window, GQA, chunks that do not
+// forms), rotary_embedding (bit-identical to transformers' composition,
+// gradient against float64), chunked_attention (causal, sliding window, GQA, chunks that do not
 // divide T), linear_cross_entropy (ignored targets, several chunks); values
 // and gradients, each dtype, odd sizes, empty inputs, bad arguments. CUDA
 // cases run in scripts/gpu-check.sh.
@@ -63,6 +64,87 @@ TEST_P(TransformerOps, RMSNormNonContiguousAndEmpty) {
   expect_error([&] { unswag::rms_norm(x, torch::ones({5}, opts(torch::kFloat)), 1e-5); }, {"weight", "[5]"});
   expect_error([&] { unswag::rms_norm(x.to(torch::kInt), w, 1e-5); }, {"rms_norm", "x"});
   expect_error([&] { unswag::rms_norm(x, w, 0); }, {"eps"});
+}
+
+// ----------------------------------------------------- rotary_embedding ----
+
+torch::Tensor rotate_half_ref(const torch::Tensor& x) {
+  const int64_t h = x.size(-1) / 2;
+  return torch::cat({-x.narrow(-1, h, h), x.narrow(-1, 0, h)}, -1);
+}
+// transformers' apply_rotary_pos_emb on the [B, H, T, D] transpose, returned as [B, T, H, D].
+torch::Tensor rope_ref(const torch::Tensor& x, const torch::Tensor& cos4, const torch::Tensor& sin4) {
+  const auto xt = x.transpose(1, 2);
+  return (xt * cos4 + rotate_half_ref(xt) * sin4).transpose(1, 2);
+}
+// Angles of positions [Bc, T] for head size D, as Model's rope_at: [Bc, 1, T, D].
+std::pair<torch::Tensor, torch::Tensor> rope_tables(const torch::Tensor& positions, int64_t D,
+                                                    torch::ScalarType dtype) {
+  const auto inv = torch::pow(10000.0, -torch::arange(0, D, 2, positions.options().dtype(torch::kFloat)) / D);
+  const auto f = positions.to(torch::kFloat).unsqueeze(-1) * inv.view({1, 1, -1});
+  const auto emb = torch::cat({f, f}, -1).unsqueeze(1);
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+TEST_P(TransformerOps, RotaryEmbeddingMatchesComposition) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  auto dtypes = unswag::test::float_dtypes();
+  dtypes.push_back(torch::kDouble);
+  // D = 10: the scalar CUDA path (half 5); 64 and 128: the 16-byte path.
+  // (B, cos batch): one table per sequence, and one shared by the batch.
+  for (auto dtype : dtypes) {
+    for (int64_t D : {10, 64, 128}) {
+      for (int64_t Bc : {3, 1}) {
+        SCOPED_TRACE(std::string(c10::toString(dtype)) + " D=" + std::to_string(D) + " Bc=" + std::to_string(Bc));
+        const int64_t B = 3, T = 37, H = 5;
+        const auto lopt = opts(torch::kLong);
+        const auto positions = (torch::arange(T, lopt) + torch::randint(0, 5000, {Bc, 1}, lopt));
+        auto [cos4, sin4] = rope_tables(positions, D, dtype);
+        auto [x, xd] = leaf({B, T, H, D}, dtype, 2.0);
+        const auto y = unswag::rotary_embedding(x, cos4, sin4);
+        EXPECT_TRUE(y.is_contiguous());
+        // Forward: bit-identical to the composition in the same dtype.
+        EXPECT_TRUE(unswag::test::bitwise_equal(y, rope_ref(x.detach(), cos4, sin4)));
+        // The [Bc, T, D] form of the tables gives the same result.
+        EXPECT_TRUE(unswag::test::bitwise_equal(unswag::rotary_embedding(x.detach(), cos4.squeeze(1), sin4.squeeze(1)), y));
+        // Backward against float64 autograd of the composition (tables from the same rounded values).
+        const auto g = torch::randn({B, T, H, D}, opts(torch::kFloat)).to(dtype);
+        y.backward(g);
+        rope_ref(xd, cos4.to(torch::kDouble), sin4.to(torch::kDouble)).backward(g.to(torch::kDouble));
+        // One rounding of a sum of two products: within 2 unit roundoffs of the exact value.
+        EXPECT_LT(rel_l2(x.grad(), xd.grad()), tol(dtype, 2)) << "grad";
+      }
+    }
+  }
+}
+
+TEST_P(TransformerOps, RotaryEmbeddingNonContiguousEmptyAndErrors) {
+  const int64_t B = 2, T = 9, H = 4, D = 16;
+  auto [cos4, sin4] = rope_tables(torch::arange(T, opts(torch::kLong)).unsqueeze(0), D, torch::kFloat);
+  // x as the transpose of a [B, H, T, D] tensor: strided in the token-major view.
+  const auto xh = torch::randn({B, H, T, D}, opts(torch::kFloat));
+  const auto x = xh.transpose(1, 2);
+  ASSERT_FALSE(x.is_contiguous());
+  const auto y = unswag::rotary_embedding(x, cos4, sin4);
+  EXPECT_TRUE(unswag::test::bitwise_equal(y, rope_ref(x, cos4, sin4)));
+  EXPECT_EQ(unswag::rotary_embedding(torch::randn({B, 0, H, D}, opts(torch::kFloat)), cos4.narrow(2, 0, 0),
+                                     sin4.narrow(2, 0, 0))
+                .sizes(),
+            (std::vector<int64_t>{B, 0, H, D}));
+  // Gradient through an empty input is empty, not an error.
+  auto e = torch::randn({B, 0, H, D}, opts(torch::kFloat)).requires_grad_(true);
+  unswag::rotary_embedding(e, cos4.narrow(2, 0, 0), sin4.narrow(2, 0, 0)).sum().backward();
+  EXPECT_EQ(e.grad().sizes(), e.sizes());
+
+  expect_error([&] { unswag::rotary_embedding(x.narrow(3, 0, 15), cos4, sin4); }, {"even", "15"});
+  expect_error([&] { unswag::rotary_embedding(x.flatten(2), cos4, sin4); }, {"[B, T, H, D]"});
+  expect_error([&] { unswag::rotary_embedding(x, cos4.narrow(2, 0, 8), sin4); }, {"'cos'", "[2 or 1, 9, 16]"});
+  expect_error([&] { unswag::rotary_embedding(x, cos4, sin4.to(torch::kHalf)); }, {"'sin'", "dtype"});
+  expect_error([&] { unswag::rotary_embedding(x.to(torch::kInt), cos4, sin4); }, {"rotary_embedding", "'x'"});
+  expect_error([&] { unswag::rotary_embedding(x, cos4.clone().requires_grad_(true), sin4); },
+               {"'cos'", "requires grad"});
+  if (x.is_cuda())
+    expect_error([&] { unswag::rotary_embedding(x, cos4.cpu(), sin4); }, {"'cos'", "same device"});
 }
 
 // ---------------------------------------------------- chunked_attention ----

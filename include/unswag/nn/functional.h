@@ -12,6 +12,10 @@
 //                              in token chunks: keeps h and one fp32
 //                              log-sum-exp per token, never the [N, vocab]
 //                              logits; backward recomputes each chunk
+//   rotary_embedding           RoPE in one pass each way on the token-major
+//                              [B, T, H, D] layout the projections produce (no
+//                              transposed copies), bit-identical to
+//                              transformers' x * cos + rotate_half(x) * sin
 //
 // All are also registered as torch.ops.unswag.<name>.
 #pragma once
@@ -40,5 +44,13 @@ at::Tensor chunked_attention(const at::Tensor& q, const at::Tensor& k, const at:
 // transformers does); chunk_tokens 0 picks ~2^28 / V.
 at::Tensor linear_cross_entropy(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& targets,
                                 int64_t chunk_tokens = 0, int64_t ignore_index = -100);
+
+// x [B, T, H, D] (token-major, as q_proj(x).view(B, T, H, D)), cos and sin
+// [B or 1, T, D] or [B or 1, 1, T, D] in x's dtype (constants: no gradient flows
+// to them). Returns contiguous [B, T, H, D]: x * cos + rotate_half(x) * sin with
+// rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]), each product and the sum
+// rounded as ATen rounds that composition. Backward applies the transposed
+// rotation in one pass.
+at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 }  // namespace unswag

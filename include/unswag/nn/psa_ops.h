@@ -7,6 +7,10 @@
 //   linear_scan               h[b,t,c] = a[b,t,c] h[b,t-1,c] + x[b,t,c] with
 //                             h[b,-1,c] = h0[b,c] (zeros when absent), the
 //                             state carried in fp32 (bf16 recurrences drift)
+//   gated_ema_scan            h[b,t,c] = (1 - z[b,t] f[c]) h[b,t-1,c] + z[b,t] f[c] v[b,t,c]:
+//                             the summary register's gated moving average, the
+//                             linear_scan of (1 - z f, z f v) without forming
+//                             either [B, T, C] operand (fused on CUDA)
 //
 // Both are also registered as torch.ops.unswag.<name>.
 #pragma once
@@ -27,5 +31,16 @@ at::Tensor causal_depthwise_conv1d(const at::Tensor& x, const at::Tensor& weight
 // Gradients flow to a, x and h0; backward keeps only a, x, h0 and recomputes h
 // in fp32 (CPU and CUDA kernels: src/kernels/psa.h).
 at::Tensor linear_scan(const at::Tensor& a, const at::Tensor& x, const at::Tensor& h0 = {});
+
+// v [B, T, C] (fp32/fp16/bf16/fp64), z [B, T], rate [C] and h0 [B, C] (or
+// undefined: zeros) of any float dtype. Returns h [B, T, C] in v's dtype and
+// the state after the last step, [B, C] in fp32 (fp64 for fp64 v; no
+// gradient): what a cache carries on. The state is carried in fp32, and the
+// result equals `b = z[..., None] * rate; linear_scan(1 - b, b * v, h0)` cast
+// to v's dtype (bit for bit on CUDA, where this runs fused when C % 32 == 0;
+// that composition elsewhere). Gradients flow to v, z, rate and h0; the fused
+// backward recomputes h and sums dz and drate from fixed-order partials.
+std::tuple<at::Tensor, at::Tensor> gated_ema_scan(const at::Tensor& v, const at::Tensor& z, const at::Tensor& rate,
+                                                   const at::Tensor& h0 = {});
 
 }  // namespace unswag
