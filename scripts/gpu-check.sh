@@ -302,7 +302,12 @@ if [[ "$ONLY" != bench ]] && ((build_ok)); then
   ctest_exclude=()
   if ((${#python_test_files[@]} && have_pytest)); then ctest_exclude=(-E '^python_ops$'); fi
   : >"$CTEST_LOG"
+  # CPU threads per test process: nproc / CTEST_JOBS. With every process on
+  # all cores, the tests' many small parallel ATen ops wait on descheduled
+  # OpenMP threads (a float64 reference that takes 1 s alone ran > 300 s).
+  ctest_threads=$(( $(nproc) / ${CTEST_JOBS:-8} )); ((ctest_threads >= 1)) || ctest_threads=1
   run_step ctest "$CTEST_LOG" 'tests passed|tests failed|Failed|\*\*\*|SKIPPED|Not Run|No tests were found|Errors while running' \
+    env OMP_NUM_THREADS="$ctest_threads" \
     ctest --test-dir "$BUILD_DIR" --output-on-failure -V -j "${CTEST_JOBS:-8}" "${ctest_exclude[@]}" ${GPU_CHECK_CTEST_ARGS:-}
   ctest_rc=$STEP_RC
   # Count tests, failures and skips (GTEST_SKIP lines, and ctest's own "Skipped"/"Not Run").

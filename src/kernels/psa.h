@@ -112,12 +112,57 @@ inline int64_t scan_cpu_groups(const LinearScanParams& p) {
 void linear_scan_forward_cpu(const LinearScanParams& p, int64_t g0, int64_t g1);
 void linear_scan_backward_cpu(const LinearScanParams& p, int64_t g0, int64_t g1);
 
+// ---- psa_combine (CUDA only; elsewhere its ATen composition) -----------------
+
+// The layer's read side, C = heads * head_dim, per row r = (b, t):
+//   y[b,t,c] = sig[b,h,t,d] gate[b,t] + win[b,h,t,d]
+//              + lambda_local[c] local[b,t,c_l] + lambda_summary[c] summary[b,t,c_s]
+// with c = h D + d and c_l = (h / local_group) D + d (c_s likewise): a local or
+// summary head serves `group` consecutive query heads, as GQA's values do.
+// sig and win are [B, H, T, D] with d contiguous (any other strides, multiples
+// of 8 elements); local, summary, y and dy contiguous. The gate and lambdas are
+// fp32. Needs head_dim % 8 == 0 and heads * head_dim a multiple of 256, at
+// most 8192 (one thread per 8 columns, whole warps); 16-byte aligned data.
+// Backward: dsig [B, H, T, D] contiguous = dy gate; dgate[b,t] = sum_c dy sig;
+// dlocal = dy lambda_local, written [B, T, C / local_group] when local_group
+// is 1, else per query column [B, T, C] (the caller sums each group's heads);
+// dsummary likewise; dlambda_partial [blocks, 2, C] (fp32; summed over blocks:
+// d lambda_local, then d lambda_summary). Any of dsig, dgate, dlocal and
+// dsummary may be null.
+constexpr int64_t kCombineRows = 64;
+struct PsaCombineParams {
+  DType dtype = DType::kFloat32;  // of sig, win, local, summary, y, dy, dsig, dlocal, dsummary
+  int64_t batch = 0, time = 0, heads = 0, head_dim = 0;
+  int64_t local_group = 1, summary_group = 1;
+  const void* sig = nullptr;
+  int64_t sig_stride[3] = {0, 0, 0};  // of b, h, t (elements)
+  const float* gate = nullptr;        // [B, T]
+  const void* win = nullptr;          // or null
+  int64_t win_stride[3] = {0, 0, 0};
+  const void* local = nullptr;
+  const float* lambda_local = nullptr;  // [C]
+  const void* summary = nullptr;
+  const float* lambda_summary = nullptr;
+  void* y = nullptr;
+  const void* dy = nullptr;
+  void* dsig = nullptr;
+  float* dgate = nullptr;
+  void* dlocal = nullptr;
+  void* dsummary = nullptr;
+  float* dlambda_partial = nullptr;
+};
+inline int64_t psa_combine_blocks(const PsaCombineParams& p) {
+  return (p.batch * p.time + kCombineRows - 1) / kCombineRows;
+}
+
 #ifdef UNSWAG_WITH_CUDA
 // CUDA, on `stream` (a cudaStream_t); they check the launch.
 void causal_conv_forward_cuda(const CausalConvParams& p, void* stream);
 void causal_conv_backward_cuda(const CausalConvParams& p, void* stream);
 void linear_scan_forward_cuda(const LinearScanParams& p, void* stream);
 void linear_scan_backward_cuda(const LinearScanParams& p, void* stream);
+void psa_combine_forward_cuda(const PsaCombineParams& p, void* stream);
+void psa_combine_backward_cuda(const PsaCombineParams& p, void* stream);
 #endif
 
 }  // namespace unswag::kernels

@@ -589,6 +589,7 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
 
   // Local: every non-pruned token writes its value into the conv stream.
   const Tensor u = (1 - z_prune) * v;
+  const Tensor u_heads = u.view({B, T, Hkv, D}).transpose(1, 2);  // the window's values too
   Tensor local;
   if (cache != nullptr) {
     const int64_t tail = kernel_size - 1;
@@ -605,7 +606,7 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
     return t.view({B, T, Hkv, 1, D}).expand({B, T, Hkv, G, D}).reshape({B, T, H * D});
   };
   const Tensor h0 = cache != nullptr ? cache->summary : Tensor();
-  Tensor summary;  // [B, T, H * D]
+  Tensor summary;  // [B, T, kv_dim] (the EMA register) or [B, T, H * D] (linear attention's read)
   if (config_.summary == "linear_attention") {
     // Pre-RoPE q and k: the register is position-free, as a summary should be.
     auto [m, state] = summary_linear_attention(q_lin.transpose(1, 2).to(acc), k_lin.transpose(1, 2).to(acc),
@@ -620,30 +621,40 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
     const Tensor rate = torch::sigmoid(-summary_decay.to(acc));  // 1 - sigmoid(theta), [kv_dim]
     auto [s, last] = unswag::gated_ema_scan(v, z_summary.squeeze(-1), rate, h0);
     if (cache != nullptr) cache->summary = last;
-    summary = expand(s);
+    summary = s;
   }
 
-  Tensor attn;
+  // What every token reads: the window and the signal attention (or the
+  // joint read), plus the lambda-scaled local conv and summary register.
+  // The window first: its kernels are queued before signal_attention waits
+  // for the packed length (they touch disjoint parts of the cache).
+  auto summary_read = [&] { return summary.size(2) == H * D ? summary : expand(summary); };
+  Tensor read;
   if (config_.joint_softmax && window > 0) {
-    attn = joint_attention(q, k, v_heads, routing, cache);
+    const Tensor attn = joint_attention(q, k, v_heads, routing, cache);
+    read = attn + lambda_local * expand(local) + lambda_summary * summary_read();
+  } else if (config_.all_tokens_read_signal) {
+    const Tensor win = window > 0 ? window_attention(q, k, u_heads, routing, cache) : Tensor();
+    Tensor attn = signal_read_all(q, k, v_heads, routing, cache);
+    if (win.defined()) attn = attn + win.transpose(1, 2).reshape({B, T, H * D});
+    read = attn + lambda_local * expand(local) + lambda_summary * summary_read();
   } else {
-    // The window first: its kernels are queued before signal_attention waits
-    // for the packed length (they touch disjoint parts of the cache).
-    const Tensor win = window > 0 ? window_attention(q, k, v_heads, routing, cache) : Tensor();
-    attn = signal_attention(q, k, v_heads, routing, cache);
-    if (win.defined()) attn = attn + win;
+    const Tensor win = window > 0 ? window_attention(q, k, u_heads, routing, cache) : Tensor();
+    const Tensor sig = signal_attention(q, k, v_heads, routing, cache);
+    // z_sig on the signal tokens, 0 elsewhere (one in value: the straight-through gate).
+    const Tensor gate = (routing.index == kSignal).to(acc) * routing.gates.select(-1, kSignal);
+    // One pass each way on CUDA (unswag::psa_combine), the ATen composition elsewhere.
+    read = unswag::psa_combine(sig, gate, win, local, lambda_local, summary, lambda_summary);
   }
   if (cache != nullptr) cache->tokens += T;
-  return o_proj(attn + lambda_local * expand(local) + lambda_summary * summary);
+  return o_proj(read);
 }
 
 Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const Routing& routing, PSACache* cache) {
-  if (config_.all_tokens_read_signal) return signal_read_all(q, k, v, routing, cache);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
   const double scale = 1.0 / std::sqrt(double(D));
-  const Tensor signal = routing.index == kSignal;                              // [B, T] bool
-  const Tensor z_sig = routing.gates.select(-1, kSignal).to(q.scalar_type()).view({B, 1, T, 1});
+  const Tensor signal = routing.index == kSignal;  // [B, T] bool
   Tensor out;
   if (cache != nullptr) {
     // Batch 1: this chunk's signal tokens attend to the cached ones and, causally, to each other.
@@ -674,7 +685,7 @@ Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tens
     const int64_t S_max = B * T == 0 ? 0
                           : routing.max_signal ? routing.max_signal()
                                                : signal.sum(1).max().item<int64_t>();
-    if (S_max == 0) return torch::zeros({B, T, H * D}, q.options());
+    if (S_max == 0) return torch::zeros_like(q);
     // The packed length is rounded up to a multiple of 256 so that its shape
     // repeats from step to step: attention backends that plan per shape
     // (cuDNN's) would otherwise re-plan on every call (~100 ms measured).
@@ -691,8 +702,13 @@ Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tens
     auto pack = [&](const Tensor& t) {
       return t.gather(2, slots.view({B, 1, S, 1}).expand({B, t.size(1), S, D}));
     };
-    // Keys and values carry z_sig (one in value) so the router feels what a signal write is worth.
-    const Tensor qp = pack(q), kp = pack(k * z_sig), vp = pack(v * z_sig);
+    // Keys and values carry z_sig (one in value) so the router feels what a
+    // signal write is worth; applied after packing, to S rather than T rows.
+    // (Padding slots hold token 0; no real query sees them, so their gate
+    // gets no gradient.)
+    const Tensor z_packed =
+        routing.gates.select(-1, kSignal).to(q.scalar_type()).gather(1, slots).view({B, 1, S, 1});
+    const Tensor qp = pack(q), kp = pack(k) * z_packed, vp = pack(v) * z_packed;
     Tensor op;
     if (q.is_cuda() && (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf) && D <= 256) {
       // FlashAttention on the packed sequence (no per-shape planning); GQA by
@@ -707,10 +723,10 @@ Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tens
     } else {
       op = unswag::chunked_attention(qp, kp, vp, scale);
     }
+    // Non-signal tokens gather some slot here; the caller's gate zeroes them.
     out = op.gather(2, dest.clamp_min(0).view({B, 1, T, 1}).expand({B, H, T, D}));
-    out = out * signal.view({B, 1, T, 1}).to(q.scalar_type());
   }
-  return (out * z_sig).transpose(1, 2).reshape({B, T, H * D});
+  return out;
 }
 
 namespace {
@@ -830,16 +846,15 @@ Tensor PacketSwitchedAttentionImpl::window_attention(const Tensor& q, const Tens
                                                      const Routing& routing, PSACache* cache) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   const double scale = 1.0 / std::sqrt(double(D));
-  // A pruned token's value is gated to zero (its straight-through gate gives
-  // the router a gradient) and its key removed by the bias.
-  const Tensor keep = (1 - routing.gates.select(-1, kPrune)).to(q.scalar_type()).view({B, 1, T, 1});
-  const Tensor vg = v * keep;
+  // v arrives gated by 1 - z_prune (a pruned token's value is zero, and its
+  // straight-through gate gives the router a gradient); its key is removed by
+  // the bias.
   const Tensor bias = (routing.index == kPrune).to(torch::kFloat) * kPrunedKeyBias;  // [B, T]
   Tensor out;
   if (cache != nullptr) {
     // Continue the cached window: the last min(W - 1, seen) tokens come first;
     // zero queries in their rows keep q and k aligned (their outputs are dropped).
-    const auto [k_all, v_all, b_all, P] = extend_window(*cache, k, vg, bias);
+    const auto [k_all, v_all, b_all, P] = extend_window(*cache, k, v, bias);
     if (T == 1) {
       // Decode: one query and at most W keys, all inside its window, so the
       // bias is the whole mask: one SDPA call.
@@ -853,9 +868,9 @@ Tensor PacketSwitchedAttentionImpl::window_attention(const Tensor& q, const Tens
     }
     keep_window_tail(*cache, window, k_all, v_all, b_all, Tensor());
   } else {
-    out = T > 0 ? biased_window_attention(q, k, vg, bias, scale, window) : torch::zeros_like(q);
+    out = T > 0 ? biased_window_attention(q, k, v, bias, scale, window) : torch::zeros_like(q);
   }
-  return out.transpose(1, 2).reshape({B, T, H * D});
+  return out;
 }
 
 // One softmax per query over the union of two key sets: its window (tokens

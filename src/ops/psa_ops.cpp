@@ -1,7 +1,8 @@
 // Torch glue of the PSA sequence primitives (include/unswag/nn/psa_ops.h):
 // argument checks, autograd functions over the raw-pointer kernels of
 // src/kernels/psa.h (CPU reference and CUDA), and the registrations of
-// torch.ops.unswag.causal_depthwise_conv1d / linear_scan / gated_ema_scan.
+// torch.ops.unswag.causal_depthwise_conv1d / linear_scan / gated_ema_scan /
+// psa_combine.
 //
 // Saved for backward: the conv keeps x and its (tiny) weight; the scan keeps
 // a, x and h0 only and recomputes h in fp32 inside its backward (no [B, T, C]
@@ -264,6 +265,110 @@ struct GatedEmaScanFunction : public torch::autograd::Function<GatedEmaScanFunct
   }
 };
 
+// ---- psa_combine --------------------------------------------------------------
+
+// The CUDA kernels of kernels::psa_combine_*: one pass forward, one backward.
+// Inputs as psa_combine's (gate and lambdas already fp32); win a placeholder
+// unless has_win.
+struct PsaCombineFunction : public torch::autograd::Function<PsaCombineFunction> {
+  static kernels::PsaCombineParams params(const at::Tensor& sig, const at::Tensor& gate, const at::Tensor& local,
+                                          const at::Tensor& lam_l, const at::Tensor& summary,
+                                          const at::Tensor& lam_s) {
+    kernels::PsaCombineParams p;
+    p.dtype = ops::to_kernel_dtype(sig.scalar_type());
+    p.batch = sig.size(0);
+    p.heads = sig.size(1);
+    p.time = sig.size(2);
+    p.head_dim = sig.size(3);
+    const int64_t C = p.heads * p.head_dim;
+    p.local_group = C / local.size(2);
+    p.summary_group = C / summary.size(2);
+    p.sig = sig.const_data_ptr();
+    p.sig_stride[0] = sig.stride(0), p.sig_stride[1] = sig.stride(1), p.sig_stride[2] = sig.stride(2);
+    p.gate = gate.const_data_ptr<float>();
+    p.local = local.const_data_ptr();
+    p.lambda_local = lam_l.const_data_ptr<float>();
+    p.summary = summary.const_data_ptr();
+    p.lambda_summary = lam_s.const_data_ptr<float>();
+    return p;
+  }
+
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& sig, const at::Tensor& gate,
+                            const at::Tensor& win, const at::Tensor& local, const at::Tensor& lam_l,
+                            const at::Tensor& summary, const at::Tensor& lam_s, bool has_win) {
+    const int64_t B = sig.size(0), H = sig.size(1), T = sig.size(2), D = sig.size(3);
+    at::Tensor y = at::empty({B, T, H * D}, sig.options());
+    auto p = params(sig, gate, local, lam_l, summary, lam_s);
+    if (has_win) {
+      p.win = win.const_data_ptr();
+      p.win_stride[0] = win.stride(0), p.win_stride[1] = win.stride(1), p.win_stride[2] = win.stride(2);
+    }
+    p.y = y.data_ptr();
+#ifdef UNSWAG_WITH_CUDA
+    kernels::psa_combine_forward_cuda(p, ops::current_cuda_stream(sig.device()));
+#endif
+    ctx->save_for_backward({sig, gate, local, lam_l, summary, lam_s});
+    ctx->saved_data["has_win"] = has_win;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &sig = saved[0], &gate = saved[1], &local = saved[2], &lam_l = saved[3], &summary = saved[4],
+                     &lam_s = saved[5];
+    const int64_t B = sig.size(0), H = sig.size(1), T = sig.size(2), D = sig.size(3), C = H * D;
+    const bool has_win = ctx->saved_data["has_win"].toBool();
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+                                     at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor dy = grads[0].contiguous();
+    auto p = params(sig, gate, local, lam_l, summary, lam_s);
+    at::Tensor dsig = ctx->needs_input_grad(0) ? at::empty({B, H, T, D}, sig.options()) : at::Tensor();
+    at::Tensor dgate = ctx->needs_input_grad(1) ? at::empty({B, T}, gate.options()) : at::Tensor();
+    // Per query column where a local/summary head serves several query heads.
+    auto grad_buffer = [&](const at::Tensor& t, int64_t group, bool wanted) {
+      return wanted ? at::empty({B, T, group == 1 ? t.size(2) : C}, t.options()) : at::Tensor();
+    };
+    at::Tensor dlocal = grad_buffer(local, p.local_group, ctx->needs_input_grad(3));
+    at::Tensor dsummary = grad_buffer(summary, p.summary_group, ctx->needs_input_grad(5));
+    const at::Tensor partial = at::empty({kernels::psa_combine_blocks(p), 2, C}, gate.options());
+    p.dy = dy.const_data_ptr();
+    p.dsig = dsig.defined() ? dsig.data_ptr() : nullptr;
+    p.dgate = dgate.defined() ? dgate.data_ptr<float>() : nullptr;
+    p.dlocal = dlocal.defined() ? dlocal.data_ptr() : nullptr;
+    p.dsummary = dsummary.defined() ? dsummary.data_ptr() : nullptr;
+    p.dlambda_partial = partial.data_ptr<float>();
+#ifdef UNSWAG_WITH_CUDA
+    kernels::psa_combine_backward_cuda(p, ops::current_cuda_stream(sig.device()));
+#endif
+    auto fold = [&](at::Tensor g, const at::Tensor& t, int64_t group) {
+      if (!g.defined() || group == 1) return g;
+      return g.view({B, T, t.size(2) / D, group, D}).sum(3).view({B, T, t.size(2)});
+    };
+    const at::Tensor dlam = partial.sum(0);  // [2, C]
+    const at::Tensor dwin = has_win ? dy.view({B, T, H, D}).transpose(1, 2) : at::Tensor();
+    return {dsig, dgate, dwin, fold(dlocal, local, p.local_group), dlam[0], fold(dsummary, summary, p.summary_group),
+            dlam[1], at::Tensor()};
+  }
+};
+
+// Whether psa_combine's CUDA kernels take these tensors (else the composition).
+bool combine_fusable(const at::Tensor& sig, const at::Tensor& win, const at::Tensor& local,
+                     const at::Tensor& summary) {
+#ifndef UNSWAG_WITH_CUDA
+  return false;
+#endif
+  const auto dt = sig.scalar_type();
+  if (!sig.is_cuda() || !(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16)) return false;
+  const int64_t C = sig.size(1) * sig.size(3);
+  if (sig.size(3) % 8 != 0 || C % 256 != 0 || C > 8192) return false;
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
+  auto heads_layout_ok = [&](const at::Tensor& t) {
+    return t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 && aligned(t);
+  };
+  if (!heads_layout_ok(sig) || (win.defined() && !heads_layout_ok(win))) return false;
+  return local.is_contiguous() && summary.is_contiguous() && aligned(local) && aligned(summary);
+}
+
 }  // namespace
 
 at::Tensor causal_depthwise_conv1d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
@@ -329,6 +434,52 @@ std::tuple<at::Tensor, at::Tensor> gated_ema_scan(const at::Tensor& v, const at:
   return {h.to(v.scalar_type()), last};
 }
 
+at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::Tensor& win, const at::Tensor& local,
+                       const at::Tensor& lambda_local, const at::Tensor& summary, const at::Tensor& lambda_summary) {
+  constexpr const char* op = "psa_combine";
+  ops::check_float_tensor(sig, op, "sig");
+  TORCH_CHECK(sig.dim() == 4, op, ": argument 'sig' must be [B, H, T, D], got ", sig.sizes());
+  const int64_t B = sig.size(0), H = sig.size(1), T = sig.size(2), D = sig.size(3), C = H * D;
+  check_parameter(gate, sig, op, "gate", "sig");
+  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == B && gate.size(1) == T, op, ": argument 'gate' must be [B, T] = [",
+              B, ", ", T, "], got ", gate.sizes());
+  if (win.defined()) {
+    ops::check_float_tensor(win, op, "win");
+    ops::check_same(win, sig, op, "win", "sig", true);
+  }
+  // local / summary: [B, T, Hx * D] with Hx dividing H (Hx heads serving H / Hx query heads each).
+  auto check_read = [&](const at::Tensor& t, const at::Tensor& lam, const char* arg, const char* lam_arg) {
+    ops::check_float_tensor(t, op, arg);
+    TORCH_CHECK(t.device() == sig.device() && t.scalar_type() == sig.scalar_type(), op, ": argument '", arg,
+                "' must have the device and dtype of 'sig' (", sig.device(), ", ", sig.scalar_type(), "), got ",
+                t.device(), ", ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == T && t.size(2) > 0 && t.size(2) % D == 0 &&
+                    H % (t.size(2) / D) == 0,
+                op, ": argument '", arg, "' must be [B, T, Hx * D] = [", B, ", ", T, ", Hx * ", D,
+                "] with Hx dividing H = ", H, ", got ", t.sizes());
+    check_parameter(lam, sig, op, lam_arg, "sig");
+    TORCH_CHECK(lam.dim() == 1 && lam.size(0) == C, op, ": argument '", lam_arg, "' must be [H * D] = [", C,
+                "], got ", lam.sizes());
+  };
+  check_read(local, lambda_local, "local", "lambda_local");
+  check_read(summary, lambda_summary, "summary", "lambda_summary");
+  const at::Tensor lc = local.contiguous(), sc = summary.contiguous();
+  if (combine_fusable(sig, win, lc, sc)) {
+    return PsaCombineFunction::apply(sig, gate.to(at::kFloat), win.defined() ? win : at::empty({0}, sig.options()), lc,
+                                     lambda_local.to(at::kFloat), sc, lambda_summary.to(at::kFloat), win.defined());
+  }
+  // Elsewhere the composition it fuses, in sig's dtype.
+  const auto dt = sig.scalar_type();
+  auto expand = [&](const at::Tensor& t) {
+    const int64_t Hx = t.size(2) / D;
+    return t.view({B, T, Hx, 1, D}).expand({B, T, Hx, H / Hx, D}).reshape({B, T, C});
+  };
+  at::Tensor heads = sig * gate.to(dt).view({B, 1, T, 1});
+  if (win.defined()) heads = heads + win;
+  return heads.transpose(1, 2).reshape({B, T, C}) + lambda_local.to(dt) * expand(local) +
+         lambda_summary.to(dt) * expand(summary);
+}
+
 namespace {
 // The registered forms (schema `Tensor?` arrives as an optional).
 at::Tensor causal_depthwise_conv1d_op(const at::Tensor& x, const at::Tensor& weight,
@@ -342,6 +493,11 @@ std::tuple<at::Tensor, at::Tensor> gated_ema_scan_op(const at::Tensor& v, const 
                                                       const std::optional<at::Tensor>& h0) {
   return gated_ema_scan(v, z, rate, h0.value_or(at::Tensor()));
 }
+at::Tensor psa_combine_op(const at::Tensor& sig, const at::Tensor& gate, const std::optional<at::Tensor>& win,
+                          const at::Tensor& local, const at::Tensor& lambda_local, const at::Tensor& summary,
+                          const at::Tensor& lambda_summary) {
+  return psa_combine(sig, gate, win.value_or(at::Tensor()), local, lambda_local, summary, lambda_summary);
+}
 }  // namespace
 
 }  // namespace unswag
@@ -350,4 +506,5 @@ TORCH_LIBRARY_IMPL(unswag, CompositeImplicitAutograd, m) {
   m.impl("gated_ema_scan", &unswag::gated_ema_scan_op);
   m.impl("causal_depthwise_conv1d", &unswag::causal_depthwise_conv1d_op);
   m.impl("linear_scan", &unswag::linear_scan_op);
+  m.impl("psa_combine", &unswag::psa_combine_op);
 }

@@ -34,4 +34,6 @@ TORCH_LIBRARY(unswag, m) {
   m.def("causal_depthwise_conv1d(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("linear_scan(Tensor a, Tensor x, Tensor? h0=None) -> Tensor");
   m.def("gated_ema_scan(Tensor v, Tensor z, Tensor rate, Tensor? h0=None) -> (Tensor h, Tensor last)");
+  m.def("psa_combine(Tensor sig, Tensor gate, Tensor? win, Tensor local, Tensor lambda_local, Tensor summary, "
+        "Tensor lambda_summary) -> Tensor");
 }

@@ -5,7 +5,8 @@
 // K beyond the GPU's register window, T across tiles and scan chunks), a long
 // slowly decaying scan (no bf16 drift), non-contiguous inputs, empty tensors,
 // bitwise causality, central finite differences in float64, and errors; and
-// gated_ema_scan against its float64 composition and, bit for bit, its fp32 one.
+// gated_ema_scan against its float64 composition and, bit for bit, its fp32 one;
+// psa_combine against its float64 formula (fused CUDA kernels and composition).
 #include <functional>
 
 #include "test_util.h"
@@ -19,8 +20,10 @@ using test::rel_l2;
 
 class PsaConv : public DeviceTest {};
 class PsaScan : public DeviceTest {};
+class PsaCombine : public DeviceTest {};
 UNSWAG_INSTANTIATE_DEVICES(PsaConv);
 UNSWAG_INSTANTIATE_DEVICES(PsaScan);
+UNSWAG_INSTANTIATE_DEVICES(PsaCombine);
 
 const std::vector<torch::ScalarType> kAllDtypes = {torch::kFloat64, torch::kFloat32, torch::kFloat16,
                                                    torch::kBFloat16};
@@ -44,11 +47,14 @@ torch::Tensor conv_reference(const torch::Tensor& x, const torch::Tensor& w, con
       .transpose(1, 2);
 }
 
+// unbind, not select per step: select's backward writes a [B, T, C] tensor
+// per step (O(T^2 C) work); unbind's stacks the T gradients once.
 torch::Tensor scan_reference(const torch::Tensor& a, const torch::Tensor& x, const torch::Tensor& h0) {
   auto h = h0.defined() ? h0 : torch::zeros({x.size(0), x.size(2)}, x.options());
+  const auto as = a.unbind(1), xs = x.unbind(1);
   std::vector<torch::Tensor> out;
-  for (int64_t t = 0; t < x.size(1); ++t) {
-    h = a.select(1, t) * h + x.select(1, t);
+  for (size_t t = 0; t < xs.size(); ++t) {
+    h = as[t] * h + xs[t];
     out.push_back(h);
   }
   return out.empty() ? torch::zeros_like(x) : torch::stack(out, 1);
@@ -491,6 +497,100 @@ TEST_P(PsaScan, GatedEmaBadInputErrorsNameTheArgument) {
   expect_error([&] { gated_ema_scan(v.to(torch::kInt), z, rate); }, {"argument 'v' must be float", "Int"});
   if (device().is_cuda())
     expect_error([&] { gated_ema_scan(v, z.cpu(), rate); }, {"argument 'z' must be on the device of 'v'"});
+}
+
+// ---- psa_combine --------------------------------------------------------------
+
+// The float64 formula: in = {sig, gate, win, local, lambda_local, summary, lambda_summary}.
+torch::Tensor combine_reference(const std::vector<torch::Tensor>& in) {
+  const auto& sig = in[0];
+  const int64_t B = sig.size(0), H = sig.size(1), T = sig.size(2), D = sig.size(3);
+  auto expand = [&](const torch::Tensor& t) {
+    const int64_t Hx = t.size(2) / D;
+    return t.view({B, T, Hx, 1, D}).expand({B, T, Hx, H / Hx, D}).reshape({B, T, H * D});
+  };
+  auto heads = sig * in[1].view({B, 1, T, 1});
+  if (in[2].defined()) heads = heads + in[2];
+  return heads.transpose(1, 2).reshape({B, T, H * D}) + in[4] * expand(in[3]) + in[6] * expand(in[5]);
+}
+Fn combine_fn() {
+  return [](const std::vector<torch::Tensor>& in) { return psa_combine(in[0], in[1], in[2], in[3], in[4], in[5], in[6]); };
+}
+
+struct CombineShape {
+  int64_t B, H, T, D, local_heads, summary_heads;
+};
+// H * D = 256 and D % 8 == 0 run the CUDA kernels (one local head per query
+// head; local heads serving 4 query heads each; rows across blocks of 64);
+// D = 12 and H * D = 96 run the composition.
+const std::vector<CombineShape> kCombineShapes = {
+    {2, 4, 37, 64, 4, 4}, {1, 8, 130, 32, 2, 8}, {1, 16, 3, 16, 16, 1}, {2, 3, 5, 12, 3, 1}, {1, 6, 9, 16, 2, 3}};
+
+// sig and win in the layouts the layer hands over: transposed views of a
+// token-major [B, T, H, D] tensor and of a narrowed [B, T, H, D + 8] one.
+std::vector<torch::Tensor> combine_inputs(const CombineShape& s, torch::ScalarType dtype, torch::TensorOptions o,
+                                          bool with_win) {
+  const int64_t C = s.H * s.D;
+  auto sig = torch::randn({s.B, s.T, s.H, s.D}, o.dtype(dtype)).transpose(1, 2);
+  auto win = with_win ? torch::randn({s.B, s.T, s.H, s.D + 8}, o.dtype(dtype)).narrow(-1, 0, s.D).transpose(1, 2)
+                      : torch::Tensor();
+  // The gate and lambda_local in fp32 (as the layer keeps its gates; fp64
+  // with fp64 data), lambda_summary in the data's dtype.
+  const auto gate_dtype = dtype == torch::kFloat64 ? dtype : torch::kFloat32;
+  auto gate = torch::rand({s.B, s.T}, o.dtype(gate_dtype));
+  auto local = torch::randn({s.B, s.T, s.local_heads * s.D}, o.dtype(dtype));
+  auto summary = torch::randn({s.B, s.T, s.summary_heads * s.D}, o.dtype(dtype));
+  auto lam_l = torch::randn({C}, o.dtype(gate_dtype)), lam_s = torch::randn({C}, o.dtype(dtype));
+  return {sig, gate, win, local, lam_l, summary, lam_s};
+}
+
+TEST_P(PsaCombine, ForwardAndGradientsMatchFloat64) {
+  for (auto dtype : kAllDtypes) {
+    for (const auto& s : kCombineShapes) {
+      for (bool with_win : {true, false}) {
+        SCOPED_TRACE(::testing::Message() << dtype << " B " << s.B << " H " << s.H << " T " << s.T << " D " << s.D
+                                          << " local heads " << s.local_heads << " summary heads "
+                                          << s.summary_heads << " win " << with_win << " seed " << seed_);
+        auto in = combine_inputs(s, dtype, opts(dtype), with_win);
+        ASSERT_FALSE(in[0].is_contiguous());
+        // Fused: one rounding of an fp32 sum; the composition (and a group's
+        // local gradient, summed after rounding) about three.
+        const double tol = dtype == torch::kFloat64   ? 1e-12
+                           : dtype == torch::kFloat32 ? 1e-5
+                                                      : 4 * test::unit_roundoff(dtype) + 1e-5;
+        check_against_reference(combine_fn(), combine_reference, in,
+                                {"sig", "gate", "win", "local", "lambda_local", "summary", "lambda_summary"}, tol);
+      }
+    }
+  }
+}
+
+TEST_P(PsaCombine, EmptyAndErrors) {
+  {
+    auto in = combine_inputs({2, 4, 0, 64, 4, 4}, torch::kFloat32, opts(torch::kFloat32), true);
+    std::vector<torch::Tensor> leaves;
+    for (const auto& t : in) leaves.push_back(leaf(t));
+    auto y = combine_fn()(leaves);
+    EXPECT_EQ(y.sizes(), (std::vector<int64_t>{2, 0, 256}));
+    y.sum().backward();
+    EXPECT_TRUE(torch::equal(leaves[4].grad(), torch::zeros_like(in[4])));
+    EXPECT_EQ(leaves[0].grad().sizes(), in[0].sizes());
+  }
+  auto in = combine_inputs({2, 4, 7, 64, 4, 4}, torch::kFloat32, opts(torch::kFloat32), true);
+  auto call = [&](int i, const torch::Tensor& t) {
+    auto args = in;
+    args[i] = t;
+    return combine_fn()(args);
+  };
+  using test::expect_error;
+  expect_error([&] { call(0, in[0][0]); }, {"argument 'sig' must be [B, H, T, D]"});
+  expect_error([&] { call(1, in[1].slice(1, 0, 3)); }, {"argument 'gate' must be [B, T] = [2, 7]", "[2, 3]"});
+  expect_error([&] { call(2, in[2].slice(2, 0, 3)); }, {"argument 'win' must have the shape of 'sig'"});
+  expect_error([&] { call(3, in[3].slice(2, 0, 96)); }, {"argument 'local' must be [B, T, Hx * D]", "dividing H = 4"});
+  expect_error([&] { call(5, in[5].to(torch::kBFloat16)); }, {"argument 'summary' must have the device and dtype"});
+  expect_error([&] { call(4, in[4].slice(0, 0, 8)); }, {"argument 'lambda_local' must be [H * D] = [256]", "[8]"});
+  expect_error([&] { call(6, in[6].to(torch::kInt)); }, {"argument 'lambda_summary' must be float"});
+  if (device().is_cuda()) expect_error([&] { call(1, in[1].cpu()); }, {"argument 'gate' must be on the device of 'sig'"});
 }
 
 }  // namespace

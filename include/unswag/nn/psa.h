@@ -246,8 +246,10 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   // eval) the chunk continues the cached state and the cache is updated.
   torch::Tensor compute(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const Routing& routing, PSACache* cache);
-  // z_sig,t * causal attention of the signal queries over the signal keys:
-  // q [B, H, T, D], k/v [B, Hkv, T, D] -> [B, T, H * D].
+  // Causal attention of the signal queries over the signal keys (their
+  // values and keys gated by z_sig): q [B, H, T, D], k/v [B, Hkv, T, D] ->
+  // [B, H, T, D]; rows of non-signal tokens hold anything (the caller gates
+  // every row by signal * z_sig).
   torch::Tensor signal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                  const Routing& routing, PSACache* cache);
   // PSAConfig::all_tokens_read_signal's read: every query over the signal
@@ -259,7 +261,8 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   torch::Tensor joint_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const Routing& routing, PSACache* cache);
   // Causal attention of every query over the last W tokens, pruned ones
-  // removed: q [B, H, T, D], k/v [B, Hkv, T, D] -> [B, T, H * D].
+  // removed: q [B, H, T, D], k [B, Hkv, T, D] and v [B, Hkv, T, D] already
+  // gated by 1 - z_prune -> [B, H, T, D].
   torch::Tensor window_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                  const Routing& routing, PSACache* cache);
   // The fused CUDA decode step (kernels/psa_decode.h) over one token, or an

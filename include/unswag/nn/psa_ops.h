@@ -11,8 +11,11 @@
 //                             the summary register's gated moving average, the
 //                             linear_scan of (1 - z f, z f v) without forming
 //                             either [B, T, C] operand (fused on CUDA)
+//   psa_combine               the layer's read side: gated signal attention,
+//                             window, lambda-scaled local conv and summary
+//                             summed into [B, T, H * D] in one pass (CUDA)
 //
-// Both are also registered as torch.ops.unswag.<name>.
+// All are also registered as torch.ops.unswag.<name>.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,5 +45,18 @@ at::Tensor linear_scan(const at::Tensor& a, const at::Tensor& x, const at::Tenso
 // backward recomputes h and sums dz and drate from fixed-order partials.
 std::tuple<at::Tensor, at::Tensor> gated_ema_scan(const at::Tensor& v, const at::Tensor& z, const at::Tensor& rate,
                                                    const at::Tensor& h0 = {});
+
+// y[b,t,h*D+d] = sig[b,h,t,d] gate[b,t] + win[b,h,t,d]
+//                + lambda_local[h*D+d] local[b,t,(h/Gl)*D+d] + lambda_summary[h*D+d] summary[b,t,(h/Gs)*D+d]
+// sig and win (optional) [B, H, T, D] in any layout (the attention outputs'
+// transposed views); gate [B, T]; local and summary [B, T, Hx * D] with Hx
+// dividing H (G = H / Hx query heads read each of their heads, as GQA's
+// values); lambdas [H * D]. Returns [B, T, H * D] in sig's dtype; gradients
+// flow to all seven. On CUDA (fp32/fp16/bf16, D % 8 == 0, H * D a multiple of
+// 256 up to 8192, 16-byte aligned rows) one kernel each way computing in fp32
+// and rounding once; elsewhere the ATen composition of the formula in sig's
+// dtype.
+at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::Tensor& win, const at::Tensor& local,
+                       const at::Tensor& lambda_local, const at::Tensor& summary, const at::Tensor& lambda_summary);
 
 }  // namespace unswag

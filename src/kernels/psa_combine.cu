@@ -1,0 +1,209 @@
+// CUDA kernels of psa_combine (src/kernels/psa.h): the PSA layer's read side
+// in one pass over [B, T, C] forward and one backward, instead of the dozen
+// ATen passes (most of them broadcasts, which ATen runs on its strided,
+// non-vectorised path) that gate, mask, transpose, add and scale it.
+//
+// One block walks kCombineRows rows (b, t); thread i owns the 8 columns
+// [8i, 8i + 8) of C = H * D (all in one head, as D % 8 == 0), so every access
+// is one 16-byte vector (two for fp32) and the per-column sums of the backward
+// (d lambda) stay in registers across the block's rows. The per-row sum
+// d gate[b, t] = sum_c dy sig is reduced by warp shuffles, and once per block
+// across warps through shared memory.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+
+#include "cuda_common.cuh"
+#include "psa.h"
+
+namespace unswag::kernels {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, float (&v)[8]) {
+  if constexpr (sizeof(T) == 2) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = to_f(e[j]);
+  } else {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  }
+}
+template <typename T>
+__device__ __forceinline__ void store8(T* __restrict__ p, const float (&v)[8]) {
+  if constexpr (sizeof(T) == 2) {
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) e[j] = from_f<T>(v[j]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+}
+__device__ __forceinline__ void load8f(const float* __restrict__ p, float (&v)[8]) { load8<float>(p, v); }
+
+// Where thread `tid`'s columns live in each operand.
+struct Columns {
+  int64_t c0, h, d0, local, summary;  // local / summary: the column in [.., C / group]
+};
+__device__ __forceinline__ Columns columns(const PsaCombineParams& p, int tid) {
+  Columns c;
+  c.c0 = int64_t(tid) * 8;
+  c.h = c.c0 / p.head_dim;
+  c.d0 = c.c0 % p.head_dim;
+  c.local = (c.h / p.local_group) * p.head_dim + c.d0;
+  c.summary = (c.h / p.summary_group) * p.head_dim + c.d0;
+  return c;
+}
+
+template <typename T>
+__global__ void combine_forward_kernel(PsaCombineParams p) {
+  const int64_t C = p.heads * p.head_dim, rows = p.batch * p.time;
+  const Columns col = columns(p, threadIdx.x);
+  const int64_t Cl = C / p.local_group, Cs = C / p.summary_group;
+  float laml[8], lams[8];
+  load8f(p.lambda_local + col.c0, laml);
+  load8f(p.lambda_summary + col.c0, lams);
+  const T* sig = static_cast<const T*>(p.sig);
+  const T* win = static_cast<const T*>(p.win);
+  const T* local = static_cast<const T*>(p.local);
+  const T* summary = static_cast<const T*>(p.summary);
+  T* y = static_cast<T*>(p.y);
+  const int64_t r_end = min(rows, int64_t(blockIdx.x + 1) * kCombineRows);
+  for (int64_t r = int64_t(blockIdx.x) * kCombineRows; r < r_end; ++r) {
+    const int64_t b = r / p.time, t = r % p.time;
+    float s[8], l[8], m[8], out[8];
+    load8(sig + b * p.sig_stride[0] + col.h * p.sig_stride[1] + t * p.sig_stride[2] + col.d0, s);
+    load8(local + r * Cl + col.local, l);
+    load8(summary + r * Cs + col.summary, m);
+    const float g = p.gate[r];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = fmaf(lams[j], m[j], fmaf(laml[j], l[j], s[j] * g));
+    if (win != nullptr) {
+      float w[8];
+      load8(win + b * p.win_stride[0] + col.h * p.win_stride[1] + t * p.win_stride[2] + col.d0, w);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) out[j] += w[j];
+    }
+    store8(y + r * C + col.c0, out);
+  }
+}
+
+template <typename T>
+__global__ void combine_backward_kernel(PsaCombineParams p) {
+  __shared__ float row_sums[kCombineRows][32];  // [row in block][warp]
+  const int64_t C = p.heads * p.head_dim, rows = p.batch * p.time;
+  const Columns col = columns(p, threadIdx.x);
+  const int64_t Cl = C / p.local_group, Cs = C / p.summary_group;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float laml[8], lams[8], dlaml[8] = {}, dlams[8] = {};
+  load8f(p.lambda_local + col.c0, laml);
+  load8f(p.lambda_summary + col.c0, lams);
+  const T* sig = static_cast<const T*>(p.sig);
+  const T* local = static_cast<const T*>(p.local);
+  const T* summary = static_cast<const T*>(p.summary);
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dsig = static_cast<T*>(p.dsig);
+  T* dlocal = static_cast<T*>(p.dlocal);
+  T* dsummary = static_cast<T*>(p.dsummary);
+  const int64_t r0 = int64_t(blockIdx.x) * kCombineRows, r_end = min(rows, r0 + kCombineRows);
+  for (int64_t r = r0; r < r_end; ++r) {
+    const int64_t b = r / p.time, t = r % p.time;
+    float g[8], tmp[8];
+    load8(dy + r * C + col.c0, g);
+    const float gate = p.gate[r];
+    if (dsig != nullptr) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) tmp[j] = g[j] * gate;
+      store8(dsig + ((b * p.heads + col.h) * p.time + t) * p.head_dim + col.d0, tmp);
+    }
+    if (p.dgate != nullptr) {
+      float s[8], acc = 0.f;
+      load8(sig + b * p.sig_stride[0] + col.h * p.sig_stride[1] + t * p.sig_stride[2] + col.d0, s);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc = fmaf(g[j], s[j], acc);
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (lane == 0) row_sums[r - r0][warp] = acc;
+    }
+    // local and summary: their gradients (per query column; the caller sums a
+    // group's heads when several share one) and their lambdas' partial sums.
+    load8(local + r * Cl + col.local, tmp);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) dlaml[j] = fmaf(g[j], tmp[j], dlaml[j]);
+    load8(summary + r * Cs + col.summary, tmp);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) dlams[j] = fmaf(g[j], tmp[j], dlams[j]);
+    if (dlocal != nullptr) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) tmp[j] = g[j] * laml[j];
+      store8(dlocal + r * (p.local_group == 1 ? Cl : C) + (p.local_group == 1 ? col.local : col.c0), tmp);
+    }
+    if (dsummary != nullptr) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) tmp[j] = g[j] * lams[j];
+      store8(dsummary + r * (p.summary_group == 1 ? Cs : C) + (p.summary_group == 1 ? col.summary : col.c0), tmp);
+    }
+  }
+  float* part = p.dlambda_partial + int64_t(blockIdx.x) * 2 * C;
+  store8(part + col.c0, dlaml);
+  store8(part + C + col.c0, dlams);
+  if (p.dgate != nullptr) {
+    __syncthreads();
+    const int warps = blockDim.x / 32;
+    for (int64_t i = threadIdx.x; i < r_end - r0; i += blockDim.x) {
+      float acc = 0.f;
+      for (int w = 0; w < warps; ++w) acc += row_sums[i][w];
+      p.dgate[r0 + i] = acc;
+    }
+  }
+}
+
+template <typename Fn>
+void dispatch_combine(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: fn(float{}); break;
+    case DType::kFloat16: fn(__half{}); break;
+    case DType::kBFloat16: fn(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument("unswag: psa_combine CUDA kernels take fp32/fp16/bf16");
+  }
+}
+
+void check_shape(const PsaCombineParams& p) {
+  const int64_t C = p.heads * p.head_dim;
+  if (p.head_dim % 8 != 0 || C % 256 != 0 || C > 8192 || p.local_group < 1 || p.summary_group < 1)
+    throw std::invalid_argument(
+        "unswag: psa_combine CUDA kernels need head_dim % 8 == 0 and heads * head_dim a multiple of 256, <= 8192");
+}
+
+}  // namespace
+
+void psa_combine_forward_cuda(const PsaCombineParams& p, void* stream) {
+  if (p.batch * p.time * p.heads * p.head_dim == 0) return;
+  check_shape(p);
+  const unsigned threads = unsigned(p.heads * p.head_dim / 8);
+  dispatch_combine(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    combine_forward_kernel<T><<<unsigned(psa_combine_blocks(p)), threads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  });
+  check_launch("psa_combine forward");
+}
+
+void psa_combine_backward_cuda(const PsaCombineParams& p, void* stream) {
+  if (p.batch * p.time * p.heads * p.head_dim == 0) return;
+  check_shape(p);
+  const unsigned threads = unsigned(p.heads * p.head_dim / 8);
+  dispatch_combine(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    combine_backward_kernel<T><<<unsigned(psa_combine_blocks(p)), threads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  });
+  check_launch("psa_combine backward");
+}
+
+}  // namespace unswag::kernels
