@@ -27,7 +27,8 @@
 
 #include <cstdint>
 
-#include "elementwise.h"  // DType
+#include "activation_math.h"  // UNSWAG_HD
+#include "elementwise.h"      // DType
 
 namespace unswag::kernels {
 
@@ -155,6 +156,33 @@ inline int64_t psa_combine_blocks(const PsaCombineParams& p) {
   return (p.batch * p.time + kCombineRows - 1) / kCombineRows;
 }
 
+// ---- Gumbel noise (the router's training draw) --------------------------------
+
+UNSWAG_HD uint64_t splitmix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// out[i] = -log(-log(u_i)) rounded to float, u_i the top 53 bits of
+// splitmix64(key ^ splitmix64(i)) / 2^53 clamped to [1e-12, 1 - 1e-12], the
+// logs in double. Counter-based: no generator state, no host work, and the
+// same values on the CPU and CUDA (CUDA's double log is within 1 ulp, which
+// the rounding to float absorbs in all but rare ties).
+struct GumbelNoiseParams {
+  uint64_t key = 0;
+  int64_t n = 0;
+  float* out = nullptr;
+};
+UNSWAG_HD float gumbel_at(uint64_t key, int64_t i) {
+  double u = double(splitmix64(key ^ splitmix64(uint64_t(i))) >> 11) * 0x1.0p-53;
+  u = u < 1e-12 ? 1e-12 : (u > 1 - 1e-12 ? 1 - 1e-12 : u);
+  return float(-log(-log(u)));
+}
+// CPU: elements [i0, i1).
+void gumbel_noise_cpu(const GumbelNoiseParams& p, int64_t i0, int64_t i1);
+
 #ifdef UNSWAG_WITH_CUDA
 // CUDA, on `stream` (a cudaStream_t); they check the launch.
 void causal_conv_forward_cuda(const CausalConvParams& p, void* stream);
@@ -163,6 +191,7 @@ void linear_scan_forward_cuda(const LinearScanParams& p, void* stream);
 void linear_scan_backward_cuda(const LinearScanParams& p, void* stream);
 void psa_combine_forward_cuda(const PsaCombineParams& p, void* stream);
 void psa_combine_backward_cuda(const PsaCombineParams& p, void* stream);
+void gumbel_noise_cuda(const GumbelNoiseParams& p, void* stream);
 #endif
 
 }  // namespace unswag::kernels

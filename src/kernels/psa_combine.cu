@@ -8,7 +8,8 @@
 // is one 16-byte vector (two for fp32) and the per-column sums of the backward
 // (d lambda) stay in registers across the block's rows. The per-row sum
 // d gate[b, t] = sum_c dy sig is reduced by warp shuffles, and once per block
-// across warps through shared memory.
+// across warps through shared memory. Also the router's Gumbel noise
+// (kernels::gumbel_at, one thread per value).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -204,6 +205,19 @@ void psa_combine_backward_cuda(const PsaCombineParams& p, void* stream) {
     combine_backward_kernel<T><<<unsigned(psa_combine_blocks(p)), threads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   });
   check_launch("psa_combine backward");
+}
+
+namespace {
+__global__ void gumbel_noise_kernel(GumbelNoiseParams p) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < p.n) p.out[i] = gumbel_at(p.key, i);
+}
+}  // namespace
+
+void gumbel_noise_cuda(const GumbelNoiseParams& p, void* stream) {
+  if (p.n == 0) return;
+  gumbel_noise_kernel<<<unsigned((p.n + 255) / 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  check_launch("gumbel noise");
 }
 
 }  // namespace unswag::kernels

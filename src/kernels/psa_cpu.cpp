@@ -203,4 +203,8 @@ void linear_scan_backward_cpu(const LinearScanParams& p, int64_t g0, int64_t g1)
   dispatch_dtype(p.dtype, [&](auto t) { scan_backward_impl<decltype(t)>(p, g0, g1); });
 }
 
+void gumbel_noise_cpu(const GumbelNoiseParams& p, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) p.out[i] = gumbel_at(p.key, i);
+}
+
 }  // namespace unswag::kernels

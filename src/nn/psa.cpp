@@ -15,7 +15,9 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <mutex>
 
+#include "kernels/psa.h"
 #include "kernels/psa_decode.h"
 #include "ops/common.h"
 #include "unswag/nn/functional.h"
@@ -46,12 +48,7 @@ std::function<int64_t()> read_back_later(const Tensor& value) {
   };
 }
 
-uint64_t splitmix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
+using kernels::splitmix64;
 
 at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -380,15 +377,21 @@ PacketSwitchedAttentionImpl::Routing PacketSwitchedAttentionImpl::route(const Te
                   logits.sizes(), ", got ", gumbel_in.sizes());
       g = gumbel_in;
     } else {
-      // The uniforms are drawn on the CPU from the layer's own generator (B*T*4
-      // values), so runs are reproducible on any device; the logs run on the
-      // layer's device (on the CPU they cost 1-5 ms per call at 8k tokens,
-      // measured by bench_psa --profile on the H200).
-      // Drawn into pinned memory on CUDA, so the upload does not wait for the stream to drain.
-      Tensor u = torch::empty({B, T, 4}, torch::TensorOptions().dtype(torch::kDouble).pinned_memory(x.is_cuda()));
-      u.uniform_(0, 1, generator_);  // what torch::rand(..., generator_) draws
-      u = u.to(x.device(), /*non_blocking=*/true).clamp(1e-12, 1 - 1e-12);
-      g = -torch::log(-torch::log(u));
+      // Counter-based noise (kernels::gumbel_at) drawn on the layer's device,
+      // keyed by one 64-bit draw of the layer's own generator per call: runs
+      // are reproducible on any device, and nothing of size B*T is made on the
+      // host (drawing the uniforms there took 5.6 ms of host time per call at
+      // 128k tokens, bench_psa --profile, H100, during which the GPU idled).
+      kernels::GumbelNoiseParams p;
+      {
+        auto* gen = generator_.get<at::CPUGeneratorImpl>();
+        std::lock_guard<std::mutex> lock(gen->mutex_);
+        p.key = gen->random64();
+      }
+      g = torch::empty({B, T, 4}, x.options().dtype(torch::kFloat));
+      p.n = g.numel();
+      p.out = g.data_ptr<float>();
+      ops::launch(x.device(), p, p.n, &kernels::gumbel_noise_cpu, UNSWAG_CUDA_FN(gumbel_noise_cuda));
     }
     g = g.to(x.device(), acc);
     gumbel_ = g.to(torch::kFloat);
