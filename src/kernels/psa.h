@@ -1,7 +1,9 @@
 // The sequence primitives of Packet-Switched Attention on raw pointers (no
-// torch): a causal depthwise conv1d and a first-order linear recurrence, each
-// forward and backward, with a CPU reference (psa_cpu.cpp) and CUDA kernels
-// (psa.cu) computing the same thing. Layout [B, T, C] contiguous everywhere.
+// torch): a causal depthwise conv1d and a first-order linear recurrence (also
+// in its gated-EMA form), each forward and backward, with a CPU reference
+// (psa_cpu.cpp) and CUDA kernels (psa.cu) computing the same thing, layout
+// [B, T, C] contiguous; and, CUDA only (psa_combine.cu), the layer's read-side
+// sum psa_combine, plus the router's counter-based Gumbel noise (both devices).
 // Storage dtype T (fp32/fp16/bf16/fp64) for the big tensors; the math, the
 // small parameters (conv weight and bias, h0) and their gradients are in the
 // accumulation type A: double for kFloat64, float otherwise.

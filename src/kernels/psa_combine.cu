@@ -18,36 +18,10 @@
 
 #include "cuda_common.cuh"
 #include "psa.h"
+#include "vec8.cuh"
 
 namespace unswag::kernels {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ p, float (&v)[8]) {
-  if constexpr (sizeof(T) == 2) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = to_f(e[j]);
-  } else {
-    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-  }
-}
-template <typename T>
-__device__ __forceinline__ void store8(T* __restrict__ p, const float (&v)[8]) {
-  if constexpr (sizeof(T) == 2) {
-    uint4 raw;
-    T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) e[j] = from_f<T>(v[j]);
-    *reinterpret_cast<uint4*>(p) = raw;
-  } else {
-    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-  }
-}
-__device__ __forceinline__ void load8f(const float* __restrict__ p, float (&v)[8]) { load8<float>(p, v); }
 
 // Where thread `tid`'s columns live in each operand.
 struct Columns {
@@ -69,8 +43,8 @@ __global__ void combine_forward_kernel(PsaCombineParams p) {
   const Columns col = columns(p, threadIdx.x);
   const int64_t Cl = C / p.local_group, Cs = C / p.summary_group;
   float laml[8], lams[8];
-  load8f(p.lambda_local + col.c0, laml);
-  load8f(p.lambda_summary + col.c0, lams);
+  load8<true>(p.lambda_local + col.c0, 0, 8, laml);
+  load8<true>(p.lambda_summary + col.c0, 0, 8, lams);
   const T* sig = static_cast<const T*>(p.sig);
   const T* win = static_cast<const T*>(p.win);
   const T* local = static_cast<const T*>(p.local);
@@ -80,19 +54,19 @@ __global__ void combine_forward_kernel(PsaCombineParams p) {
   for (int64_t r = int64_t(blockIdx.x) * kCombineRows; r < r_end; ++r) {
     const int64_t b = r / p.time, t = r % p.time;
     float s[8], l[8], m[8], out[8];
-    load8(sig + b * p.sig_stride[0] + col.h * p.sig_stride[1] + t * p.sig_stride[2] + col.d0, s);
-    load8(local + r * Cl + col.local, l);
-    load8(summary + r * Cs + col.summary, m);
+    load8<true>(sig + b * p.sig_stride[0] + col.h * p.sig_stride[1] + t * p.sig_stride[2] + col.d0, 0, 8, s);
+    load8<true>(local + r * Cl + col.local, 0, 8, l);
+    load8<true>(summary + r * Cs + col.summary, 0, 8, m);
     const float g = p.gate[r];
 #pragma unroll
     for (int j = 0; j < 8; ++j) out[j] = fmaf(lams[j], m[j], fmaf(laml[j], l[j], s[j] * g));
     if (win != nullptr) {
       float w[8];
-      load8(win + b * p.win_stride[0] + col.h * p.win_stride[1] + t * p.win_stride[2] + col.d0, w);
+      load8<true>(win + b * p.win_stride[0] + col.h * p.win_stride[1] + t * p.win_stride[2] + col.d0, 0, 8, w);
 #pragma unroll
       for (int j = 0; j < 8; ++j) out[j] += w[j];
     }
-    store8(y + r * C + col.c0, out);
+    store8<true>(y + r * C + col.c0, 0, 8, out);
   }
 }
 
@@ -104,8 +78,8 @@ __global__ void combine_backward_kernel(PsaCombineParams p) {
   const int64_t Cl = C / p.local_group, Cs = C / p.summary_group;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float laml[8], lams[8], dlaml[8] = {}, dlams[8] = {};
-  load8f(p.lambda_local + col.c0, laml);
-  load8f(p.lambda_summary + col.c0, lams);
+  load8<true>(p.lambda_local + col.c0, 0, 8, laml);
+  load8<true>(p.lambda_summary + col.c0, 0, 8, lams);
   const T* sig = static_cast<const T*>(p.sig);
   const T* local = static_cast<const T*>(p.local);
   const T* summary = static_cast<const T*>(p.summary);
@@ -117,16 +91,16 @@ __global__ void combine_backward_kernel(PsaCombineParams p) {
   for (int64_t r = r0; r < r_end; ++r) {
     const int64_t b = r / p.time, t = r % p.time;
     float g[8], tmp[8];
-    load8(dy + r * C + col.c0, g);
+    load8<true>(dy + r * C + col.c0, 0, 8, g);
     const float gate = p.gate[r];
     if (dsig != nullptr) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) tmp[j] = g[j] * gate;
-      store8(dsig + ((b * p.heads + col.h) * p.time + t) * p.head_dim + col.d0, tmp);
+      store8<true>(dsig + ((b * p.heads + col.h) * p.time + t) * p.head_dim + col.d0, 0, 8, tmp);
     }
     if (p.dgate != nullptr) {
       float s[8], acc = 0.f;
-      load8(sig + b * p.sig_stride[0] + col.h * p.sig_stride[1] + t * p.sig_stride[2] + col.d0, s);
+      load8<true>(sig + b * p.sig_stride[0] + col.h * p.sig_stride[1] + t * p.sig_stride[2] + col.d0, 0, 8, s);
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc = fmaf(g[j], s[j], acc);
 #pragma unroll
@@ -135,26 +109,28 @@ __global__ void combine_backward_kernel(PsaCombineParams p) {
     }
     // local and summary: their gradients (per query column; the caller sums a
     // group's heads when several share one) and their lambdas' partial sums.
-    load8(local + r * Cl + col.local, tmp);
+    load8<true>(local + r * Cl + col.local, 0, 8, tmp);
 #pragma unroll
     for (int j = 0; j < 8; ++j) dlaml[j] = fmaf(g[j], tmp[j], dlaml[j]);
-    load8(summary + r * Cs + col.summary, tmp);
+    load8<true>(summary + r * Cs + col.summary, 0, 8, tmp);
 #pragma unroll
     for (int j = 0; j < 8; ++j) dlams[j] = fmaf(g[j], tmp[j], dlams[j]);
     if (dlocal != nullptr) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) tmp[j] = g[j] * laml[j];
-      store8(dlocal + r * (p.local_group == 1 ? Cl : C) + (p.local_group == 1 ? col.local : col.c0), tmp);
+      const int64_t at = p.local_group == 1 ? r * Cl + col.local : r * C + col.c0;
+      store8<true>(dlocal + at, 0, 8, tmp);
     }
     if (dsummary != nullptr) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) tmp[j] = g[j] * lams[j];
-      store8(dsummary + r * (p.summary_group == 1 ? Cs : C) + (p.summary_group == 1 ? col.summary : col.c0), tmp);
+      const int64_t at = p.summary_group == 1 ? r * Cs + col.summary : r * C + col.c0;
+      store8<true>(dsummary + at, 0, 8, tmp);
     }
   }
   float* part = p.dlambda_partial + int64_t(blockIdx.x) * 2 * C;
-  store8(part + col.c0, dlaml);
-  store8(part + C + col.c0, dlams);
+  store8<true>(part + col.c0, 0, 8, dlaml);
+  store8<true>(part + C + col.c0, 0, 8, dlams);
   if (p.dgate != nullptr) {
     __syncthreads();
     const int warps = blockDim.x / 32;

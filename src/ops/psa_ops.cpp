@@ -242,11 +242,10 @@ struct GatedEmaScanFunction : public torch::autograd::Function<GatedEmaScanFunct
     const int64_t B = v.size(0), T = v.size(1), C = v.size(2);
     const bool want_h0 = h0.defined() && ctx->needs_input_grad(3);
     at::Tensor dv = ctx->needs_input_grad(0) ? at::empty_like(v, at::MemoryFormat::Contiguous) : at::Tensor();
-    at::Tensor dz = at::zeros({B, T}, z.options()), df = at::zeros({C}, z.options());
     at::Tensor dh0 = want_h0 ? at::zeros({B, C}, z.options()) : at::Tensor();
     if (!grads[0].defined() || v.numel() == 0) {
       if (dv.defined()) dv.zero_();
-      return {dv, dz, df, dh0, at::Tensor()};
+      return {dv, at::zeros({B, T}, z.options()), at::zeros({C}, z.options()), dh0, at::Tensor()};
     }
     const at::Tensor dh = grads[0].contiguous();
     auto p = params(v, z, f, h0);
