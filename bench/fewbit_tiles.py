@@ -17,11 +17,13 @@ import common
 SECTION = "fewbit-tiles"
 
 READING = (
-    "Reading: each warp owns `kTiles` consecutive tiles and the grid covers the input once (no persistent "
-    "loop). The library's defaults (the \"default\" columns, `fewbit_fwd_tiles` / `fewbit_bwd_tiles` in "
-    "src/kernels/elementwise.cu) were set from this sweep's H200 run of 2026-12-04: one per dtype, bit width "
-    "and activation, the best measured cell. The forward's loss grows with the bits (the encode) and with "
-    "GELU's erfc; the 16-bit backward is at 92-100% of copy with one tile."
+    "Reading: `t=N`: one pass, each warp owns N consecutive tiles (their loads issued before any math) and the "
+    "grid covers the input once; `PN`: persistent, one wave of blocks, each warp walks groups of N tiles with a "
+    "stride of the grid and issues the next group's loads before this group's math; `search`: the 3- and 4-bit "
+    "forward at the default schedule with the binary-search encode (kBits dependent shared-memory loads per "
+    "element) instead of the cell table (src/kernels/fewbit_cells.h: one rounded multiply-add and one load). "
+    "The library's defaults (the \"default\" columns, `fewbit_fwd_schedule` / `fewbit_bwd_schedule` in "
+    "src/kernels/elementwise.cu) are the best measured cells of this sweep, one per dtype, bit width and activation."
 )
 
 
@@ -46,12 +48,12 @@ def main() -> int:
         return run.returncode or 1
     title = lines[0].lstrip("# ").strip()
     body = "\n".join([
-        "## Few-bit kernels: tiles in flight per warp (tuning sweep)", "",
+        "## Few-bit kernels: schedules and encodes (tuning sweep)", "",
         common.header_markdown(header), "",
         f"{title}. Each cell is the effective bandwidth of one variant of `fewbit_forward_kernel` / "
-        "`fewbit_backward_kernel` (the kTiles template argument: tiles of 256 elements whose loads a warp issues "
-        "before any math) as a fraction of a device-to-device copy of the same input. Every variant's outputs "
-        "(y, codes, grad_x) are compared byte for byte with tiles=1; the run "
+        "`fewbit_backward_kernel` (tiles of 256 elements, 8 per lane) as a fraction of a device-to-device copy "
+        "of the same input. Every variant's outputs (y, codes, grad_x) are compared byte for byte with t=1's, "
+        "on this input and on an odd-length (1000003) input one element past an aligned address; the run "
         "fails if any differ.", "",
         "\n".join(lines[1:]).strip(), "",
         READING,

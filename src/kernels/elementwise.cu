@@ -12,13 +12,15 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
-#include "elementwise.h"
 #include "cuda_common.cuh"
+#include "elementwise.h"
+#include "fewbit_cells.h"
 
 namespace unswag::kernels {
 namespace {
@@ -154,30 +156,37 @@ __device__ __forceinline__ void for_each_tile(int64_t n, Body&& body) {
 
 // Few-bit kernels are specialised on the bit width and the activation, so the
 // encode compares against constants, only kBits planes are packed and shuffled,
-// and the activation's branch is resolved at compile time. Each warp owns kTiles
-// consecutive tiles: the loads of all of them, held packed (Pack8), are issued
-// before the math of any. The defaults are the best of bench/fewbit_tiles.cu's
-// sweep on the H200 (docs/BENCHMARKS.md, section fewbit-tiles, 2026-12-04): the
-// 16-bit backward is at 92-100% of copy bandwidth with one tile; the forward
-// depends on how much math the encode and the activation cost. The fp32 cells
-// vary by more than the math explains between neighbouring variants (e.g. the
-// 1- and 2-bit backward at 2 tiles: 61% and 95%); the defaults are what was
-// measured, not a model.
+// and the activation's branch is resolved at compile time. Two schedules:
+//  - one pass (kPersistent = false): each warp owns kTiles consecutive tiles,
+//    issues the loads of all of them (held packed, Pack8), then does the math
+//    of each, and exits; the grid covers the input once;
+//  - persistent (kPersistent = true): one wave of blocks; each warp walks
+//    groups of kTiles tiles with a stride of the whole grid and issues the next
+//    group's loads before this group's math, so its loads stay in flight while
+//    it computes (what a compute-heavy forward, GELU or a 4-bit encode, needs).
+// The defaults are the best of bench/fewbit_tiles.cu's sweep (docs/BENCHMARKS.md,
+// section fewbit-tiles), one per dtype, bit width and activation: a measured
+// choice, not a model (neighbouring fp32 variants differ by more than their
+// math explains).
+struct FewbitSchedule {
+  int tiles;
+  bool persistent;
+};
 template <typename T, int kBits, Act kAct>
-constexpr int fewbit_fwd_tiles() {
+constexpr FewbitSchedule fewbit_fwd_schedule() {
   if constexpr (sizeof(T) == 2) {
-    if constexpr (kAct == Act::kGELU || kAct == Act::kGELUTanh) return 2;
-    return kBits <= 2 ? 1 : 2;
+    if constexpr (kAct == Act::kGELU || kAct == Act::kGELUTanh) return {2, false};
+    return {kBits <= 2 ? 1 : 2, false};
   } else if constexpr (sizeof(T) == 4) {
-    if constexpr (kAct == Act::kGELU || kAct == Act::kGELUTanh) return kBits <= 2 ? 4 : 2;
-    return kBits == 2 ? 2 : kBits == 3 ? 4 : 1;
+    if constexpr (kAct == Act::kGELU || kAct == Act::kGELUTanh) return {kBits <= 2 ? 4 : 2, false};
+    return {kBits == 2 ? 2 : kBits == 3 ? 4 : 1, false};
   }
-  return 1;
+  return {1, false};
 }
 template <typename T, int kBits>
-constexpr int fewbit_bwd_tiles() {
-  if constexpr (sizeof(T) == 4) return kBits == 1 ? 4 : kBits == 4 ? 1 : 2;
-  return 1;
+constexpr FewbitSchedule fewbit_bwd_schedule() {
+  if constexpr (sizeof(T) == 4) return {kBits == 1 ? 4 : kBits == 4 ? 1 : 2, false};
+  return {1, false};
 }
 
 // Flush-to-zero fast intrinsics: MUFU.EX2 / MUFU.RCP without the extra
@@ -266,12 +275,14 @@ __device__ __forceinline__ acc_t<T> act_forward_for(acc_t<T> x) {
   else return act_forward(kAct, x);
 }
 
+
 // The k-bit code of v as bit planes: bit b of the code goes to bit j of
 // frag[b]. code = #{boundaries b_i with !(v <= b_i)} (NaN counts above every
 // boundary). For 1 and 2 bits the planes come straight from the compares:
 // with p_i = !(v <= b_i) monotone in i, code = p0 + p1 + p2 has bit 1 = p1 and
-// bit 0 = p0 ^ p1 ^ p2. 3 and 4 bits: a binary search over the boundaries in
-// shared memory (kBits compares) beats 7 or 15 compares against constants.
+// bit 0 = p0 ^ p1 ^ p2. 3 and 4 bits here: a binary search over the boundaries
+// in shared memory (kBits dependent loads); the cell table (fewbit_cells.h,
+// one load) is the default, this search the fallback and the sweep's reference.
 template <int kBits, typename A>
 __device__ __forceinline__ void encode_planes(A v, int j, const FewbitTable& table, const float* bounds,
                                               uint32_t (&frag)[kBits]) {
@@ -294,87 +305,164 @@ __device__ __forceinline__ void encode_planes(A v, int j, const FewbitTable& tab
   }
 }
 
-// Which tiles a warp owns: kTiles consecutive ones, warps in block order, so a
-// block covers one contiguous range. Not a persistent grid: the blocks of one
-// launch overlap each other's loads and tails, which keeps more bytes in flight
-// than a one-wave grid-stride loop. A warp whose tiles all lie inside n (every
-// warp but the last few) runs with no per-element bounds checks.
-template <int kTiles>
-__device__ __forceinline__ int64_t first_tile_of_warp() {
-  return (int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5)) * kTiles;
+// The forward kernel's cell-table argument: the table for 3 and 4 bits with
+// kCells, else nothing (no 520 bytes of parameters for a 1- or 2-bit launch).
+struct NoFewbitCells {};
+template <int kBits, bool kCells>
+using FewbitCellsArg = std::conditional_t<kBits >= 3 && kCells, FewbitCells, NoFewbitCells>;
+
+// What a forward block keeps in shared memory: the boundaries (binary search)
+// or the cell table.
+template <int kBits, bool kCells>
+struct FewbitForwardShared {
+  float bounds[1 << kBits];
+  FewbitCell cells[kBits >= 3 && kCells ? kMaxFewbitCells : 1];
+};
+
+// Tiles are 256 elements; the launch helpers below size grids in them.
+__device__ __forceinline__ int64_t global_warp() {
+  return (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
 }
-template <int kTiles>
-unsigned fewbit_blocks(int64_t n) {
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  const int64_t per_block = int64_t(kThreads / 32) * kTiles;
-  const int64_t blocks = (tiles + per_block - 1) / per_block;
-  // gridDim.x holds up to 2^31 - 1 blocks: 2^42 elements at one tile per warp.
-  if (blocks > 0x7fffffff)
-    throw std::invalid_argument("unswag: few-bit kernels take at most 2^42 elements, got " + std::to_string(n));
-  return unsigned(blocks);
+__device__ __forceinline__ int64_t grid_warps() { return (int64_t(gridDim.x) * blockDim.x) >> 5; }
+
+// The persistent schedule's loop: warp w takes whole groups w, w + W, ... (W
+// warps in the grid); the next group's inputs are loaded (load(g, buffer))
+// before this group's work (work(g, buffer)). Two buffers used in turn: no
+// register copies between steps.
+template <typename Buffer, typename Load, typename Work>
+__device__ __forceinline__ void persistent_groups(int64_t groups, Load&& load, Work&& work) {
+  const int64_t warps = grid_warps();
+  Buffer a, b;
+  int64_t g = global_warp();
+  if (g < groups) load(g, a);
+  while (g < groups) {
+    if (g + warps < groups) load(g + warps, b);
+    work(g, a);
+    g += warps;
+    if (g >= groups) break;
+    if (g + warps < groups) load(g + warps, a);
+    work(g, b);
+    g += warps;
+  }
 }
 
-template <typename T, int kBits, Act kAct, int kTiles, bool kAligned, bool kCheck>
-__device__ __forceinline__ void fewbit_forward_tiles(const FewbitForwardParams& p, const float* bounds,
-                                                     int64_t first_tile, int lane) {
-  const T* __restrict__ x = static_cast<const T*>(p.x);
+// Math, codes and stores of one tile whose 8 elements per lane are in `raw`.
+// kCheck: the tile may reach past n (elements past n are neither stored nor
+// coded: their code bits are 0, which the backward and the CPU reference rely on).
+template <typename T, int kBits, Act kAct, bool kCells, bool kAligned, bool kCheck>
+__device__ __forceinline__ void fewbit_forward_tile(const FewbitForwardParams& p,
+                                                    const FewbitCellsArg<kBits, kCells>& cp,
+                                                    const FewbitForwardShared<kBits, kCells>& s,
+                                                    const Pack8<T>& raw, int64_t tile, int lane) {
   T* __restrict__ y = static_cast<T*>(p.y);
   const int quad = lane & 3;
+  const int64_t i = tile * kTile + lane * kPerLane;
+  acc_t<T> v[8];
+  unpack8(raw, v);
+  uint32_t frag[kBits] = {};
+  if constexpr (kBits >= 3 && kCells) {
+    // Codes as nibbles (element j at bits 4j..4j+3), then one gather per plane.
+    uint32_t nib = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      nib |= fewbit_cell_code(v[j], cp, s.cells) << (4 * j);
+      v[j] = act_forward_for<T, kAct>(v[j]);
+    }
+#pragma unroll
+    for (int b = 0; b < kBits; ++b) frag[b] = gather_nibble_bits((nib >> b) & 0x11111111u);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      encode_planes<kBits>(v[j], j, p.table, s.bounds, frag);
+      v[j] = act_forward_for<T, kAct>(v[j]);
+    }
+  }
+  if constexpr (kCheck) {
+    const int64_t left = p.n - i;
+    const uint32_t keep = left >= 8 ? 0xffu : left <= 0 ? 0u : (1u << left) - 1u;
+#pragma unroll
+    for (int b = 0; b < kBits; ++b) frag[b] &= keep;
+  }
+  if (y) store8<T, kAligned && !kCheck>(y, i, kCheck ? p.n : i + kPerLane, v);
+  // Assemble each plane's 32-bit word across the 4 lanes of this code group;
+  // lane `quad` of the group stores plane `quad`.
+  uint32_t mine = 0;
+#pragma unroll
+  for (int b = 0; b < kBits; ++b) {
+    uint32_t w = frag[b] << (8 * quad);
+    w |= __shfl_xor_sync(0xffffffffu, w, 1);
+    w |= __shfl_xor_sync(0xffffffffu, w, 2);
+    mine = quad == b ? w : mine;
+  }
+  const int64_t group = i / kCodeGroup;
+  if (quad < kBits && (!kCheck || group * kCodeGroup < p.n)) p.codes[group * kBits + quad] = mine;
+}
+
+// kTiles consecutive tiles from `first`: every load, then every tile's math.
+// With kCheck the last tiles may be partial or past n (warp-uniform skips).
+template <typename T, int kBits, Act kAct, int kTiles, bool kCells, bool kAligned, bool kCheck>
+__device__ __forceinline__ void fewbit_forward_tiles(const FewbitForwardParams& p,
+                                                     const FewbitCellsArg<kBits, kCells>& cp,
+                                                     const FewbitForwardShared<kBits, kCells>& s, int64_t first,
+                                                     int lane) {
+  const T* __restrict__ x = static_cast<const T*>(p.x);
   Pack8<T> raw[kTiles];
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
-    const int64_t i = (first_tile + t) * kTile + lane * kPerLane;
+    const int64_t i = (first + t) * kTile + lane * kPerLane;
     raw[t] = load_pack8<T, kAligned && !kCheck>(x, i, kCheck ? p.n : i + kPerLane);
   }
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
-    const int64_t i = (first_tile + t) * kTile + lane * kPerLane;
-    if (kCheck && (first_tile + t) * kTile >= p.n) break;  // warp-uniform
-    acc_t<T> v[8];
-    unpack8(raw[t], v);
-    uint32_t frag[kBits] = {};
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      encode_planes<kBits>(v[j], j, p.table, bounds, frag);
-      v[j] = act_forward_for<T, kAct>(v[j]);
-    }
-    if constexpr (kCheck) {
-      // Codes of elements past n are 0 (the backward and the CPU reference rely on it).
-      const int64_t left = p.n - i;
-      const uint32_t keep = left >= 8 ? 0xffu : left <= 0 ? 0u : (1u << left) - 1u;
-#pragma unroll
-      for (int b = 0; b < kBits; ++b) frag[b] &= keep;
-    }
-    if (y) store8<T, kAligned && !kCheck>(y, i, kCheck ? p.n : i + kPerLane, v);
-    // Assemble each plane's 32-bit word across the 4 lanes of this code group;
-    // lane `quad` of the group stores plane `quad`.
-    uint32_t mine = 0;
-#pragma unroll
-    for (int b = 0; b < kBits; ++b) {
-      uint32_t w = frag[b] << (8 * quad);
-      w |= __shfl_xor_sync(0xffffffffu, w, 1);
-      w |= __shfl_xor_sync(0xffffffffu, w, 2);
-      mine = quad == b ? w : mine;
-    }
-    const int64_t group = i / kCodeGroup;
-    if (quad < kBits && (!kCheck || group * kCodeGroup < p.n)) p.codes[group * kBits + quad] = mine;
+    if (kCheck && (first + t) * kTile >= p.n) break;
+    fewbit_forward_tile<T, kBits, kAct, kCells, kAligned, kCheck>(p, cp, s, raw[t], first + t, lane);
   }
 }
 
-template <typename T, int kBits, Act kAct, int kTiles, bool kAligned>
-__global__ void __launch_bounds__(kThreads) fewbit_forward_kernel(FewbitForwardParams p) {
-  __shared__ float bounds[1 << kBits];
+template <typename T, int kBits, Act kAct, int kTiles, bool kPersistent, bool kCells, bool kAligned>
+__global__ void __launch_bounds__(kThreads) fewbit_forward_kernel(FewbitForwardParams p,
+                                                                  FewbitCellsArg<kBits, kCells> cp) {
+  __shared__ FewbitForwardShared<kBits, kCells> s;
   if constexpr (kBits >= 3) {
-    if (threadIdx.x < (1 << kBits) - 1) bounds[threadIdx.x] = p.table.boundaries[threadIdx.x];
+    if constexpr (kCells) {
+      if (threadIdx.x < cp.count) s.cells[threadIdx.x] = cp.cell[threadIdx.x];
+    } else {
+      if (threadIdx.x < (1 << kBits) - 1) s.bounds[threadIdx.x] = p.table.boundaries[threadIdx.x];
+    }
     __syncthreads();
   }
-  const int64_t first = first_tile_of_warp<kTiles>();
-  if (first * kTile >= p.n) return;
   const int lane = threadIdx.x & 31;
-  if ((first + kTiles) * kTile <= p.n)
-    fewbit_forward_tiles<T, kBits, kAct, kTiles, kAligned, false>(p, bounds, first, lane);
-  else
-    fewbit_forward_tiles<T, kBits, kAct, kTiles, kAligned, true>(p, bounds, first, lane);
+  constexpr int64_t kGroup = int64_t(kTiles) * kTile;
+  if constexpr (!kPersistent) {
+    const int64_t first = global_warp() * kTiles;
+    if (first * kTile >= p.n) return;
+    if ((first + kTiles) * kTile <= p.n)
+      fewbit_forward_tiles<T, kBits, kAct, kTiles, kCells, kAligned, false>(p, cp, s, first, lane);
+    else
+      fewbit_forward_tiles<T, kBits, kAct, kTiles, kCells, kAligned, true>(p, cp, s, first, lane);
+  } else {
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    const int64_t groups = p.n / kGroup;  // whole groups; the rest is the tail
+    struct Tiles {
+      Pack8<T> raw[kTiles];
+    };
+    persistent_groups<Tiles>(
+        groups,
+        [&](int64_t g, Tiles& in) {
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t) {
+            const int64_t i = (g * kTiles + t) * kTile + lane * kPerLane;
+            in.raw[t] = load_pack8<T, kAligned>(x, i, i + kPerLane);
+          }
+        },
+        [&](int64_t g, const Tiles& in) {
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t)
+            fewbit_forward_tile<T, kBits, kAct, kCells, kAligned, false>(p, cp, s, in.raw[t], g * kTiles + t, lane);
+        });
+    if (groups * kGroup < p.n && global_warp() == groups % grid_warps())
+      fewbit_forward_tiles<T, kBits, kAct, kTiles, kCells, kAligned, true>(p, cp, s, groups * kTiles, lane);
+  }
 }
 
 // values[code] for 1 and 2 bits by selects on registers (no shared-memory
@@ -395,39 +483,52 @@ __device__ __forceinline__ A decode_value(const uint32_t (&frag)[kBits], int j, 
   }
 }
 
+// One backward tile's inputs: grad_y packed, and this lane's byte of each code plane.
+template <typename T, int kBits>
+struct FewbitBackwardIn {
+  Pack8<T> raw;
+  uint32_t frag[kBits];
+};
+template <typename T, int kBits, bool kAligned, bool kCheck>
+__device__ __forceinline__ void fewbit_backward_load(const FewbitBackwardParams& p, int64_t tile, int lane,
+                                                     FewbitBackwardIn<T, kBits>& in) {
+  const T* __restrict__ dy = static_cast<const T*>(p.grad_y);
+  const int shift = 8 * (lane & 3);
+  const int64_t i = tile * kTile + lane * kPerLane;
+  const int64_t group = i / kCodeGroup;
+  const bool inside = !kCheck || i < p.n;
+#pragma unroll
+  for (int b = 0; b < kBits; ++b) in.frag[b] = inside ? (__ldg(p.codes + group * kBits + b) >> shift) & 0xffu : 0u;
+  in.raw = load_pack8<T, kAligned && !kCheck>(dy, i, kCheck ? p.n : i + kPerLane);
+}
+template <typename T, int kBits, bool kAligned, bool kCheck>
+__device__ __forceinline__ void fewbit_backward_tile(const FewbitBackwardParams& p, const acc_t<T> (&vals)[1 << kBits],
+                                                     const acc_t<T>* shared_vals,
+                                                     const FewbitBackwardIn<T, kBits>& in, int64_t tile, int lane) {
+  T* __restrict__ dx = static_cast<T*>(p.grad_x);
+  const int64_t i = tile * kTile + lane * kPerLane;
+  if (kCheck && i >= p.n) return;
+  acc_t<T> v[8];
+  unpack8(in.raw, v);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const acc_t<T> d = decode_value<kBits>(in.frag, j, vals, shared_vals);
+    v[j] = d == 0 ? acc_t<T>(0) : v[j] * d;
+  }
+  store8<T, kAligned && !kCheck>(dx, i, kCheck ? p.n : i + kPerLane, v);
+}
 template <typename T, int kBits, int kTiles, bool kAligned, bool kCheck>
 __device__ __forceinline__ void fewbit_backward_tiles(const FewbitBackwardParams& p, const acc_t<T> (&vals)[1 << kBits],
-                                                      const acc_t<T>* shared_vals, int64_t first_tile, int lane) {
-  const T* __restrict__ dy = static_cast<const T*>(p.grad_y);
-  T* __restrict__ dx = static_cast<T*>(p.grad_x);
-  const int shift = 8 * (lane & 3);
-  Pack8<T> raw[kTiles];
-  uint32_t frag[kTiles][kBits];
+                                                      const acc_t<T>* shared_vals, int64_t first, int lane) {
+  FewbitBackwardIn<T, kBits> in[kTiles];
 #pragma unroll
-  for (int t = 0; t < kTiles; ++t) {
-    const int64_t i = (first_tile + t) * kTile + lane * kPerLane;
-    const int64_t group = i / kCodeGroup;
-    const bool in = !kCheck || i < p.n;
+  for (int t = 0; t < kTiles; ++t) fewbit_backward_load<T, kBits, kAligned, kCheck>(p, first + t, lane, in[t]);
 #pragma unroll
-    for (int b = 0; b < kBits; ++b) frag[t][b] = in ? (__ldg(p.codes + group * kBits + b) >> shift) & 0xffu : 0u;
-    raw[t] = load_pack8<T, kAligned && !kCheck>(dy, i, kCheck ? p.n : i + kPerLane);
-  }
-#pragma unroll
-  for (int t = 0; t < kTiles; ++t) {
-    const int64_t i = (first_tile + t) * kTile + lane * kPerLane;
-    if (kCheck && i >= p.n) continue;
-    acc_t<T> v[8];
-    unpack8(raw[t], v);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const acc_t<T> d = decode_value<kBits>(frag[t], j, vals, shared_vals);
-      v[j] = d == 0 ? acc_t<T>(0) : v[j] * d;
-    }
-    store8<T, kAligned && !kCheck>(dx, i, kCheck ? p.n : i + kPerLane, v);
-  }
+  for (int t = 0; t < kTiles; ++t)
+    fewbit_backward_tile<T, kBits, kAligned, kCheck>(p, vals, shared_vals, in[t], first + t, lane);
 }
 
-template <typename T, int kBits, int kTiles, bool kAligned>
+template <typename T, int kBits, int kTiles, bool kPersistent, bool kAligned>
 __global__ void __launch_bounds__(kThreads) fewbit_backward_kernel(FewbitBackwardParams p) {
   constexpr int kLevels = 1 << kBits;
   __shared__ acc_t<T> shared_vals[kLevels];
@@ -438,13 +539,35 @@ __global__ void __launch_bounds__(kThreads) fewbit_backward_kernel(FewbitBackwar
   acc_t<T> vals[kLevels];
 #pragma unroll
   for (int c = 0; c < kLevels; ++c) vals[c] = kBits <= 2 ? acc_t<T>(p.table.values[c]) : acc_t<T>(0);
-  const int64_t first = first_tile_of_warp<kTiles>();
-  if (first * kTile >= p.n) return;
   const int lane = threadIdx.x & 31;
-  if ((first + kTiles) * kTile <= p.n)
-    fewbit_backward_tiles<T, kBits, kTiles, kAligned, false>(p, vals, shared_vals, first, lane);
-  else
-    fewbit_backward_tiles<T, kBits, kTiles, kAligned, true>(p, vals, shared_vals, first, lane);
+  constexpr int64_t kGroup = int64_t(kTiles) * kTile;
+  if constexpr (!kPersistent) {
+    const int64_t first = global_warp() * kTiles;
+    if (first * kTile >= p.n) return;
+    if ((first + kTiles) * kTile <= p.n)
+      fewbit_backward_tiles<T, kBits, kTiles, kAligned, false>(p, vals, shared_vals, first, lane);
+    else
+      fewbit_backward_tiles<T, kBits, kTiles, kAligned, true>(p, vals, shared_vals, first, lane);
+  } else {
+    const int64_t groups = p.n / kGroup;
+    struct Tiles {
+      FewbitBackwardIn<T, kBits> in[kTiles];
+    };
+    persistent_groups<Tiles>(
+        groups,
+        [&](int64_t g, Tiles& in) {
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t)
+            fewbit_backward_load<T, kBits, kAligned, false>(p, g * kTiles + t, lane, in.in[t]);
+        },
+        [&](int64_t g, const Tiles& in) {
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t)
+            fewbit_backward_tile<T, kBits, kAligned, false>(p, vals, shared_vals, in.in[t], g * kTiles + t, lane);
+        });
+    if (groups * kGroup < p.n && global_warp() == groups % grid_warps())
+      fewbit_backward_tiles<T, kBits, kTiles, kAligned, true>(p, vals, shared_vals, groups * kTiles, lane);
+  }
 }
 
 // Exact derivative from the kept output: Newton inversion per element (compute
@@ -544,21 +667,26 @@ bool aligned16(std::initializer_list<const void*> ptrs) {
   return true;
 }
 
-// A grid-stride grid of exactly one wave: as many blocks as can be resident at
-// once (SMs x the kernel's occupancy), or fewer for small n. More blocks than
-// that would run in a partial second wave that leaves SMs idle.
+// Blocks of kKernel that fit on the device at once: SMs x its occupancy.
 template <auto kKernel>
-int grid_for(int64_t n) {
-  static const int blocks_per_wave = [] {
+int blocks_per_wave() {
+  static const int blocks = [] {
     int dev = 0, sms = 0, per_sm = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, kThreads, 0);
     return std::max(1, sms) * std::max(1, per_sm);
   }();
+  return blocks;
+}
+
+// A grid-stride grid of exactly one wave, or fewer blocks for small n. More
+// blocks than that would run in a partial second wave that leaves SMs idle.
+template <auto kKernel>
+int grid_for(int64_t n) {
   const int64_t tiles = (n + kTile - 1) / kTile;
   const int64_t blocks = (tiles + (kThreads / 32) - 1) / (kThreads / 32);
-  return int(std::max<int64_t>(1, std::min<int64_t>(blocks, blocks_per_wave)));
+  return int(std::max<int64_t>(1, std::min<int64_t>(blocks, blocks_per_wave<kKernel>())));
 }
 
 // Runtime (dtype, bits, activation) -> compile-time kernel instance.
@@ -617,24 +745,66 @@ void with_act(Act act, F&& f) {
   }
 }
 
+// The cell table of p.table (fewbit_cells.h), rebuilt only when the table
+// changes (a few microseconds of host time for 64 cells x 15 boundaries).
+const FewbitCells& fewbit_cells_for(const FewbitTable& t) {
+  thread_local FewbitTable key;
+  thread_local FewbitCells cells;
+  thread_local bool valid = false;
+  if (!valid || key.bits != t.bits || std::memcmp(key.boundaries, t.boundaries, sizeof t.boundaries) != 0) {
+    key = t;
+    cells = make_fewbit_cells(t);
+    valid = true;
+  }
+  return cells;
+}
+
+// Blocks of a few-bit launch: one pass covers every tile once; a persistent
+// launch is at most one wave.
+template <auto kKernel>
+unsigned fewbit_blocks(int64_t n, int tiles, bool persistent) {
+  const int64_t tile_count = (n + kTile - 1) / kTile;
+  const int64_t per_block = int64_t(kThreads / 32) * tiles;
+  int64_t blocks = (tile_count + per_block - 1) / per_block;
+  if (persistent) blocks = std::min<int64_t>(blocks, blocks_per_wave<kKernel>());
+  // gridDim.x holds up to 2^31 - 1 blocks: 2^42 elements at one tile per warp.
+  if (blocks > 0x7fffffff)
+    throw std::invalid_argument("unswag: few-bit kernels take at most 2^42 elements, got " + std::to_string(n));
+  return unsigned(std::max<int64_t>(blocks, 1));
+}
+
 // Launches one few-bit kernel instance (also what bench/fewbit_tiles.cu times).
-template <typename T, int kBits, Act kAct, int kTiles>
+// kCells selects the cell-table encode for 3 and 4 bits (the binary search
+// when false, or when the table's boundaries are too close for its cells).
+template <typename T, int kBits, Act kAct, int kTiles, bool kPersistent, bool kCells = true>
 void launch_fewbit_forward(const FewbitForwardParams& p, cudaStream_t stream) {
   if (p.n == 0) return;
-  const unsigned blocks = fewbit_blocks<kTiles>(p.n);
+  constexpr bool kUseCells = kBits >= 3 && kCells;
+  FewbitCellsArg<kBits, kCells> cells{};
+  if constexpr (kUseCells) {
+    cells = fewbit_cells_for(p.table);
+    if (cells.count == 0) return launch_fewbit_forward<T, kBits, kAct, kTiles, kPersistent, false>(p, stream);
+  }
   if (aligned16({p.x, p.y}))
-    fewbit_forward_kernel<T, kBits, kAct, kTiles, true><<<blocks, kThreads, 0, stream>>>(p);
+    fewbit_forward_kernel<T, kBits, kAct, kTiles, kPersistent, kCells, true>
+        <<<fewbit_blocks<fewbit_forward_kernel<T, kBits, kAct, kTiles, kPersistent, kCells, true>>(p.n, kTiles, kPersistent),
+           kThreads, 0, stream>>>(p, cells);
   else
-    fewbit_forward_kernel<T, kBits, kAct, kTiles, false><<<blocks, kThreads, 0, stream>>>(p);
+    fewbit_forward_kernel<T, kBits, kAct, kTiles, kPersistent, kCells, false>
+        <<<fewbit_blocks<fewbit_forward_kernel<T, kBits, kAct, kTiles, kPersistent, kCells, false>>(p.n, kTiles, kPersistent),
+           kThreads, 0, stream>>>(p, cells);
 }
-template <typename T, int kBits, int kTiles>
+template <typename T, int kBits, int kTiles, bool kPersistent>
 void launch_fewbit_backward(const FewbitBackwardParams& p, cudaStream_t stream) {
   if (p.n == 0) return;
-  const unsigned blocks = fewbit_blocks<kTiles>(p.n);
   if (aligned16({p.grad_y, p.grad_x}))
-    fewbit_backward_kernel<T, kBits, kTiles, true><<<blocks, kThreads, 0, stream>>>(p);
+    fewbit_backward_kernel<T, kBits, kTiles, kPersistent, true>
+        <<<fewbit_blocks<fewbit_backward_kernel<T, kBits, kTiles, kPersistent, true>>(p.n, kTiles, kPersistent),
+           kThreads, 0, stream>>>(p);
   else
-    fewbit_backward_kernel<T, kBits, kTiles, false><<<blocks, kThreads, 0, stream>>>(p);
+    fewbit_backward_kernel<T, kBits, kTiles, kPersistent, false>
+        <<<fewbit_blocks<fewbit_backward_kernel<T, kBits, kTiles, kPersistent, false>>(p.n, kTiles, kPersistent),
+           kThreads, 0, stream>>>(p);
 }
 
 void fewbit_forward_cuda(const FewbitForwardParams& p, void* stream) {
@@ -645,7 +815,8 @@ void fewbit_forward_cuda(const FewbitForwardParams& p, void* stream) {
       with_act(p.act, [&](auto act) {
         constexpr int kBits = decltype(bits)::value;
         constexpr Act kAct = decltype(act)::value;
-        launch_fewbit_forward<T, kBits, kAct, fewbit_fwd_tiles<T, kBits, kAct>()>(p, static_cast<cudaStream_t>(stream));
+        constexpr FewbitSchedule kS = fewbit_fwd_schedule<T, kBits, kAct>();
+        launch_fewbit_forward<T, kBits, kAct, kS.tiles, kS.persistent>(p, static_cast<cudaStream_t>(stream));
       });
     });
   });
@@ -657,7 +828,8 @@ void fewbit_backward_cuda(const FewbitBackwardParams& p, void* stream) {
     using T = decltype(tag);
     with_bits(p.table.bits, [&](auto bits) {
       constexpr int kBits = decltype(bits)::value;
-      launch_fewbit_backward<T, kBits, fewbit_bwd_tiles<T, kBits>()>(p, static_cast<cudaStream_t>(stream));
+      constexpr FewbitSchedule kS = fewbit_bwd_schedule<T, kBits>();
+      launch_fewbit_backward<T, kBits, kS.tiles, kS.persistent>(p, static_cast<cudaStream_t>(stream));
     });
   });
   check_launch("fewbit_backward");

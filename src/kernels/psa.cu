@@ -415,39 +415,66 @@ __global__ void scan_backward_kernel(ScanIn<T, kEma> in, const T* __restrict__ d
   for (int u = kScanSub - 1; u >= 0; --u) {
     const int64_t su = s + u * kScanSubLen;
     if (su >= e) continue;
-    // h_{t-1}, a_t (and for the EMA b_t, v_t) of the sub-chunk.
-    A prev[kScanSubLen], as[kScanSubLen], bs[kEma ? kScanSubLen : 1], vs[kEma ? kScanSubLen : 1];
+    // Per step of the sub-chunk: a_t (the EMA keeps b_t = z_t f_c instead, a_t
+    // being 1 - b_t) and w_t = v_t - h_{t-1} (the EMA; the plain scan keeps
+    // h_{t-1}), so two arrays live in registers, not four.
+    A cs[kScanSubLen], ws[kScanSubLen];
     A hh = checkpoint[u];
 #pragma unroll
     for (int i = 0; i < kScanSubLen; ++i) {
       const int64_t t = su + i;
       if (t < e) {
         const auto st = in.load(off + t * channels, zoff + t, fc);
-        as[i] = st.a;
-        if constexpr (kEma) bs[i] = st.b, vs[i] = st.v;
-        prev[i] = hh;
+        if constexpr (kEma) cs[i] = st.b, ws[i] = st.v - hh;
+        else cs[i] = st.a, ws[i] = hh;
         hh = st.a * hh + st.x;
       }
     }
+    A zc[kEma ? kScanSubLen : 1];
 #pragma unroll
     for (int i = kScanSubLen - 1; i >= 0; --i) {
       const int64_t t = su + i;
+      if constexpr (kEma) zc[i] = A(0);
       if (t < e) {
         g = A(to_f(dh[off + t * channels])) + a_next * g;
         if constexpr (kEma) {
-          if (dx != nullptr) dx[off + t * channels] = from_f<T>(bs[i] * g);
-          const A db = g * (vs[i] - prev[i]);
+          if (dx != nullptr) dx[off + t * channels] = from_f<T>(cs[i] * g);
+          const A db = g * ws[i];
           df += in.z[zoff + t] * db;
-          A zc = fc * db;
-#pragma unroll
-          for (int m = 16; m >= 1; m /= 2) zc += __shfl_xor_sync(0xffffffffu, zc, m);
-          if ((threadIdx.x & 31) == 0) dz_part[(zoff + t) * (channels / 32) + q.c / 32] = zc;
+          zc[i] = fc * db;
+          a_next = add_rn(A(1), -cs[i]);
         } else {
           if (dx != nullptr) dx[off + t * channels] = from_f<T>(g);
-          if (da != nullptr) da[off + t * channels] = from_f<T>(g * prev[i]);
+          if (da != nullptr) da[off + t * channels] = from_f<T>(g * ws[i]);
+          a_next = cs[i];
         }
-        a_next = as[i];
       }
+    }
+    if constexpr (kEma) {
+      // dz of the sub-chunk's 16 steps: a reduce-scatter over the warp's 32
+      // channels. Each xor stage sends the half of its values the partner
+      // keeps, so 8 + 4 + 2 + 1 + 1 shuffles serve 16 steps (an all-reduce per
+      // step takes 5 each); the pairings are the all-reduce's, so the sums are
+      // bit for bit the same. Lane l ends with step 8 l4 + 4 l3 + 2 l2 + l1
+      // (l_k: bit k of l); the even lanes store it.
+      static_assert(kScanSubLen == 16, "the reduce-scatter below assumes 16 steps per sub-chunk");
+      const int lane = threadIdx.x & 31;
+      A r[kScanSubLen];
+#pragma unroll
+      for (int i = 0; i < kScanSubLen; ++i) r[i] = zc[i];
+#pragma unroll
+      for (int width = kScanSubLen / 2, m = 16; width >= 1; width /= 2, m /= 2) {
+        const bool upper = lane & m;
+#pragma unroll
+        for (int j = 0; j < width; ++j) {
+          const A keep = upper ? r[width + j] : r[j];
+          const A send = upper ? r[j] : r[width + j];
+          r[j] = keep + __shfl_xor_sync(0xffffffffu, send, m);
+        }
+      }
+      r[0] += __shfl_xor_sync(0xffffffffu, r[0], 1);
+      const int step = ((lane >> 4) & 1) * 8 + ((lane >> 3) & 1) * 4 + ((lane >> 2) & 1) * 2 + ((lane >> 1) & 1);
+      if ((lane & 1) == 0 && su + step < e) dz_part[(zoff + su + step) * (channels / 32) + q.c / 32] = r[0];
     }
   }
   if (q.tile == 0 && dh0 != nullptr) dh0[q.b * channels + q.c] = a_next * g;

@@ -114,9 +114,12 @@ struct AttentionImpl : torch::nn::Module {
 
   Tensor forward(const Tensor& x, const Rope& rope, const TrainingOptions& o) {
     const int64_t B = x.size(0), T = x.size(1);
-    const Tensor q = unswag::rotary_embedding(q_proj(x).view({B, T, heads, head_dim}), rope.cos, rope.sin).transpose(1, 2);
-    const Tensor k = unswag::rotary_embedding(k_proj(x).view({B, T, kv_heads, head_dim}), rope.cos, rope.sin).transpose(1, 2);
-    const Tensor v = v_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2);
+    // One op for the three projections: its backward sums grad x inside the GEMMs.
+    const auto [q_flat, k_flat, v_flat] = unswag::qkv_projection(x, q_proj->weight, k_proj->weight, v_proj->weight,
+                                                                 q_proj->bias, k_proj->bias, v_proj->bias);
+    const Tensor q = unswag::rotary_embedding(q_flat.view({B, T, heads, head_dim}), rope.cos, rope.sin).transpose(1, 2);
+    const Tensor k = unswag::rotary_embedding(k_flat.view({B, T, kv_heads, head_dim}), rope.cos, rope.sin).transpose(1, 2);
+    const Tensor v = v_flat.view({B, T, kv_heads, head_dim}).transpose(1, 2);
     const double scale = 1.0 / std::sqrt(double(head_dim));
     const bool windowed = window > 0 && window < T;
     std::string impl = o.attention;

@@ -583,11 +583,14 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
   // Token-major [B, T, heads, D] as the projections write it; RoPE runs on
   // that layout in one pass (unswag::rotary_embedding), and q and k are its
   // [B, heads, T, D] views, the layout FlashAttention reads without a copy.
-  const Tensor q_lin = q_proj(x).view({B, T, H, D});
-  const Tensor k_lin = k_proj(x).view({B, T, Hkv, D});
+  // One op for the three projections (its backward sums grad x inside the
+  // GEMMs); v is [B, T, kv_dim].
+  const auto [q_flat, k_flat, v] = unswag::qkv_projection(x, q_proj->weight, k_proj->weight, v_proj->weight,
+                                                          q_proj->bias, k_proj->bias, v_proj->bias);
+  const Tensor q_lin = q_flat.view({B, T, H, D});
+  const Tensor k_lin = k_flat.view({B, T, Hkv, D});
   const Tensor q = unswag::rotary_embedding(q_lin, cos, sin).transpose(1, 2);  // [B, H, T, D]
   const Tensor k = unswag::rotary_embedding(k_lin, cos, sin).transpose(1, 2);  // [B, Hkv, T, D]
-  const Tensor v = v_proj(x);  // [B, T, kv_dim]
   const Tensor v_heads = v.view({B, T, Hkv, D}).transpose(1, 2);
 
   // Local: every non-pruned token writes its value into the conv stream.
@@ -713,14 +716,10 @@ Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tens
         routing.gates.select(-1, kSignal).to(q.scalar_type()).gather(1, slots).view({B, 1, S, 1});
     const Tensor qp = pack(q), kp = pack(k) * z_packed, vp = pack(v) * z_packed;
     Tensor op;
-    if (q.is_cuda() && (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf) && D <= 256) {
-      // FlashAttention on the packed sequence (no per-shape planning); GQA by
-      // repeating the key/value heads.
-      const Tensor ke = H != Hkv ? kp.repeat_interleave(H / Hkv, 1) : kp;
-      const Tensor ve = H != Hkv ? vp.repeat_interleave(H / Hkv, 1) : vp;
-      op = std::get<0>(at::_scaled_dot_product_flash_attention(qp, ke, ve, 0.0, /*is_causal=*/true,
-                                                                /*return_debug_mask=*/false, scale));
-    } else if (q.is_cuda() && q.scalar_type() != torch::kDouble) {
+    if (q.is_cuda() && q.scalar_type() != torch::kDouble) {
+      // SDPA's own choice of backend on the packed sequence, the one the dense
+      // layer gets (cuDNN's on the H100: it plans once per shape, hence S
+      // rounded to 256 above).
       op = at::scaled_dot_product_attention(qp, kp, vp, {}, 0.0, /*is_causal=*/true, scale,
                                             /*enable_gqa=*/H != Hkv);
     } else {

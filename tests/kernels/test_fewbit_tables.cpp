@@ -1,7 +1,8 @@
 // Tests of the few-bit derivative tables (src/kernels/fewbit_tables.*): error
 // levels against independently computed numbers, optimality (conditional
 // means by Monte-Carlo, no improving perturbation), encoder/decoder agreement,
-// ReLU exactness, argument checks, argmin, and the thread-safe cache.
+// ReLU exactness, argument checks, argmin, the thread-safe cache, and the
+// cell-table encode of the 3/4-bit CUDA forward (fewbit_cells.h, same float math).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/fewbit_cells.h"
 #include "kernels/fewbit_tables.h"
 
 namespace unswag::kernels {
@@ -399,6 +401,92 @@ TEST(FewbitMarkdown, DocsAreInSync) {
   std::stringstream doc;
   doc << in.rdbuf();
   EXPECT_NE(doc.str().find(fewbit_tables_markdown()), std::string::npos) << "regenerate the tables in docs/fewbit.md with `build/unswag tables`";
+}
+
+// Float neighbours of v: v itself and `steps` ulps either side.
+std::vector<float> around(float v, int steps) {
+  std::vector<float> out{v};
+  float up = v, down = v;
+  for (int i = 0; i < steps; ++i) {
+    up = std::nextafter(up, INFINITY);
+    down = std::nextafter(down, -INFINITY);
+    out.push_back(up);
+    out.push_back(down);
+  }
+  return out;
+}
+
+// The CUDA forward's 3/4-bit encode (cell table, fewbit_cells.h) gives the
+// code the definition gives: at every boundary and its float neighbours, at
+// every cell point and its neighbours, at +-inf, NaN, huge values, and random
+// x (10^6 per cached table, 2 10^4 per table with random boundaries).
+TEST(FewbitCells, CellCodeIsTheBoundaryCount) {
+  std::mt19937 rng(std::random_device{}());
+  auto check_table = [&](const FewbitTable& t, const std::string& what, int draws) {
+    SCOPED_TRACE(what);
+    const FewbitCells c = make_fewbit_cells(t);
+    ASSERT_GT(c.count, 1);
+    ASSERT_LE(c.count, kMaxFewbitCells);
+    const int top = (1 << t.bits) - 1;
+    std::vector<float> xs = {INFINITY, -INFINITY, 3e38f, -3e38f, 1e20f, -1e20f, 0.f, -0.f, 1e-40f};
+    for (int i = 0; i < top; ++i)
+      for (float v : around(t.boundaries[i], 3)) xs.push_back(v);
+    for (int k = 0; k < c.count; ++k) {
+      const double p = (double(k) - c.offset) / c.scale;  // the cell's point
+      for (float v : around(float(p), 2)) xs.push_back(v);
+      for (float v : around(float(p + 0.5 / c.scale), 2)) xs.push_back(v);  // rounding edges
+    }
+    std::normal_distribution<float> normal(0.f, 1.5f);
+    for (int i = 0; i < draws; ++i) xs.push_back(normal(rng));
+    for (float x : xs) {
+      ASSERT_EQ(int(fewbit_cell_code(x, c, c.cell)), code_of(t, x)) << "x = " << x;
+      ASSERT_EQ(int(fewbit_cell_code(double(x), c, c.cell)), code_of(t, x)) << "x = " << x << " (double)";
+    }
+    // NaN takes the top code, as the binary search and the CPU reference give it.
+    EXPECT_EQ(int(fewbit_cell_code(NAN, c, c.cell)), top);
+  };
+  for (Act act : kFittedActs)
+    for (int bits = 3; bits <= 4; ++bits) check_table(fewbit_table(act, bits), std::string(act_name(act)) + " " + std::to_string(bits), 1000000);
+  // Random ascending boundaries whose smallest gap is a random share of the range.
+  int checked = 0;
+  for (int trial = 0; trial < 200; ++trial) {
+    FewbitTable t;
+    t.bits = 3 + trial % 2;
+    const int nb = (1 << t.bits) - 1;
+    std::uniform_real_distribution<float> gap(0.2f, 1.f), start(-5.f, 5.f);
+    float b = start(rng);
+    for (int i = 0; i < nb; ++i) {
+      t.boundaries[i] = b;
+      b += gap(rng);
+    }
+    if (make_fewbit_cells(t).count == 0) continue;  // too close for the cells: the kernels search
+    check_table(t, "random trial " + std::to_string(trial), 20000);
+    ++checked;
+  }
+  EXPECT_GE(checked, 50);
+}
+
+// Boundaries too close for kMaxFewbitCells cells: no table (the kernels fall
+// back to the binary search); and 1-2 bit tables never get one.
+TEST(FewbitCells, NoTableWhenBoundariesCrowd) {
+  FewbitTable t;
+  t.bits = 4;
+  for (int i = 0; i < 15; ++i) t.boundaries[i] = float(i - 7);
+  t.boundaries[8] = 0.001f;  // 0.001 apart from boundaries[7] = 0, over a range of 14
+  EXPECT_EQ(make_fewbit_cells(t).count, 0);
+  EXPECT_EQ(make_fewbit_cells(fewbit_table(Act::kSiLU, 2)).count, 0);
+}
+
+TEST(FewbitCells, GatherNibbleBits) {
+  std::mt19937 rng(std::random_device{}());
+  for (int trial = 0; trial < 10000; ++trial) {
+    const uint32_t nib = rng();
+    for (int b = 0; b < 4; ++b) {
+      uint32_t want = 0;
+      for (int j = 0; j < 8; ++j) want |= ((nib >> (4 * j + b)) & 1u) << j;
+      ASSERT_EQ(gather_nibble_bits((nib >> b) & 0x11111111u), want) << std::hex << nib << " plane " << b;
+    }
+  }
 }
 
 }  // namespace

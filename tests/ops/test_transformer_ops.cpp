@@ -2,7 +2,8 @@
 // float64 PyTorch compositions of the same math: rms_norm (Llama and Gemma
 // forms), rotary_embedding (bit-identical to transformers' composition,
 // gradient against float64), chunked_attention (causal, sliding window, GQA, chunks that do not
-// divide T), linear_cross_entropy (ignored targets, several chunks); values
+// divide T), linear_cross_entropy (ignored targets, several chunks),
+// qkv_projection (against three linear maps, grad x summed in place); values
 // and gradients, each dtype, odd sizes, empty inputs, bad arguments. CUDA
 // cases run in scripts/gpu-check.sh.
 #include <cmath>
@@ -285,6 +286,77 @@ TEST_P(TransformerOps, LinearCrossEntropyEdgeCasesAndErrors) {
   expect_error([&] { unswag::linear_cross_entropy(h, w.t(), torch::zeros({4}, opts(torch::kLong))); },
                {"weight [vocab, d]"});
   expect_error([&] { unswag::linear_cross_entropy(h, w, torch::zeros({4}, opts(torch::kInt))); }, {"int64"});
+}
+
+// ------------------------------------------------------- qkv_projection ----
+
+// Values and every gradient against three linear maps in float64 (GQA shapes:
+// k and v narrower than q), with and without biases, for an x that is a
+// non-contiguous view, and with one output unused (its grad undefined).
+TEST_P(TransformerOps, QkvProjectionMatchesThreeLinearMaps) {
+  const int64_t n = 37;
+  for (auto dtype : unswag::test::float_dtypes()) {
+    for (bool bias : {false, true}) {
+      for (bool use_v : {true, false}) {
+        SCOPED_TRACE(::testing::Message() << dtype << " bias " << bias << " use_v " << use_v);
+        auto [x0, x64] = leaf({3, n, 5}, dtype);  // used as its [3, 5, n] transpose
+        auto [wq, wq64] = leaf({24, n}, dtype, 0.2);
+        auto [wk, wk64] = leaf({8, n}, dtype, 0.2);
+        auto [wv, wv64] = leaf({8, n}, dtype, 0.2);
+        auto [bq, bq64] = leaf({24}, dtype);
+        auto [bk, bk64] = leaf({8}, dtype);
+        auto [bv, bv64] = leaf({8}, dtype);
+        const auto x = x0.transpose(1, 2), xr = x64.transpose(1, 2);
+        ASSERT_FALSE(x.is_contiguous());
+        auto opt = [&](const torch::Tensor& b) { return bias ? std::optional<torch::Tensor>(b) : std::nullopt; };
+        auto [q, k, v] = unswag::qkv_projection(x, wq, wk, wv, opt(bq), opt(bk), opt(bv));
+        auto lin = [&](const torch::Tensor& w, const torch::Tensor& b) {
+          return bias ? torch::nn::functional::linear(xr, w, b) : torch::nn::functional::linear(xr, w);
+        };
+        const auto qr = lin(wq64, bq64), kr = lin(wk64, bk64), vr = lin(wv64, bv64);
+        EXPECT_LT(rel_l2(q, qr), tol(dtype, 8));
+        EXPECT_LT(rel_l2(k, kr), tol(dtype, 8));
+        EXPECT_LT(rel_l2(v, vr), tol(dtype, 8));
+        const auto gq = torch::randn_like(qr), gk = torch::randn_like(kr), gv = torch::randn_like(vr);
+        auto loss = (q * gq.to(dtype)).sum() + (k * gk.to(dtype)).sum();
+        auto loss64 = (qr * gq).sum() + (kr * gk).sum();
+        if (use_v) {
+          loss = loss + (v * gv.to(dtype)).sum();
+          loss64 = loss64 + (vr * gv).sum();
+        }
+        loss.backward();
+        loss64.backward();
+        EXPECT_LT(rel_l2(x0.grad(), x64.grad()), tol(dtype, 16));
+        EXPECT_LT(rel_l2(wq.grad(), wq64.grad()), tol(dtype, 16));
+        EXPECT_LT(rel_l2(wk.grad(), wk64.grad()), tol(dtype, 16));
+        if (use_v) EXPECT_LT(rel_l2(wv.grad(), wv64.grad()), tol(dtype, 16));
+        else EXPECT_FALSE(wv.grad().defined());
+        if (bias) {
+          EXPECT_LT(rel_l2(bq.grad(), bq64.grad()), tol(dtype, 16));
+          EXPECT_LT(rel_l2(bk.grad(), bk64.grad()), tol(dtype, 16));
+        } else {
+          EXPECT_FALSE(bq.grad().defined());
+        }
+      }
+    }
+  }
+}
+
+TEST_P(TransformerOps, QkvProjectionEmptyAndErrors) {
+  auto x = torch::randn({2, 0, 6}, opts(torch::kFloat)).requires_grad_(true);
+  auto w = torch::randn({4, 6}, opts(torch::kFloat)).requires_grad_(true);
+  auto [q, k, v] = unswag::qkv_projection(x, w, w, w);
+  EXPECT_EQ(q.sizes(), (std::vector<int64_t>{2, 0, 4}));
+  (q.sum() + k.sum() + v.sum()).backward();
+  EXPECT_EQ(x.grad().sizes(), x.sizes());
+  EXPECT_EQ(w.grad().abs().sum().item<double>(), 0.0);
+  const auto x2 = torch::randn({3, 6}, opts(torch::kFloat));
+  expect_error([&] { unswag::qkv_projection(x2, w, w.narrow(1, 0, 5), w); }, {"'wk'", "[out, 6]", "[4, 5]"});
+  expect_error([&] { unswag::qkv_projection(x2, w, w, w.to(torch::kDouble)); }, {"'wv'", "dtype"});
+  expect_error([&] { unswag::qkv_projection(x2.to(torch::kInt), w, w, w); }, {"qkv_projection", "'x'"});
+  expect_error([&] { unswag::qkv_projection(x2, w, w, w, torch::zeros({5}, opts(torch::kFloat))); },
+               {"'bq'", "[4]", "[5]"});
+  if (x2.is_cuda()) expect_error([&] { unswag::qkv_projection(x2, w.cpu(), w, w); }, {"'wq'", "same device"});
 }
 
 UNSWAG_INSTANTIATE_DEVICES(TransformerOps);

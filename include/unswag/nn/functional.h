@@ -16,6 +16,9 @@
 //                              [B, T, H, D] layout the projections produce (no
 //                              transposed copies), bit-identical to
 //                              transformers' x * cos + rotate_half(x) * sin
+//   qkv_projection             the q, k and v projections of one input, whose
+//                              backward sums grad x inside the GEMMs (no
+//                              [N, hidden] add kernels, no extra buffers)
 //
 // All are also registered as torch.ops.unswag.<name>.
 #pragma once
@@ -52,5 +55,15 @@ at::Tensor linear_cross_entropy(const at::Tensor& h, const at::Tensor& weight, c
 // rounded as ATen rounds that composition. Backward applies the transposed
 // rotation in one pass.
 at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// (x W_q^T + b_q, x W_k^T + b_k, x W_v^T + b_v): x [..., n], each W [out_i, n],
+// each b (optional) [out_i]. Forward equals three at::linear calls; backward
+// computes grad x = dq W_q + dk W_k + dv W_v with the last two accumulated in
+// place by addmm_ (one rounding per GEMM in the output dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_projection(const at::Tensor& x, const at::Tensor& wq,
+                                                              const at::Tensor& wk, const at::Tensor& wv,
+                                                              const std::optional<at::Tensor>& bq = std::nullopt,
+                                                              const std::optional<at::Tensor>& bk = std::nullopt,
+                                                              const std::optional<at::Tensor>& bv = std::nullopt);
 
 }  // namespace unswag

@@ -1,0 +1,101 @@
+// The 3- and 4-bit few-bit encode by table lookup: code(x) = #{i : x > b_i}
+// in one rounded multiply-add, one 8-byte shared-memory load and one compare,
+// where a binary search over 7 or 15 boundaries spends 3 or 4 dependent loads.
+// Shared by the CUDA forward kernel and its CPU test (tests/kernels).
+//
+// The points p_k = b_first + k w (k = 0..last, p_last = b_last) sample the
+// boundaries' range with w <= min_gap / 1.5. Cell k stores B_k, the boundary
+// nearest p_k, and below_k, its index (the number of boundaries under it).
+// x goes to k = rint((x - b_first) / w) clamped to [0, last], so |x - p_k| <=
+// w / 2 (plus float rounding, far under 0.01 w) unless clamped. Then
+//   code(x) = below_k + [x > B_k]
+// holds when no other boundary b' lies between x and B_k: such a b' would be
+// no farther from p_k than x (B_k is the nearest), so |b' - B_k| <= 1.02 w,
+// under the minimum gap. Clamped x lie beyond b_first or b_last, where B is
+// that outer boundary and the formula is exact. NaN: fminf(NaN, last) is last,
+// and !(NaN <= b_last) adds one: the top code, as the other encodes give.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "activation_math.h"  // UNSWAG_HD
+#include "fewbit_tables.h"
+
+namespace unswag::kernels {
+
+constexpr int kMaxFewbitCells = 64;
+
+struct alignas(8) FewbitCell {
+  float bound;     // B_k
+  uint32_t below;  // its index: codes under B_k
+};
+
+// Passed by value to the forward kernel (520 bytes of parameters).
+struct FewbitCells {
+  float scale = 0.f, offset = 0.f;  // u = x scale + offset = (x - b_first) / w
+  float last = 0.f;                 // the last cell's index
+  int32_t count = 0;                // cells used; 0: not built (too many cells needed)
+  FewbitCell cell[kMaxFewbitCells] = {};
+};
+
+// Builds the cells of a 3- or 4-bit table; count = 0 when the boundaries are
+// too close together for kMaxFewbitCells cells (the kernels then search).
+inline FewbitCells make_fewbit_cells(const FewbitTable& t) {
+  FewbitCells c;
+  const int nb = (1 << t.bits) - 1;
+  if (t.bits < 3 || t.bits > kMaxFewbitBits) return c;
+  const double lo = t.boundaries[0], hi = t.boundaries[nb - 1];
+  double min_gap = INFINITY;
+  for (int i = 0; i + 1 < nb; ++i) min_gap = std::fmin(min_gap, double(t.boundaries[i + 1]) - t.boundaries[i]);
+  if (!(min_gap > 0) || !std::isfinite(hi - lo)) return c;
+  const double cells = std::ceil((hi - lo) / (min_gap / 1.5)) + 1;
+  if (cells > kMaxFewbitCells) return c;
+  const int count = int(cells);
+  const double w = (hi - lo) / (count - 1);
+  c.scale = float(1 / w);
+  c.offset = float(-lo / w);
+  c.last = float(count - 1);
+  c.count = count;
+  for (int k = 0; k < count; ++k) {
+    const double p = lo + k * w;
+    int best = 0;
+    for (int i = 1; i < nb; ++i)
+      if (std::fabs(t.boundaries[i] - p) < std::fabs(t.boundaries[best] - p)) best = i;
+    c.cell[k] = FewbitCell{t.boundaries[best], uint32_t(best)};
+  }
+  return c;
+}
+
+// The cell of v, in [0, last] (NaN -> last). Float math, identical on host and
+// device: fmaf, fminf/fmaxf, and rounding to nearest by adding 1.5 * 2^23
+// (valid for 0 <= u < 2^22), whose low mantissa bits are then the integer.
+UNSWAG_HD uint32_t fewbit_cell_index(float v, float scale, float offset, float last) {
+  const float u = fmaxf(fminf(fmaf(v, scale, offset), last), 0.f);
+  const float r = u + 12582912.f;
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(r) - 0x4B400000u;
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &r, 4);
+  return bits - 0x4B400000u;
+#endif
+}
+
+// code(v) from the cell table (cells may live in shared memory).
+template <typename A>
+UNSWAG_HD uint32_t fewbit_cell_code(A v, const FewbitCells& c, const FewbitCell* cells) {
+  const FewbitCell e = cells[fewbit_cell_index(float(v), c.scale, c.offset, c.last)];
+  return e.below + (!(v <= A(e.bound)) ? 1u : 0u);
+}
+
+// Bits 0, 4, ..., 28 of x gathered into bits 0..7 (one bit plane of eight
+// 4-bit codes packed as nibbles: element j's code at bits 4j..4j+3).
+UNSWAG_HD uint32_t gather_nibble_bits(uint32_t x) {
+  x = (x | (x >> 3)) & 0x03030303u;
+  x = (x | (x >> 6)) & 0x000f000fu;
+  return (x | (x >> 12)) & 0xffu;
+}
+
+}  // namespace unswag::kernels
