@@ -105,6 +105,21 @@ def test_transformer_ops_match_autograd_in_float64(device):
     assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy(a, b, t, 6).double(), (h, wv))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_qkv_projection_passes_gradcheck(device):
+    """torch.ops.unswag.qkv_projection: three linear maps of one input (biases
+    optional), gradients by finite differences in float64."""
+    x = torch.randn(2, 3, 7, device=device, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(n, 7, device=device, dtype=torch.float64, requires_grad=True) for n in (6, 4, 4)]
+    b = torch.randn(4, device=device, dtype=torch.float64, requires_grad=True)
+    q, k, v = ops.qkv_projection(x, *ws, None, b, None)
+    torch.testing.assert_close(q, x @ ws[0].t())
+    torch.testing.assert_close(k, x @ ws[1].t() + b)
+    torch.testing.assert_close(v, x @ ws[2].t())
+    assert torch.autograd.gradcheck(lambda *a: ops.qkv_projection(a[0], a[1], a[2], a[3], None, a[4], None),
+                                    (x, *ws, b))
+
+
 # ---- PSA sequence primitives (include/unswag/nn/psa_ops.h) ------------------
 
 def _conv_reference(x, w, b):
