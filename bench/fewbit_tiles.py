@@ -22,8 +22,8 @@ READING = (
     "stride of the grid and issues the next group's loads before this group's math; `search`: the 3- and 4-bit "
     "forward at the default schedule with the binary-search encode (kBits dependent shared-memory loads per "
     "element) instead of the cell table (src/kernels/fewbit_cells.h: one rounded multiply-add and one load). "
-    "The library's defaults (the \"default\" columns, `fewbit_fwd_schedule` / `fewbit_bwd_schedule` in "
-    "src/kernels/elementwise.cu) are the best measured cells of this sweep, one per dtype, bit width and activation."
+    "The \"default\" columns are the library's choice (`fewbit_fwd_schedule` / `fewbit_bwd_schedule` in "
+    "src/kernels/elementwise.cu, which says from which run of this sweep they were set)."
 )
 
 

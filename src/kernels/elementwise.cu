@@ -164,10 +164,16 @@ __device__ __forceinline__ void for_each_tile(int64_t n, Body&& body) {
 //    groups of kTiles tiles with a stride of the whole grid and issues the next
 //    group's loads before this group's math, so its loads stay in flight while
 //    it computes (what a compute-heavy forward, GELU or a 4-bit encode, needs).
-// The defaults are the best of bench/fewbit_tiles.cu's sweep (docs/BENCHMARKS.md,
-// section fewbit-tiles), one per dtype, bit width and activation: a measured
+// The defaults are the best one-pass cells of bench/fewbit_tiles.cu's sweep on
+// the H200 (2026-12-04), one per dtype, bit width and activation: a measured
 // choice, not a model (neighbouring fp32 variants differ by more than their
-// math explains).
+// math explains). The H100 sweep of 2026-12-06 (docs/BENCHMARKS.md,
+// fewbit-tiles) found the persistent schedule slower than the best one-pass
+// cell in all but two cells (fp16 3/4-bit GELU forward: 89% persistent, 85-87%
+// here), and the 16-bit defaults within 3% of the best cell; several fp32
+// defaults are 4-11% below the H100's best (e.g. the 1-bit backward: 87% at
+// 4 tiles, 98% at 1, where the H200 had 77% and 60%). They stay until the
+// H200 is measured again.
 struct FewbitSchedule {
   int tiles;
   bool persistent;

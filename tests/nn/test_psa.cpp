@@ -881,10 +881,19 @@ TEST_F(PSALayer, CudaFusedDecodeMatchesComposition) {
       // fused GEMV's can round them apart and pick different routes (seen
       // once in bf16, seed 7021880332087128506). The comparison is meant
       // to test the routing, not that rounding, so such tokens are redrawn.
-      for (int attempt = 0; attempt < 20; ++attempt) {
+      // The signal bias also grows until the arg-max routes give more than
+      // 160 signal tokens: the +1.5 above gave exactly 128 once on the H100
+      // (seed 5441542396118938931), one attention block where the test needs
+      // more than one.
+      for (int attempt = 0; attempt < 40; ++attempt) {
         const Tensor logits = (torch::nn::functional::linear(x, ref->router->weight, ref->router->bias)
                                    .to(torch::kFloat) +
                                ref->route_bias.to(torch::kFloat))[0];  // [T, 4]
+        if ((logits.argmax(-1) == 3).sum().item<int64_t>() <= 160) {
+          ref->route_bias[3].add_(0.25);
+          fused->route_bias[3].add_(0.25);
+          continue;
+        }
         const Tensor top = std::get<0>(logits.topk(2, -1));
         const double ulps = dtype == torch::kFloat ? 0.0 : 8 * unswag::test::unit_roundoff(dtype);
         const Tensor tie = (top.select(1, 0) - top.select(1, 1)) <= ulps * top.abs().amax(1).clamp_min(1);
