@@ -281,7 +281,6 @@ __device__ __forceinline__ acc_t<T> act_forward_for(acc_t<T> x) {
   else return act_forward(kAct, x);
 }
 
-
 // The k-bit code of v as bit planes: bit b of the code goes to bit j of
 // frag[b]. code = #{boundaries b_i with !(v <= b_i)} (NaN counts above every
 // boundary). For 1 and 2 bits the planes come straight from the compares:
@@ -312,7 +311,7 @@ __device__ __forceinline__ void encode_planes(A v, int j, const FewbitTable& tab
 }
 
 // The forward kernel's cell-table argument: the table for 3 and 4 bits with
-// kCells, else nothing (no 520 bytes of parameters for a 1- or 2-bit launch).
+// kCells, else nothing (no 528 bytes of parameters for a 1- or 2-bit launch).
 struct NoFewbitCells {};
 template <int kBits, bool kCells>
 using FewbitCellsArg = std::conditional_t<kBits >= 3 && kCells, FewbitCells, NoFewbitCells>;
@@ -325,7 +324,7 @@ struct FewbitForwardShared {
   FewbitCell cells[kBits >= 3 && kCells ? kMaxFewbitCells : 1];
 };
 
-// Tiles are 256 elements; the launch helpers below size grids in them.
+// This warp's index in the grid, and the grid's number of warps.
 __device__ __forceinline__ int64_t global_warp() {
   return (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
 }

@@ -32,7 +32,7 @@ struct alignas(8) FewbitCell {
   uint32_t below;  // its index: codes under B_k
 };
 
-// Passed by value to the forward kernel (520 bytes of parameters).
+// Passed by value to the forward kernel (528 bytes of parameters).
 struct FewbitCells {
   float scale = 0.f, offset = 0.f;  // u = x scale + offset = (x - b_first) / w
   float last = 0.f;                 // the last cell's index
