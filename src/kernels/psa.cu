@@ -21,7 +21,9 @@
 //   3. each chunk is replayed from its incoming state: forward writes h;
 //      backward first keeps h at its 16 sub-chunk starts in registers, then,
 //      last sub-chunk first, recomputes 16 steps of h into registers and runs
-//      the reverse scan over them, writing dx = g and da = g h_{t-1}.
+//      the reverse scan over them, writing dx = g and da = g h_{t-1} (the
+//      gated EMA: dv, and dz summed over each warp's 32 channels by one
+//      reduce-scatter per 16 steps).
 // All state is fp32 (fp64 for fp64) whatever the storage dtype.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
