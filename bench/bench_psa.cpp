@@ -169,13 +169,15 @@ std::string json_escape(const std::string& in) {
 }
 
 // One call of fn under the Kineto profiler: the wall time of the call, the
-// summed GPU time, and the top GPU kernels and CPU-side ATen ops by total
+// summed GPU time, and the top GPU kernels, the same GPU time by the ATen op
+// (and input shapes) that launched it, and CPU-side ATen ops by total
 // time (CPU ops nest, so their times overlap; a large aten::item or
 // aten::nonzero is time spent waiting for the GPU). One JSON line.
 void profile_call(const torch::Device& device, const std::string& label, const std::function<void()>& fn) {
   namespace prof = torch::autograd::profiler;
   using torch::profiler::impl::ActivityType;
-  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO,
+                                                     /*report_input_shapes=*/true);
   std::set<ActivityType> activities{ActivityType::CPU};
   if (on_cuda(device)) activities.insert(ActivityType::CUDA);
   synchronize(device);
@@ -186,7 +188,19 @@ void profile_call(const torch::Device& device, const std::string& label, const s
   synchronize(device);
   const double wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const auto result = prof::disableProfiler();
-  std::map<std::string, std::pair<double, int>> gpu, cpu;
+  std::map<std::string, std::pair<double, int>> gpu, cpu, gpu_by_op;
+  // The ATen op that launched each kernel (the innermost one: the kernel's
+  // linked correlation id is that op's), named with its input shapes.
+  std::map<uint64_t, std::string> op_of;
+  for (const auto& e : result->events()) {
+    if (e.deviceType() == c10::DeviceType::CUDA) continue;
+    std::ostringstream o;
+    o << e.name();
+    if (e.hasShapes())
+      for (const auto& shape : e.shapes())
+        if (!shape.empty()) o << " " << c10::IntArrayRef(shape);
+    op_of[e.correlationId()] = o.str();
+  }
   double gpu_ms = 0;
   for (const auto& e : result->events()) {
     const double ms = double(e.durationNs()) / 1e6;
@@ -195,26 +209,31 @@ void profile_call(const torch::Device& device, const std::string& label, const s
       g.first += ms;
       g.second += 1;
       gpu_ms += ms;
+      const auto op = op_of.find(e.linkedCorrelationId());
+      auto& by_op = gpu_by_op[op == op_of.end() ? "(no op) " + e.name() : op->second];
+      by_op.first += ms;
+      by_op.second += 1;
     } else if (e.name().rfind("aten::", 0) == 0 || e.name().rfind("unswag::", 0) == 0) {
       auto& c = cpu[e.name()];
       c.first += ms;
       c.second += 1;
     }
   }
-  auto top = [](const std::map<std::string, std::pair<double, int>>& m, size_t k) {
+  auto top = [](const std::map<std::string, std::pair<double, int>>& m, size_t k, size_t width) {
     std::vector<std::pair<std::string, std::pair<double, int>>> v(m.begin(), m.end());
     std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
     std::ostringstream o;
     o << "[";
     for (size_t i = 0; i < std::min(k, v.size()); ++i)
-      o << (i ? ", " : "") << "[\"" << json_escape(v[i].first.substr(0, 90)) << "\", " << v[i].second.first << ", "
+      o << (i ? ", " : "") << "[\"" << json_escape(v[i].first.substr(0, width)) << "\", " << v[i].second.first << ", "
         << v[i].second.second << "]";
     o << "]";
     return o.str();
   };
   std::printf("{\"mode\": \"profile\", \"what\": \"%s\", \"wall_ms\": %.3f, \"gpu_ms\": %.3f, \"gpu_top\": %s, "
-              "\"cpu_top\": %s}\n",
-              json_escape(label).c_str(), wall_ms, gpu_ms, top(gpu, 15).c_str(), top(cpu, 15).c_str());
+              "\"gpu_by_op\": %s, \"cpu_top\": %s}\n",
+              json_escape(label).c_str(), wall_ms, gpu_ms, top(gpu, 15, 90).c_str(), top(gpu_by_op, 30, 160).c_str(),
+              top(cpu, 15, 90).c_str());
   std::fflush(stdout);
 }
 

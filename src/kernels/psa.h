@@ -3,7 +3,9 @@
 // in its gated-EMA form), each forward and backward, with a CPU reference
 // (psa_cpu.cpp) and CUDA kernels (psa.cu) computing the same thing, layout
 // [B, T, C] contiguous; and, CUDA only (psa_combine.cu), the layer's read-side
-// sum psa_combine, plus the router's counter-based Gumbel noise (both devices).
+// sum psa_combine, plus the router's counter-based Gumbel noise and the row
+// gather that packs the signal tokens (both devices) and the window's
+// head-dim padding (CUDA).
 // Storage dtype T (fp32/fp16/bf16/fp64) for the big tensors; the math, the
 // small parameters (conv weight and bias, h0) and their gradients are in the
 // accumulation type A: double for kFloat64, float otherwise.
@@ -126,7 +128,7 @@ void linear_scan_backward_cpu(const LinearScanParams& p, int64_t g0, int64_t g1)
 // of 8 elements); local, summary, y and dy contiguous. The gate and lambdas are
 // fp32. Needs head_dim % 8 == 0 and heads * head_dim a multiple of 256, at
 // most 8192 (one thread per 8 columns, whole warps); 16-byte aligned data.
-// Backward: dsig [B, H, T, D] contiguous = dy gate; dgate[b,t] = sum_c dy sig;
+// Backward: dsig [B, H, T, D] with its own strides (dsig_stride) = dy gate; dgate[b,t] = sum_c dy sig;
 // dlocal = dy lambda_local, written [B, T, C / local_group] when local_group
 // is 1, else per query column [B, T, C] (the caller sums each group's heads);
 // dsummary likewise; dlambda_partial [blocks, 2, C] (fp32; summed over blocks:
@@ -149,6 +151,7 @@ struct PsaCombineParams {
   void* y = nullptr;
   const void* dy = nullptr;
   void* dsig = nullptr;
+  int64_t dsig_stride[3] = {0, 0, 0};  // of b, h, t (elements; multiples of 8)
   float* dgate = nullptr;
   void* dlocal = nullptr;
   void* dsummary = nullptr;
@@ -157,6 +160,41 @@ struct PsaCombineParams {
 inline int64_t psa_combine_blocks(const PsaCombineParams& p) {
   return (p.batch * p.time + kCombineRows - 1) / kCombineRows;
 }
+
+// ---- row gather (packing and unpacking the signal tokens) -----------------------
+
+// out[m, :] = src[index[m], :] for m < rows, a zero row where index[m] is
+// outside [0, src_rows). Rows are row_bytes bytes (any element type); src
+// rows are src_row_stride bytes apart, out is dense. The PSA layer packs the
+// signal tokens of [B * T, C] into [B * S, C] with it and unpacks them back;
+// the two index arrays are each other's inverse, so each direction is the
+// other's adjoint (include/unswag/nn/psa_ops.h, gather_rows).
+struct GatherRowsParams {
+  int64_t rows = 0, src_rows = 0, row_bytes = 0, src_row_stride = 0;
+  const void* src = nullptr;
+  const int64_t* index = nullptr;  // [rows]
+  void* out = nullptr;             // [rows, row_bytes]
+};
+// CPU: out rows [m0, m1).
+void gather_rows_cpu(const GatherRowsParams& p, int64_t m0, int64_t m1);
+
+// ---- head-dim padding (the window attention's operands) -------------------------
+
+// out[b,t,h,:] = (x[b,t,h,0..D), first[b,t] or 0, 0 ... 0), D + pad values:
+// the window's q, k and v gain `pad` head dims (the key bias rides in them,
+// nn/psa.cpp) in one pass instead of a zero fill and a cat each. x has d
+// contiguous and strides of b, t, h in elements; out is dense. CUDA only
+// (fp32/fp16/bf16): needs D and pad multiples of 16 bytes, x's strides and
+// both base addresses 16-byte aligned (pad_head_dim_cuda_fits); the op runs
+// the ATen composition elsewhere.
+struct PadHeadDimParams {
+  DType dtype = DType::kFloat32;
+  int64_t batch = 0, time = 0, heads = 0, head_dim = 0, pad = 0;
+  const void* x = nullptr;
+  int64_t x_stride[3] = {0, 0, 0};  // of b, t, h (elements)
+  const float* first = nullptr;     // [B, T] fp32, or null: zeros
+  void* out = nullptr;              // [B, T, heads, head_dim + pad]
+};
 
 // ---- Gumbel noise (the router's training draw) --------------------------------
 
@@ -194,6 +232,8 @@ void linear_scan_backward_cuda(const LinearScanParams& p, void* stream);
 void psa_combine_forward_cuda(const PsaCombineParams& p, void* stream);
 void psa_combine_backward_cuda(const PsaCombineParams& p, void* stream);
 void gumbel_noise_cuda(const GumbelNoiseParams& p, void* stream);
+void gather_rows_cuda(const GatherRowsParams& p, void* stream);
+void pad_head_dim_cuda(const PadHeadDimParams& p, void* stream);
 #endif
 
 }  // namespace unswag::kernels

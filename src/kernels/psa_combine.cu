@@ -9,7 +9,8 @@
 // (d lambda) stay in registers across the block's rows. The per-row sum
 // d gate[b, t] = sum_c dy sig is reduced by warp shuffles, and once per block
 // across warps through shared memory. Also the router's Gumbel noise
-// (kernels::gumbel_at, one thread per value).
+// (kernels::gumbel_at, one thread per value) and gather_rows (a row copy by
+// the widest vector that the row size, stride and pointers allow).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -96,7 +97,8 @@ __global__ void combine_backward_kernel(PsaCombineParams p) {
     if (dsig != nullptr) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) tmp[j] = g[j] * gate;
-      store8<true>(dsig + ((b * p.heads + col.h) * p.time + t) * p.head_dim + col.d0, 0, 8, tmp);
+      store8<true>(dsig + b * p.dsig_stride[0] + col.h * p.dsig_stride[1] + t * p.dsig_stride[2] + col.d0, 0, 8,
+                   tmp);
     }
     if (p.dgate != nullptr) {
       float s[8], acc = 0.f;
@@ -194,6 +196,95 @@ void gumbel_noise_cuda(const GumbelNoiseParams& p, void* stream) {
   if (p.n == 0) return;
   gumbel_noise_kernel<<<unsigned((p.n + 255) / 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
   check_launch("gumbel noise");
+}
+
+namespace {
+// A block of 256 threads copies 256 / tpr rows at a time, tpr threads a row
+// (tpr the power of two >= the row's vectors, at most 256), so short rows
+// (the packed gates: one float) do not leave most of the block idle.
+template <typename V>
+__global__ void gather_rows_kernel(GatherRowsParams p, int tpr) {
+  const int64_t row_vecs = p.row_bytes / int64_t(sizeof(V));
+  const int rows_per_block = 256 / tpr;
+  const int lane = int(threadIdx.x) % tpr;
+  const char* src = static_cast<const char*>(p.src);
+  V* out = static_cast<V*>(p.out);
+  for (int64_t m = int64_t(blockIdx.x) * rows_per_block + threadIdx.x / tpr; m < p.rows;
+       m += int64_t(gridDim.x) * rows_per_block) {
+    const int64_t r = p.index[m];
+    const bool valid = r >= 0 && r < p.src_rows;
+    const V* row = reinterpret_cast<const V*>(src + (valid ? r : 0) * p.src_row_stride);
+    for (int64_t j = lane; j < row_vecs; j += tpr) out[m * row_vecs + j] = valid ? row[j] : V{};
+  }
+}
+
+template <typename V>
+void launch_gather_rows(const GatherRowsParams& p, cudaStream_t s) {
+  const int64_t row_vecs = p.row_bytes / int64_t(sizeof(V));
+  int tpr = 1;
+  while (tpr < 256 && tpr < row_vecs) tpr *= 2;
+  const int64_t blocks = min(int64_t(1) << 20, (p.rows + 256 / tpr - 1) / (256 / tpr));
+  gather_rows_kernel<V><<<unsigned(blocks), 256, 0, s>>>(p, tpr);
+}
+}  // namespace
+
+void gather_rows_cuda(const GatherRowsParams& p, void* stream) {
+  if (p.rows == 0 || p.row_bytes == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  // The widest vector dividing the row size, the source stride and both base addresses.
+  const uint64_t bits = uint64_t(p.row_bytes) | uint64_t(p.src_row_stride) |
+                        uint64_t(reinterpret_cast<uintptr_t>(p.src)) | uint64_t(reinterpret_cast<uintptr_t>(p.out));
+  if (bits % 16 == 0) launch_gather_rows<uint4>(p, s);
+  else if (bits % 8 == 0) launch_gather_rows<uint2>(p, s);
+  else if (bits % 4 == 0) launch_gather_rows<uint32_t>(p, s);
+  else if (bits % 2 == 0) launch_gather_rows<uint16_t>(p, s);
+  else launch_gather_rows<uint8_t>(p, s);
+  check_launch("gather_rows");
+}
+
+namespace {
+// One thread per 16-byte vector of out: vectors [0, D / V) copy x's row, the
+// rest are the padding (its first element first[b, t] on the first of them).
+template <typename T>
+__global__ void pad_head_dim_kernel(PadHeadDimParams p, int64_t row_vecs, int64_t x_vecs, int64_t total) {
+  constexpr int kPerVec = 16 / int(sizeof(T));
+  const char* x = static_cast<const char*>(p.x);
+  uint4* out = static_cast<uint4*>(p.out);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / row_vecs, j = i - row * row_vecs;
+    const int64_t bt = row / p.heads, h = row - bt * p.heads;
+    const int64_t b = bt / p.time, t = bt - b * p.time;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (j < x_vecs) {
+      v = reinterpret_cast<const uint4*>(
+          x + (b * p.x_stride[0] + t * p.x_stride[1] + h * p.x_stride[2]) * int64_t(sizeof(T)))[j];
+    } else if (j == x_vecs && p.first != nullptr) {
+      T e[kPerVec];
+#pragma unroll
+      for (int k = 0; k < kPerVec; ++k) e[k] = from_f<T>(0.f);
+      e[0] = from_f<T>(p.first[bt]);
+      v = *reinterpret_cast<const uint4*>(e);
+    }
+    out[i] = v;
+  }
+}
+}  // namespace
+
+void pad_head_dim_cuda(const PadHeadDimParams& p, void* stream) {
+  const int64_t rows = p.batch * p.time * p.heads;
+  if (rows == 0) return;
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int64_t kPerVec = 16 / int64_t(sizeof(T));
+    if (p.head_dim % kPerVec != 0 || p.pad % kPerVec != 0)
+      throw std::invalid_argument("unswag: pad_head_dim CUDA kernel needs head_dim and pad multiples of 16 bytes");
+    const int64_t row_vecs = (p.head_dim + p.pad) / kPerVec, total = rows * row_vecs;
+    const int64_t blocks = min(int64_t(1) << 20, (total + 255) / 256);
+    pad_head_dim_kernel<T><<<unsigned(blocks), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+        p, row_vecs, p.head_dim / kPerVec, total);
+  };
+  dispatch_combine(p.dtype, run);
+  check_launch("pad_head_dim");
 }
 
 }  // namespace unswag::kernels

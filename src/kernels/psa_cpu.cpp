@@ -2,6 +2,7 @@
 // in psa.h. Rows of C channels are contiguous, so every inner loop runs over c
 // (vectorisable); accumulation in opmath (float; double for double).
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "float_types.h"
@@ -205,6 +206,19 @@ void linear_scan_backward_cpu(const LinearScanParams& p, int64_t g0, int64_t g1)
 
 void gumbel_noise_cpu(const GumbelNoiseParams& p, int64_t i0, int64_t i1) {
   for (int64_t i = i0; i < i1; ++i) p.out[i] = gumbel_at(p.key, i);
+}
+
+void gather_rows_cpu(const GatherRowsParams& p, int64_t m0, int64_t m1) {
+  const char* src = static_cast<const char*>(p.src);
+  char* out = static_cast<char*>(p.out);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t r = p.index[m];
+    char* dst = out + m * p.row_bytes;
+    if (r >= 0 && r < p.src_rows)
+      std::memcpy(dst, src + r * p.src_row_stride, size_t(p.row_bytes));
+    else
+      std::memset(dst, 0, size_t(p.row_bytes));
+  }
 }
 
 }  // namespace unswag::kernels

@@ -696,24 +696,35 @@ Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tens
     // repeats from step to step: attention backends that plan per shape
     // (cuDNN's) would otherwise re-plan on every call (~100 ms measured).
     const int64_t S = std::min<int64_t>((S_max + 255) / 256 * 256, std::max<int64_t>(T, S_max));
-    // Pack each row's signal tokens in order, right-padded to S: slot dest[t]
-    // holds token t. Padding sits after every real slot, so causal attention
-    // never lets a real query see it; padded outputs are never read back.
-    // Non-signal tokens are scattered into a spare last column that is then
-    // dropped (a scatter rather than nonzero + index_put: no host sync).
+    // Pack each row's signal tokens in order, right-padded to S, as rows of
+    // the token-major [B * T, heads * D] storage that the projections wrote
+    // (q, k, v are [B, heads, T, D] views of it): packed row b * S + s holds
+    // token pack_rows[b * S + s] (-1 on padding: a zero row), and token row
+    // b * T + t reads packed row unpack_rows[b * T + t] (-1 off the signal
+    // route). Each index is the other's inverse, so gather_rows' backward is
+    // a gather too, and every gradient leaves token-major, the layout RoPE's
+    // and the projections' backward read. Padding sits after every real slot:
+    // causal attention never lets a real query see it. (Non-signal tokens are
+    // scattered into a spare last column that is then dropped: no host sync.)
+    const auto lopt = signal.options().dtype(torch::kLong);
     const Tensor dest = signal.to(torch::kLong).cumsum(1) - 1;  // [B, T]
-    Tensor slots = torch::zeros({B, S + 1}, dest.options());
-    slots.scatter_(1, torch::where(signal, dest, S), torch::arange(T, dest.options()).expand({B, T}));
-    slots = slots.narrow(1, 0, S);
-    auto pack = [&](const Tensor& t) {
-      return t.gather(2, slots.view({B, 1, S, 1}).expand({B, t.size(1), S, D}));
+    Tensor slots = torch::full({B, S + 1}, -1, lopt);
+    slots.scatter_(1, torch::where(signal, dest, S), torch::arange(B * T, lopt).view({B, T}));
+    const Tensor pack_rows = slots.narrow(1, 0, S).reshape({B * S});
+    const Tensor unpack_rows = torch::where(signal, dest + torch::arange(B, lopt).view({B, 1}) * S, -1).view({B * T});
+    auto pack = [&](const Tensor& t) {  // [B, Hx, T, D] -> [B, Hx, S, D], token-major storage
+      const int64_t Hx = t.size(1);
+      return unswag::gather_rows(t.transpose(1, 2).reshape({B * T, Hx * D}), pack_rows, unpack_rows)
+          .view({B, S, Hx, D})
+          .transpose(1, 2);
     };
     // Keys and values carry z_sig (one in value) so the router feels what a
     // signal write is worth; applied after packing, to S rather than T rows.
-    // (Padding slots hold token 0; no real query sees them, so their gate
-    // gets no gradient.)
+    // (Padding slots get a zero gate, and no real query sees them.)
     const Tensor z_packed =
-        routing.gates.select(-1, kSignal).to(q.scalar_type()).gather(1, slots).view({B, 1, S, 1});
+        unswag::gather_rows(routing.gates.select(-1, kSignal).to(q.scalar_type()).reshape({B * T, 1}), pack_rows,
+                            unpack_rows)
+            .view({B, 1, S, 1});
     const Tensor qp = pack(q), kp = pack(k) * z_packed, vp = pack(v) * z_packed;
     Tensor op;
     if (q.is_cuda() && q.scalar_type() != torch::kDouble) {
@@ -725,8 +736,11 @@ Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tens
     } else {
       op = unswag::chunked_attention(qp, kp, vp, scale);
     }
-    // Non-signal tokens gather some slot here; the caller's gate zeroes them.
-    out = op.gather(2, dest.clamp_min(0).view({B, 1, T, 1}).expand({B, H, T, D}));
+    // Back to token order: rows off the signal route read zeros (the caller's
+    // gate zeroes them anyway).
+    out = unswag::gather_rows(op.transpose(1, 2).reshape({B * S, H * D}), unpack_rows, pack_rows)
+              .view({B, T, H, D})
+              .transpose(1, 2);
   }
   return out;
 }
@@ -741,18 +755,14 @@ namespace {
 // window tiling. Elsewhere unswag::chunked_attention, which takes the bias.
 Tensor biased_window_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias, double scale,
                                int64_t window) {
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const int64_t B = q.size(0), T = q.size(2), D = q.size(3);
   const bool flash = q.is_cuda() && (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf) &&
                      D % 8 == 0 && D + 8 <= 256;
   if (!flash) return unswag::chunked_attention(q, k, v, scale, window, 1024, bias);
-  const auto opt = q.options();
-  Tensor q_extra = torch::zeros({B, T, H, 8}, opt);
-  q_extra.select(-1, 0).fill_(1);
-  Tensor k_extra = torch::zeros({B, T, Hkv, 8}, opt);
-  k_extra.select(-1, 0).copy_((bias / scale).to(q.scalar_type()).view({B, T, 1}).expand({B, T, Hkv}));
-  const Tensor qe = torch::cat({q.transpose(1, 2), q_extra}, -1);  // [B, T, H, D + 8]
-  const Tensor ke = torch::cat({k.transpose(1, 2), k_extra}, -1);
-  const Tensor ve = torch::cat({v.transpose(1, 2), torch::zeros({B, T, Hkv, 8}, opt)}, -1);
+  // One pass each (unswag::pad_head_dim; its backward is a narrowed view).
+  const Tensor qe = unswag::pad_head_dim(q.transpose(1, 2), 8, torch::ones({B, T}, bias.options()));  // [B, T, H, D + 8]
+  const Tensor ke = unswag::pad_head_dim(k.transpose(1, 2), 8, bias / scale);
+  const Tensor ve = unswag::pad_head_dim(v.transpose(1, 2), 8);
   // Flash takes key/value heads dividing the query heads (GQA) as they are.
   const Tensor o = std::get<0>(at::_flash_attention_forward(qe, ke, ve, std::nullopt, std::nullopt, T, T, 0.0,
                                                             /*is_causal=*/true, /*return_debug_mask=*/false, scale,

@@ -2,7 +2,7 @@
 // argument checks, autograd functions over the raw-pointer kernels of
 // src/kernels/psa.h (CPU reference and CUDA), and the registrations of
 // torch.ops.unswag.causal_depthwise_conv1d / linear_scan / gated_ema_scan /
-// psa_combine.
+// psa_combine / gather_rows / pad_head_dim.
 //
 // Saved for backward: the conv keeps x and its (tiny) weight; the scan keeps
 // a, x and h0 only and recomputes h in fp32 inside its backward (no [B, T, C]
@@ -321,7 +321,11 @@ struct PsaCombineFunction : public torch::autograd::Function<PsaCombineFunction>
                                      at::Tensor(), at::Tensor(), at::Tensor()};
     const at::Tensor dy = grads[0].contiguous();
     auto p = params(sig, gate, local, lam_l, summary, lam_s);
-    at::Tensor dsig = ctx->needs_input_grad(0) ? at::empty({B, H, T, D}, sig.options()) : at::Tensor();
+    // dsig in sig's layout (the signal attention's output arrives token-major,
+    // and its gradient should leave so, not transposed).
+    at::Tensor dsig;
+    if (ctx->needs_input_grad(0))
+      dsig = sig.is_non_overlapping_and_dense() ? at::empty_like(sig) : at::empty({B, H, T, D}, sig.options());
     at::Tensor dgate = ctx->needs_input_grad(1) ? at::empty({B, T}, gate.options()) : at::Tensor();
     // Per query column where a local/summary head serves several query heads.
     auto grad_buffer = [&](const at::Tensor& t, int64_t group, bool wanted) {
@@ -332,6 +336,8 @@ struct PsaCombineFunction : public torch::autograd::Function<PsaCombineFunction>
     const at::Tensor partial = at::empty({kernels::psa_combine_blocks(p), 2, C}, gate.options());
     p.dy = dy.const_data_ptr();
     p.dsig = dsig.defined() ? dsig.data_ptr() : nullptr;
+    if (dsig.defined())
+      p.dsig_stride[0] = dsig.stride(0), p.dsig_stride[1] = dsig.stride(1), p.dsig_stride[2] = dsig.stride(2);
     p.dgate = dgate.defined() ? dgate.data_ptr<float>() : nullptr;
     p.dlocal = dlocal.defined() ? dlocal.data_ptr() : nullptr;
     p.dsummary = dsummary.defined() ? dsummary.data_ptr() : nullptr;
@@ -349,6 +355,95 @@ struct PsaCombineFunction : public torch::autograd::Function<PsaCombineFunction>
             dlam[1], at::Tensor()};
   }
 };
+
+// ---- gather_rows ----------------------------------------------------------------
+
+// out = src rows by index (zero rows where index is out of range); its adjoint
+// is the gather by `inverse` (each src row goes back to the one out row that
+// read it, or nowhere), so the backward is the same kernel with the two index
+// arrays swapped: no zero-filled [N, C] gradient, no atomics.
+at::Tensor gather_rows_raw(const at::Tensor& src, const at::Tensor& index) {
+  const at::Tensor s = src.stride(1) == 1 || src.size(1) <= 1 ? src : src.contiguous();
+  at::Tensor out = at::empty({index.size(0), s.size(1)}, s.options());
+  kernels::GatherRowsParams p;
+  p.rows = index.size(0);
+  p.src_rows = s.size(0);
+  p.row_bytes = s.size(1) * int64_t(s.element_size());
+  p.src_row_stride = (s.size(0) > 1 ? s.stride(0) : s.size(1)) * int64_t(s.element_size());
+  p.src = s.const_data_ptr();
+  p.index = index.const_data_ptr<int64_t>();
+  p.out = out.data_ptr();
+  if (p.rows == 0 || p.row_bytes == 0) return out;
+  if (src.device().is_cpu()) {
+    at::parallel_for(0, p.rows, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, p.row_bytes)),
+                     [&](int64_t m0, int64_t m1) { kernels::gather_rows_cpu(p, m0, m1); });
+  } else {
+#ifdef UNSWAG_WITH_CUDA
+    kernels::gather_rows_cuda(p, ops::current_cuda_stream(src.device()));
+#else
+    TORCH_CHECK(false, "gather_rows: this build of UnSwag has no CUDA kernels (device ", src.device(), ")");
+#endif
+  }
+  return out;
+}
+
+struct GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& src, const at::Tensor& index,
+                            const at::Tensor& inverse) {
+    ctx->save_for_backward({index, inverse});
+    return gather_rows_raw(src, index);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    return {gather_rows_raw(grads[0], saved[1]), at::Tensor(), at::Tensor()};
+  }
+};
+
+// ---- pad_head_dim -------------------------------------------------------------------
+
+// The gradient of x is a narrowed view of the output's (no copy); first's
+// (rarely wanted: the layer's key bias carries none) sums its column over heads.
+struct PadHeadDimFunction : public torch::autograd::Function<PadHeadDimFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& first, int64_t pad,
+                            bool has_first) {
+    const int64_t B = x.size(0), T = x.size(1), Hx = x.size(2), D = x.size(3);
+    ctx->saved_data["D"] = D;
+    at::Tensor out = at::empty({B, T, Hx, D + pad}, x.options());
+    const at::Tensor f = has_first ? first.to(at::kFloat).contiguous() : at::Tensor();
+    kernels::PadHeadDimParams p;
+    p.dtype = ops::to_kernel_dtype(x.scalar_type());
+    p.batch = B, p.time = T, p.heads = Hx, p.head_dim = D, p.pad = pad;
+    p.x = x.const_data_ptr();
+    p.x_stride[0] = x.stride(0), p.x_stride[1] = x.stride(1), p.x_stride[2] = x.stride(2);
+    p.first = has_first ? f.const_data_ptr<float>() : nullptr;
+    p.out = out.data_ptr();
+#ifdef UNSWAG_WITH_CUDA
+    kernels::pad_head_dim_cuda(p, ops::current_cuda_stream(x.device()));
+#endif
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t D = ctx->saved_data["D"].toInt();
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {g.narrow(-1, 0, D), ctx->needs_input_grad(1) ? g.select(-1, D).sum(2) : at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+bool pad_head_dim_fusable(const at::Tensor& x, int64_t pad) {
+#ifndef UNSWAG_WITH_CUDA
+  return false;
+#endif
+  const auto dt = x.scalar_type();
+  if (!x.is_cuda() || !(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16)) return false;
+  const int64_t es = int64_t(x.element_size());
+  auto aligned16 = [&](int64_t elems) { return (elems * es) % 16 == 0; };
+  return x.stride(3) == 1 && aligned16(x.size(3)) && aligned16(pad) && aligned16(x.stride(0)) &&
+         aligned16(x.stride(1)) && aligned16(x.stride(2)) &&
+         reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+}
 
 // Whether psa_combine's CUDA kernels take these tensors (else the composition).
 bool combine_fusable(const at::Tensor& sig, const at::Tensor& win, const at::Tensor& local,
@@ -479,6 +574,44 @@ at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::
          lambda_summary.to(dt) * expand(summary);
 }
 
+at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& index, const at::Tensor& inverse) {
+  constexpr const char* op = "gather_rows";
+  TORCH_CHECK(src.defined() && src.dim() == 2, op, ": argument 'src' must be [N, C] (2 dims), got ",
+              src.defined() ? src.sizes() : at::IntArrayRef{});
+  for (const auto& [t, arg, n] : {std::tuple<const at::Tensor&, const char*, int64_t>{index, "index", -1},
+                                  std::tuple<const at::Tensor&, const char*, int64_t>{inverse, "inverse", src.size(0)}}) {
+    TORCH_CHECK(t.defined() && t.scalar_type() == at::kLong && t.dim() == 1, op, ": argument '", arg,
+                "' must be a 1-dim int64 tensor, got ",
+                t.defined() ? c10::str("a ", t.dim(), "-dim ", t.scalar_type(), " tensor") : "an undefined tensor");
+    TORCH_CHECK(t.device() == src.device(), op, ": argument '", arg, "' must be on the device of 'src' (",
+                src.device(), "), got ", t.device());
+    TORCH_CHECK(n < 0 || t.size(0) == n, op, ": argument '", arg, "' must have one entry per row of 'src' (", n,
+                "), got ", t.size(0));
+  }
+  TORCH_CHECK(src.device().is_cpu() || src.is_cuda(), op, ": argument 'src' must be on the CPU or CUDA, got ",
+              src.device());
+  return GatherRowsFunction::apply(src, index.contiguous(), inverse.contiguous());
+}
+
+at::Tensor pad_head_dim(const at::Tensor& x, int64_t pad, const at::Tensor& first) {
+  constexpr const char* op = "pad_head_dim";
+  ops::check_float_tensor(x, op, "x");
+  TORCH_CHECK(x.dim() == 4, op, ": argument 'x' must be [B, T, H, D] (4 dims), got ", x.sizes());
+  TORCH_CHECK(pad >= 1, op, ": argument 'pad' must be >= 1, got ", pad);
+  const int64_t B = x.size(0), T = x.size(1), Hx = x.size(2);
+  if (first.defined()) {
+    check_parameter(first, x, op, "first");
+    TORCH_CHECK(first.dim() == 2 && first.size(0) == B && first.size(1) == T, op,
+                ": argument 'first' must be [B, T] = [", B, ", ", T, "], got ", first.sizes());
+  }
+  if (pad_head_dim_fusable(x, pad))
+    return PadHeadDimFunction::apply(x, first.defined() ? first : at::empty({0}, x.options()), pad, first.defined());
+  // Elsewhere the composition it fuses.
+  at::Tensor extra = at::zeros({B, T, Hx, pad}, x.options());
+  if (first.defined()) extra.select(-1, 0).copy_(first.to(x.scalar_type()).view({B, T, 1}).expand({B, T, Hx}));
+  return at::cat({x, extra}, -1);
+}
+
 namespace {
 // The registered forms (schema `Tensor?` arrives as an optional).
 at::Tensor causal_depthwise_conv1d_op(const at::Tensor& x, const at::Tensor& weight,
@@ -491,6 +624,9 @@ at::Tensor linear_scan_op(const at::Tensor& a, const at::Tensor& x, const std::o
 std::tuple<at::Tensor, at::Tensor> gated_ema_scan_op(const at::Tensor& v, const at::Tensor& z, const at::Tensor& rate,
                                                       const std::optional<at::Tensor>& h0) {
   return gated_ema_scan(v, z, rate, h0.value_or(at::Tensor()));
+}
+at::Tensor pad_head_dim_op(const at::Tensor& x, int64_t pad, const std::optional<at::Tensor>& first) {
+  return pad_head_dim(x, pad, first.value_or(at::Tensor()));
 }
 at::Tensor psa_combine_op(const at::Tensor& sig, const at::Tensor& gate, const std::optional<at::Tensor>& win,
                           const at::Tensor& local, const at::Tensor& lambda_local, const at::Tensor& summary,
@@ -506,4 +642,6 @@ TORCH_LIBRARY_IMPL(unswag, CompositeImplicitAutograd, m) {
   m.impl("causal_depthwise_conv1d", &unswag::causal_depthwise_conv1d_op);
   m.impl("linear_scan", &unswag::linear_scan_op);
   m.impl("psa_combine", &unswag::psa_combine_op);
+  m.impl("gather_rows", &unswag::gather_rows);
+  m.impl("pad_head_dim", &unswag::pad_head_dim_op);
 }

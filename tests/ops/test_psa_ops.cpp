@@ -6,7 +6,9 @@
 // slowly decaying scan (no bf16 drift), non-contiguous inputs, empty tensors,
 // bitwise causality, central finite differences in float64, and errors; and
 // gated_ema_scan against its float64 composition and, bit for bit, its fp32 one;
-// psa_combine against its float64 formula (fused CUDA kernels and composition).
+// psa_combine against its float64 formula (fused CUDA kernels and composition);
+// gather_rows against index_select, its backward against the float64 adjoint;
+// pad_head_dim against zeros + cat (the CUDA kernel and the composition).
 #include <functional>
 
 #include "test_util.h"
@@ -21,6 +23,10 @@ using test::rel_l2;
 class PsaConv : public DeviceTest {};
 class PsaScan : public DeviceTest {};
 class PsaCombine : public DeviceTest {};
+class GatherRows : public DeviceTest {};
+class PadHeadDim : public DeviceTest {};
+UNSWAG_INSTANTIATE_DEVICES(GatherRows);
+UNSWAG_INSTANTIATE_DEVICES(PadHeadDim);
 UNSWAG_INSTANTIATE_DEVICES(PsaConv);
 UNSWAG_INSTANTIATE_DEVICES(PsaScan);
 UNSWAG_INSTANTIATE_DEVICES(PsaCombine);
@@ -567,6 +573,17 @@ TEST_P(PsaCombine, ForwardAndGradientsMatchFloat64) {
   }
 }
 
+// The signal attention hands sig over token-major; its gradient must come back
+// in that layout (not transposed), so nothing downstream copies it.
+TEST_P(PsaCombine, SigGradientKeepsSigLayout) {
+  const CombineShape s{2, 4, 37, 64, 4, 4};
+  auto in = combine_inputs(s, torch::kBFloat16, opts(torch::kBFloat16), true);
+  std::vector<torch::Tensor> leaves;
+  for (const auto& t : in) leaves.push_back(leaf(t));
+  combine_fn()(leaves).backward(torch::randn({s.B, s.T, s.H * s.D}, opts(torch::kBFloat16)));
+  EXPECT_EQ(leaves[0].grad().strides(), in[0].strides());
+}
+
 TEST_P(PsaCombine, EmptyAndErrors) {
   {
     auto in = combine_inputs({2, 4, 0, 64, 4, 4}, torch::kFloat32, opts(torch::kFloat32), true);
@@ -593,6 +610,159 @@ TEST_P(PsaCombine, EmptyAndErrors) {
   expect_error([&] { call(4, in[4].slice(0, 0, 8)); }, {"argument 'lambda_local' must be [H * D] = [256]", "[8]"});
   expect_error([&] { call(6, in[6].to(torch::kInt)); }, {"argument 'lambda_summary' must be float"});
   if (device().is_cuda()) expect_error([&] { call(1, in[1].cpu()); }, {"argument 'gate' must be on the device of 'sig'"});
+}
+
+// ---- gather_rows ------------------------------------------------------------------
+
+// A random injective map of M output rows onto N source rows (about a third of
+// the outputs out of range: -1 or N + 3) and its inverse (-1 for unread rows).
+std::pair<torch::Tensor, torch::Tensor> random_rows(int64_t M, int64_t N) {
+  auto index = torch::full({M}, -1, torch::kLong), inverse = torch::full({N}, -1, torch::kLong);
+  const auto perm = torch::randperm(N, torch::kLong);
+  for (int64_t m = 0, used = 0; m < M; ++m) {
+    if (used < N && torch::rand({1}).item<double>() < 0.67) {
+      const int64_t n = perm[used++].item<int64_t>();
+      index[m] = n;
+      inverse[n] = m;
+    } else if (m % 2) {
+      index[m] = N + 3;
+    }
+  }
+  return {index, inverse};
+}
+
+// What gather_rows computes, in ATen: index_select of the in-range rows, zeros elsewhere.
+torch::Tensor gather_rows_reference(const torch::Tensor& src, const torch::Tensor& index) {
+  const auto valid = (index >= 0).logical_and(index < src.size(0));
+  const auto rows = src.index_select(0, torch::where(valid, index, 0).to(src.device()));
+  return torch::where(valid.to(src.device()).unsqueeze(1), rows, torch::zeros_like(rows));
+}
+
+TEST_P(GatherRows, ForwardEqualsIndexSelectInEveryDtypeAndLayout) {
+  for (auto dtype : {torch::kFloat64, torch::kFloat32, torch::kFloat16, torch::kBFloat16, torch::kInt64}) {
+    // Row sizes of 1, 3 and 5 elements take the narrow copies (4, 6, 10 bytes),
+    // 256 a 16-byte vector; 1000 rows exceed one CUDA block's 256 at C = 1.
+    for (auto [M, N, C] : std::vector<std::array<int64_t, 3>>{{7, 5, 3}, {1000, 900, 1}, {33, 40, 256}, {9, 9, 5}}) {
+      SCOPED_TRACE(::testing::Message() << dtype << " M " << M << " N " << N << " C " << C << " seed " << seed_);
+      const auto [index, inverse] = random_rows(M, N);
+      auto base = torch::randn({N, C + 2}, opts(torch::kFloat64)).mul(100).to(dtype);
+      // Contiguous rows; rows of a wider tensor (a row stride of C + 2); a
+      // non-unit column stride (copied first).
+      for (const auto& src : {base.narrow(1, 0, C).contiguous(), base.narrow(1, 1, C),
+                              base.t().contiguous().t().narrow(1, 0, C)}) {
+        auto out = gather_rows(src, index.to(device()), inverse.to(device()));
+        ASSERT_EQ(out.sizes(), (std::vector<int64_t>{M, C}));
+        ASSERT_EQ(out.scalar_type(), dtype);
+        EXPECT_TRUE(torch::equal(out.cpu(), gather_rows_reference(src.cpu(), index)));
+      }
+    }
+  }
+}
+
+TEST_P(GatherRows, BackwardIsTheAdjointInFloat64) {
+  for (auto dtype : kAllDtypes) {
+    const int64_t M = 45, N = 38, C = 24;
+    SCOPED_TRACE(::testing::Message() << dtype << " seed " << seed_);
+    const auto [index, inverse] = random_rows(M, N);
+    const auto idx = index.to(device()), inv = inverse.to(device());
+    check_against_reference(
+        [&](const std::vector<torch::Tensor>& in) { return gather_rows(in[0], idx, inv); },
+        [&](const std::vector<torch::Tensor>& in) { return gather_rows_reference(in[0], index); },
+        {torch::randn({N, C}, opts(dtype))}, {"src"}, dtype == torch::kFloat64 ? 1e-15 : test::unit_roundoff(dtype));
+  }
+  // The round trip: pack then unpack returns the read rows and zeros elsewhere.
+  const auto [index, inverse] = random_rows(20, 30);
+  auto src = torch::randn({30, 8}, opts(torch::kFloat32));
+  auto back = gather_rows(gather_rows(src, index.to(device()), inverse.to(device())), inverse.to(device()),
+                          index.to(device()));
+  EXPECT_TRUE(torch::equal(back.cpu(), src.cpu() * (inverse >= 0).unsqueeze(1).to(torch::kFloat32)));
+}
+
+TEST_P(GatherRows, FiniteDifferencesInFloat64) {
+  const auto [index, inverse] = random_rows(6, 5);
+  const auto idx = index.to(device()), inv = inverse.to(device());
+  check_finite_differences([&](const std::vector<torch::Tensor>& in) { return gather_rows(in[0], idx, inv); },
+                           {torch::randn({5, 3}, opts(torch::kFloat64))});
+}
+
+TEST_P(GatherRows, EmptyTensors) {
+  auto none = torch::empty({0}, opts(torch::kLong));
+  auto src = torch::randn({4, 6}, opts(torch::kFloat32)).requires_grad_(true);
+  auto out = gather_rows(src, none, torch::full({4}, -1, opts(torch::kLong)));
+  EXPECT_EQ(out.sizes(), (std::vector<int64_t>{0, 6}));
+  out.sum().backward();
+  EXPECT_TRUE(torch::equal(src.grad().cpu(), torch::zeros({4, 6})));
+  auto from_empty = gather_rows(torch::empty({0, 6}, opts(torch::kFloat32)), torch::full({3}, -1, opts(torch::kLong)), none);
+  EXPECT_TRUE(torch::equal(from_empty.cpu(), torch::zeros({3, 6})));
+  EXPECT_EQ(gather_rows(torch::empty({4, 0}, opts(torch::kFloat32)), torch::zeros({2}, opts(torch::kLong)),
+                        torch::full({4}, -1, opts(torch::kLong)))
+                .sizes(),
+            (std::vector<int64_t>{2, 0}));
+}
+
+TEST_P(GatherRows, BadInputErrorsNameTheArgument) {
+  using test::expect_error;
+  auto src = torch::randn({4, 6}, opts(torch::kFloat32));
+  auto index = torch::zeros({3}, opts(torch::kLong)), inverse = torch::full({4}, -1, opts(torch::kLong));
+  expect_error([&] { gather_rows(src[0], index, inverse); }, {"argument 'src' must be [N, C] (2 dims)", "[6]"});
+  expect_error([&] { gather_rows(src, index.to(torch::kInt), inverse); }, {"argument 'index' must be a 1-dim int64"});
+  expect_error([&] { gather_rows(src, index.view({3, 1}), inverse); }, {"argument 'index' must be a 1-dim int64", "got a 2-dim Long"});
+  expect_error([&] { gather_rows(src, index, inverse.narrow(0, 0, 3)); },
+               {"argument 'inverse' must have one entry per row of 'src' (4), got 3"});
+  if (device().is_cuda())
+    expect_error([&] { gather_rows(src, index.cpu(), inverse); }, {"argument 'index' must be on the device of 'src'"});
+}
+
+// ---- pad_head_dim --------------------------------------------------------------
+
+torch::Tensor pad_reference(const torch::Tensor& x, int64_t pad, const torch::Tensor& first) {
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2);
+  auto extra = torch::zeros({B, T, H, pad}, x.options());
+  std::vector<torch::Tensor> cols{x};
+  if (first.defined()) {
+    cols.push_back(first.to(x.scalar_type()).view({B, T, 1, 1}).expand({B, T, H, 1}));
+    extra = extra.narrow(-1, 0, pad - 1);
+  }
+  cols.push_back(extra);
+  return torch::cat(cols, -1);
+}
+
+TEST_P(PadHeadDim, EqualsZerosAndCatWithGradients) {
+  for (auto dtype : kAllDtypes) {
+    // D = 64 and pad 8 run the CUDA kernel in 16-bit (16-byte rows and pad);
+    // fp32 pad 8 too (32 bytes); D = 12 and pad 3 run the composition.
+    for (auto [B, T, H, D, pad] : std::vector<std::array<int64_t, 5>>{{2, 37, 4, 64, 8}, {1, 5, 3, 12, 3}, {1, 1, 2, 8, 8}}) {
+      for (bool with_first : {true, false}) {
+        SCOPED_TRACE(::testing::Message() << dtype << " B " << B << " T " << T << " H " << H << " D " << D << " pad "
+                                          << pad << " first " << with_first << " seed " << seed_);
+        // x a [B, T, H, D] view of a wider tensor (head stride D + 8).
+        auto x = torch::randn({B, T, H, D + 8}, opts(dtype)).narrow(-1, 0, D);
+        const auto first_dtype = dtype == torch::kFloat64 ? dtype : torch::kFloat32;
+        auto first = with_first ? torch::randn({B, T}, opts(first_dtype)) * 300 : torch::Tensor();
+        auto fn = [&](const std::vector<torch::Tensor>& in) { return pad_head_dim(in[0], pad, in[1]); };
+        auto ref = [&](const std::vector<torch::Tensor>& in) { return pad_reference(in[0], pad, in[1]); };
+        // Exact: a copy, and first rounded once to x's dtype; its gradient is a
+        // sum over H heads (the reference sums in fp64).
+        check_against_reference(fn, ref, {x, first}, {"x", "first"},
+                                dtype == torch::kFloat64 ? 1e-15 : 2 * test::unit_roundoff(dtype));
+        auto y = pad_head_dim(x, pad, first);
+        EXPECT_TRUE(torch::equal(y.cpu(), pad_reference(x, pad, first).cpu()));
+      }
+    }
+  }
+}
+
+TEST_P(PadHeadDim, EmptyAndErrors) {
+  auto x = torch::randn({2, 0, 4, 64}, opts(torch::kBFloat16));
+  EXPECT_EQ(pad_head_dim(x, 8, torch::zeros({2, 0}, opts(torch::kFloat32))).sizes(),
+            (std::vector<int64_t>{2, 0, 4, 72}));
+  using test::expect_error;
+  auto y = torch::randn({2, 3, 4, 64}, opts(torch::kBFloat16));
+  expect_error([&] { pad_head_dim(y[0], 8); }, {"argument 'x' must be [B, T, H, D] (4 dims)"});
+  expect_error([&] { pad_head_dim(y, 0); }, {"argument 'pad' must be >= 1, got 0"});
+  expect_error([&] { pad_head_dim(y, 8, torch::zeros({2, 4}, opts(torch::kFloat32))); },
+               {"argument 'first' must be [B, T] = [2, 3]", "[2, 4]"});
+  expect_error([&] { pad_head_dim(y.to(torch::kInt), 8); }, {"argument 'x' must be float"});
 }
 
 }  // namespace

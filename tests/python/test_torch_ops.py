@@ -178,3 +178,31 @@ def test_linear_scan_long_sequence_keeps_an_fp32_state(device, dtype):
     h.backward(dh)
     ref.backward(dh.double())
     assert rel(a.grad, a64.grad) <= tol and rel(x.grad, x64.grad) <= tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_rows_packs_and_its_gradient_unpacks(device):
+    """Rows picked by an injective index (out-of-range entries read zero rows);
+    the gradient goes back through the inverse index: gradcheck in float64."""
+    g = torch.Generator(device="cpu").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    src = torch.randn(7, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    index = torch.tensor([3, -1, 0, 6, 9, 2], device=device)
+    inverse = torch.tensor([2, -1, 5, 0, -1, -1, 3], device=device)
+    out = ops.gather_rows(src, index, inverse)
+    want = torch.where((index >= 0) & (index < 7), 1.0, 0.0).to(src).unsqueeze(1) * src[index.clamp(0, 6)]
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda s: ops.gather_rows(s, index, inverse), (src,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pad_head_dim_equals_cat(device, dtype):
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x = torch.randn(2, 5, 3, 64, device=device, dtype=dtype)
+    first = torch.randn(2, 5, device=device)
+    want = torch.cat([x, first.to(dtype)[:, :, None, None].expand(2, 5, 3, 1), x.new_zeros(2, 5, 3, 7)], -1)
+    assert torch.equal(ops.pad_head_dim(x, 8, first), want)
+    assert torch.equal(ops.pad_head_dim(x, 8), torch.cat([x, x.new_zeros(2, 5, 3, 8)], -1))
+    x64 = torch.randn(1, 4, 2, 8, device=device, dtype=torch.float64, requires_grad=True)
+    f64 = torch.randn(1, 4, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.pad_head_dim(a, 8, b), (x64, f64))

@@ -14,6 +14,12 @@
 //   psa_combine               the layer's read side: gated signal attention,
 //                             window, lambda-scaled local conv and summary
 //                             summed into [B, T, H * D] in one pass (CUDA)
+//   gather_rows               out[m] = src[index[m]] (a zero row where index[m]
+//                             is out of range), differentiable through the
+//                             inverse index: packs and unpacks the signal tokens
+//   pad_head_dim              [B, T, H, D] -> [B, T, H, D + pad] with a per-token
+//                             value in column D and zeros after it: the
+//                             window's operands with the key bias (CUDA: one pass)
 //
 // All are also registered as torch.ops.unswag.<name>.
 #pragma once
@@ -58,5 +64,25 @@ std::tuple<at::Tensor, at::Tensor> gated_ema_scan(const at::Tensor& v, const at:
 // dtype.
 at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::Tensor& win, const at::Tensor& local,
                        const at::Tensor& lambda_local, const at::Tensor& summary, const at::Tensor& lambda_summary);
+
+// src [N, C] (any dtype, rows with unit column stride or copied to it), index
+// [M] and inverse [N] int64 on src's device. Returns [M, C]: row m is
+// src[index[m]], or zeros where index[m] is outside [0, N). The backward is
+// gather_rows(grad, inverse, index), the adjoint when inverse is index's
+// inverse: every in-range index[m] distinct, inverse[index[m]] = m, and
+// inverse[n] out of range for each row n that no m reads. That contract is
+// the caller's (not checked: it would cost a device sync); PSA's packing
+// meets it by construction. Forward and backward are one row copy each (no
+// zero-filled gradient buffer, no atomics) on the CPU and CUDA.
+at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& index, const at::Tensor& inverse);
+
+// x [B, T, H, D] (fp32/fp16/bf16/fp64, any strides), pad >= 1, first [B, T]
+// (any float dtype) or undefined. Returns [B, T, H, D + pad] in x's dtype:
+// x, then first[b, t] (rounded to x's dtype; 0 when undefined) in column D of
+// every head, then zeros. Gradients flow to x (a narrowed view of the
+// output's gradient) and first (summed over heads). One CUDA kernel where
+// rows, strides and pad are multiples of 16 bytes; the ATen zeros + cat
+// elsewhere.
+at::Tensor pad_head_dim(const at::Tensor& x, int64_t pad, const at::Tensor& first = {});
 
 }  // namespace unswag
