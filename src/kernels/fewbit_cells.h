@@ -7,13 +7,16 @@
 // boundaries' range with w <= min_gap / 1.5. Cell k stores B_k, the boundary
 // nearest p_k, and below_k, its index (the number of boundaries under it).
 // x goes to k = rint((x - b_first) / w) clamped to [0, last], so |x - p_k| <=
-// w / 2 (plus float rounding, far under 0.01 w) unless clamped. Then
+// w / 2 (plus float rounding, far under 0.01 w) unless clamped. The GPU
+// computes k in two instructions: s = saturate((b_last - x) / (b_last -
+// b_first)) by one FFMA.SAT (clamped to [0, 1], NaN to 0), then
+// rint(last (1 - s)) by one FFMA that adds 1.5 * 2^23. Then
 //   code(x) = below_k + [x > B_k]
 // holds when no other boundary b' lies between x and B_k: such a b' would be
 // no farther from p_k than x (B_k is the nearest), so |b' - B_k| <= 1.02 w,
 // under the minimum gap. Clamped x lie beyond b_first or b_last, where B is
-// that outer boundary and the formula is exact. NaN: fminf(NaN, last) is last,
-// and !(NaN <= b_last) adds one: the top code, as the other encodes give.
+// that outer boundary and the formula is exact. NaN: s = 0 puts it in the last
+// cell, and !(NaN <= b_last) adds one: the top code, as the other encodes give.
 #pragma once
 
 #include <cmath>
@@ -34,7 +37,7 @@ struct alignas(8) FewbitCell {
 
 // Passed by value to the forward kernel (528 bytes of parameters).
 struct FewbitCells {
-  float scale = 0.f, offset = 0.f;  // u = x scale + offset = (x - b_first) / w
+  float scale = 0.f, offset = 0.f;  // x scale + offset = (b_last - x) / (b_last - b_first)
   float last = 0.f;                 // the last cell's index
   int32_t count = 0;                // cells used; 0: not built (too many cells needed)
   FewbitCell cell[kMaxFewbitCells] = {};
@@ -54,8 +57,8 @@ inline FewbitCells make_fewbit_cells(const FewbitTable& t) {
   if (cells > kMaxFewbitCells) return c;
   const int count = int(cells);
   const double w = (hi - lo) / (count - 1);
-  c.scale = float(1 / w);
-  c.offset = float(-lo / w);
+  c.scale = float(-1 / (hi - lo));
+  c.offset = float(hi / (hi - lo));
   c.last = float(count - 1);
   c.count = count;
   for (int k = 0; k < count; ++k) {
@@ -68,12 +71,22 @@ inline FewbitCells make_fewbit_cells(const FewbitTable& t) {
   return c;
 }
 
+// saturate(u): u clamped to [0, 1], NaN to 0 (the FFMA.SAT modifier on the GPU).
+UNSWAG_HD float fewbit_saturate(float u) {
+#if defined(__CUDA_ARCH__)
+  return __saturatef(u);
+#else
+  return u > 0.f ? (u < 1.f ? u : 1.f) : 0.f;
+#endif
+}
+
 // The cell of v, in [0, last] (NaN -> last). Float math, identical on host and
-// device: fmaf, fminf/fmaxf, and rounding to nearest by adding 1.5 * 2^23
-// (valid for 0 <= u < 2^22), whose low mantissa bits are then the integer.
+// device: s = saturate(fmaf(v, scale, offset)), then last (1 - s) rounded to
+// nearest by one fmaf that adds 1.5 * 2^23 (exact for the integers up to
+// 2^22), whose low mantissa bits are then the integer.
 UNSWAG_HD uint32_t fewbit_cell_index(float v, float scale, float offset, float last) {
-  const float u = fmaxf(fminf(fmaf(v, scale, offset), last), 0.f);
-  const float r = u + 12582912.f;
+  const float sat = fewbit_saturate(fmaf(v, scale, offset));
+  const float r = fmaf(sat, -last, last + 12582912.f);
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(r) - 0x4B400000u;
 #else
@@ -81,6 +94,13 @@ UNSWAG_HD uint32_t fewbit_cell_index(float v, float scale, float offset, float l
   std::memcpy(&bits, &r, 4);
   return bits - 0x4B400000u;
 #endif
+}
+
+// Cell k's point p_k and the cell width w, as the float parameters give them
+// (for tests).
+inline double fewbit_cell_width(const FewbitCells& c) { return -1.0 / (double(c.scale) * c.last); }
+inline double fewbit_cell_point(const FewbitCells& c, int k) {
+  return ((1.0 - double(k) / c.last) - c.offset) / c.scale;
 }
 
 // code(v) from the cell table (cells may live in shared memory).

@@ -432,9 +432,10 @@ TEST(FewbitCells, CellCodeIsTheBoundaryCount) {
     for (int i = 0; i < top; ++i)
       for (float v : around(t.boundaries[i], 3)) xs.push_back(v);
     for (int k = 0; k < c.count; ++k) {
-      const double p = (double(k) - c.offset) / c.scale;  // the cell's point
+      const double p = fewbit_cell_point(c, k);
+      ASSERT_EQ(int(fewbit_cell_index(float(p), c.scale, c.offset, c.last)), k) << "cell point " << p;
       for (float v : around(float(p), 2)) xs.push_back(v);
-      for (float v : around(float(p + 0.5 / c.scale), 2)) xs.push_back(v);  // rounding edges
+      for (float v : around(float(p + 0.5 * fewbit_cell_width(c)), 2)) xs.push_back(v);  // rounding edges
     }
     std::normal_distribution<float> normal(0.f, 1.5f);
     for (int i = 0; i < draws; ++i) xs.push_back(normal(rng));
@@ -444,6 +445,7 @@ TEST(FewbitCells, CellCodeIsTheBoundaryCount) {
     }
     // NaN takes the top code, as the binary search and the CPU reference give it.
     EXPECT_EQ(int(fewbit_cell_code(NAN, c, c.cell)), top);
+    EXPECT_EQ(fewbit_cell_index(NAN, c.scale, c.offset, c.last), uint32_t(c.count - 1));
   };
   for (Act act : kFittedActs)
     for (int bits = 3; bits <= 4; ++bits) check_table(fewbit_table(act, bits), std::string(act_name(act)) + " " + std::to_string(bits), 1000000);
