@@ -4,8 +4,8 @@
 // (psa_cpu.cpp) and CUDA kernels (psa.cu) computing the same thing, layout
 // [B, T, C] contiguous; and, CUDA only (psa_combine.cu), the layer's read-side
 // sum psa_combine, plus the router's counter-based Gumbel noise and the row
-// gather that packs the signal tokens (both devices) and the window's
-// head-dim padding (CUDA).
+// gather that packs the signal tokens (both devices), the window's head-dim
+// padding and the per-token gate of the local stream (CUDA).
 // Storage dtype T (fp32/fp16/bf16/fp64) for the big tensors; the math, the
 // small parameters (conv weight and bias, h0) and their gradients are in the
 // accumulation type A: double for kFloat64, float otherwise.
@@ -196,6 +196,25 @@ struct PadHeadDimParams {
   void* out = nullptr;              // [B, T, heads, head_dim + pad]
 };
 
+// ---- per-token gate (the local stream's write gate) ------------------------------
+
+// y[r, c] = g[r] x[r, c]; backward dx[r, c] = g[r] dy[r, c] and
+// dg[r] = sum_c dy[r, c] x[r, c] (fp32): one pass each way where autograd's
+// broadcast multiply spends four (the product, its broadcast gradient, the
+// gradient's product with x, and the sum). x, y, dy, dx dense [rows, cols]
+// (fp32/fp16/bf16), g and dg fp32 [rows]. CUDA only: needs cols % 8 == 0 and
+// 16-byte aligned rows; the op runs the ATen composition elsewhere.
+struct GateTokensParams {
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0, cols = 0;
+  const void* x = nullptr;
+  const float* g = nullptr;
+  void* y = nullptr;
+  const void* dy = nullptr;
+  void* dx = nullptr;   // or null
+  float* dg = nullptr;  // or null
+};
+
 // ---- Gumbel noise (the router's training draw) --------------------------------
 
 UNSWAG_HD uint64_t splitmix64(uint64_t z) {
@@ -234,6 +253,8 @@ void psa_combine_backward_cuda(const PsaCombineParams& p, void* stream);
 void gumbel_noise_cuda(const GumbelNoiseParams& p, void* stream);
 void gather_rows_cuda(const GatherRowsParams& p, void* stream);
 void pad_head_dim_cuda(const PadHeadDimParams& p, void* stream);
+void gate_tokens_forward_cuda(const GateTokensParams& p, void* stream);
+void gate_tokens_backward_cuda(const GateTokensParams& p, void* stream);
 #endif
 
 }  // namespace unswag::kernels

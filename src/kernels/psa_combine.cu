@@ -287,4 +287,79 @@ void pad_head_dim_cuda(const PadHeadDimParams& p, void* stream) {
   check_launch("pad_head_dim");
 }
 
+namespace {
+// Forward: one thread per 8 values. Backward: one warp per row (dg by shuffles).
+template <typename T>
+__global__ void gate_tokens_forward_kernel(GateTokensParams p) {
+  const int64_t vecs = p.rows * p.cols / 8;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < vecs; v += int64_t(gridDim.x) * blockDim.x) {
+    const float g = p.g[v * 8 / p.cols];
+    float a[8];
+    load8<true>(x, v * 8, 0, a);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) a[j] *= g;
+    store8<true>(y, v * 8, 0, a);
+  }
+}
+
+template <typename T>
+__global__ void gate_tokens_backward_kernel(GateTokensParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dx = static_cast<T*>(p.dx);
+  for (int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; r < p.rows; r += warps) {
+    const float g = p.g[r];
+    float acc = 0.f;
+    for (int64_t c = int64_t(lane) * 8; c < p.cols; c += 32 * 8) {
+      float d[8];
+      load8<true>(dy + r * p.cols, c, 0, d);
+      if (p.dg != nullptr) {
+        float a[8];
+        load8<true>(x + r * p.cols, c, 0, a);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc = fmaf(d[j], a[j], acc);
+      }
+      if (dx != nullptr) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) d[j] *= g;
+        store8<true>(dx + r * p.cols, c, 0, d);
+      }
+    }
+    if (p.dg != nullptr) {
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (lane == 0) p.dg[r] = acc;
+    }
+  }
+}
+
+void check_gate_shape(const GateTokensParams& p) {
+  if (p.cols % 8 != 0) throw std::invalid_argument("unswag: gate_tokens CUDA kernels need cols % 8 == 0");
+}
+}  // namespace
+
+void gate_tokens_forward_cuda(const GateTokensParams& p, void* stream) {
+  if (p.rows * p.cols == 0) return;
+  check_gate_shape(p);
+  const int64_t blocks = min(int64_t(1) << 20, (p.rows * p.cols / 8 + 255) / 256);
+  dispatch_combine(p.dtype, [&](auto tag) {
+    gate_tokens_forward_kernel<decltype(tag)><<<unsigned(blocks), 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  });
+  check_launch("gate_tokens forward");
+}
+
+void gate_tokens_backward_cuda(const GateTokensParams& p, void* stream) {
+  if (p.rows == 0) return;
+  check_gate_shape(p);
+  const int64_t blocks = min(int64_t(1) << 20, (p.rows + 7) / 8);
+  dispatch_combine(p.dtype, [&](auto tag) {
+    gate_tokens_backward_kernel<decltype(tag)><<<unsigned(blocks), 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  });
+  check_launch("gate_tokens backward");
+}
+
 }  // namespace unswag::kernels

@@ -577,8 +577,6 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
     routing.max_signal = read_back_later((routing.index == kSignal).sum(1).max());
   }
   const auto dt = x.scalar_type(), acc = accumulate_type(dt);
-  const Tensor z = routing.gates.to(dt);                      // [B, T, 4], one-hot in value
-  const Tensor z_prune = z.select(-1, kPrune).unsqueeze(-1);   // [B, T, 1]
   const Tensor z_summary = routing.gates.select(-1, kSummary).unsqueeze(-1);  // [B, T, 1] in acc
   // Token-major [B, T, heads, D] as the projections write it; RoPE runs on
   // that layout in one pass (unswag::rotary_embedding), and q and k are its
@@ -593,8 +591,10 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
   const Tensor k = unswag::rotary_embedding(k_lin, cos, sin).transpose(1, 2);  // [B, Hkv, T, D]
   const Tensor v_heads = v.view({B, T, Hkv, D}).transpose(1, 2);
 
-  // Local: every non-pruned token writes its value into the conv stream.
-  const Tensor u = (1 - z_prune) * v;
+  // Local: every non-pruned token writes its value into the conv stream,
+  // gated by 1 - z_prune (one in value; the router's straight-through
+  // gradient), one pass each way on CUDA (unswag::gate_tokens).
+  const Tensor u = unswag::gate_tokens(v, 1 - routing.gates.select(-1, kPrune));
   const Tensor u_heads = u.view({B, T, Hkv, D}).transpose(1, 2);  // the window's values too
   Tensor local;
   if (cache != nullptr) {
@@ -768,7 +768,7 @@ Tensor biased_window_attention(const Tensor& q, const Tensor& k, const Tensor& v
                                                             /*is_causal=*/true, /*return_debug_mask=*/false, scale,
                                                             /*window_size_left=*/window - 1,
                                                             /*window_size_right=*/0));
-  return o.narrow(-1, 0, D).transpose(1, 2);
+  return unswag::unpad_head_dim(o, 8).transpose(1, 2);
 }
 
 // Attention under an explicit visibility mask, with a null key: q [B, H, Tq,

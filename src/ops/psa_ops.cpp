@@ -2,7 +2,7 @@
 // argument checks, autograd functions over the raw-pointer kernels of
 // src/kernels/psa.h (CPU reference and CUDA), and the registrations of
 // torch.ops.unswag.causal_depthwise_conv1d / linear_scan / gated_ema_scan /
-// psa_combine / gather_rows / pad_head_dim.
+// psa_combine / gather_rows / pad_head_dim / unpad_head_dim / gate_tokens.
 //
 // Saved for backward: the conv keeps x and its (tiny) weight; the scan keeps
 // a, x and h0 only and recomputes h in fp32 inside its backward (no [B, T, C]
@@ -402,36 +402,6 @@ struct GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction>
 
 // ---- pad_head_dim -------------------------------------------------------------------
 
-// The gradient of x is a narrowed view of the output's (no copy); first's
-// (rarely wanted: the layer's key bias carries none) sums its column over heads.
-struct PadHeadDimFunction : public torch::autograd::Function<PadHeadDimFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& first, int64_t pad,
-                            bool has_first) {
-    const int64_t B = x.size(0), T = x.size(1), Hx = x.size(2), D = x.size(3);
-    ctx->saved_data["D"] = D;
-    at::Tensor out = at::empty({B, T, Hx, D + pad}, x.options());
-    const at::Tensor f = has_first ? first.to(at::kFloat).contiguous() : at::Tensor();
-    kernels::PadHeadDimParams p;
-    p.dtype = ops::to_kernel_dtype(x.scalar_type());
-    p.batch = B, p.time = T, p.heads = Hx, p.head_dim = D, p.pad = pad;
-    p.x = x.const_data_ptr();
-    p.x_stride[0] = x.stride(0), p.x_stride[1] = x.stride(1), p.x_stride[2] = x.stride(2);
-    p.first = has_first ? f.const_data_ptr<float>() : nullptr;
-    p.out = out.data_ptr();
-#ifdef UNSWAG_WITH_CUDA
-    kernels::pad_head_dim_cuda(p, ops::current_cuda_stream(x.device()));
-#endif
-    return out;
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const int64_t D = ctx->saved_data["D"].toInt();
-    const at::Tensor& g = grads[0];
-    if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    return {g.narrow(-1, 0, D), ctx->needs_input_grad(1) ? g.select(-1, D).sum(2) : at::Tensor(), at::Tensor(),
-            at::Tensor()};
-  }
-};
-
 bool pad_head_dim_fusable(const at::Tensor& x, int64_t pad) {
 #ifndef UNSWAG_WITH_CUDA
   return false;
@@ -444,6 +414,100 @@ bool pad_head_dim_fusable(const at::Tensor& x, int64_t pad) {
          aligned16(x.stride(1)) && aligned16(x.stride(2)) &&
          reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
 }
+
+// The padded copy without autograd: the CUDA kernel where it fits, else zeros + cat.
+at::Tensor pad_head_dim_values(const at::Tensor& x, int64_t pad, const at::Tensor& first) {
+  const int64_t B = x.size(0), T = x.size(1), Hx = x.size(2), D = x.size(3);
+  if (!pad_head_dim_fusable(x, pad)) {
+    at::Tensor extra = at::zeros({B, T, Hx, pad}, x.options());
+    if (first.defined()) extra.select(-1, 0).copy_(first.to(x.scalar_type()).view({B, T, 1}).expand({B, T, Hx}));
+    return at::cat({x, extra}, -1);
+  }
+  at::Tensor out = at::empty({B, T, Hx, D + pad}, x.options());
+  const at::Tensor f = first.defined() ? first.to(at::kFloat).contiguous() : at::Tensor();
+  kernels::PadHeadDimParams p;
+  p.dtype = ops::to_kernel_dtype(x.scalar_type());
+  p.batch = B, p.time = T, p.heads = Hx, p.head_dim = D, p.pad = pad;
+  p.x = x.const_data_ptr();
+  p.x_stride[0] = x.stride(0), p.x_stride[1] = x.stride(1), p.x_stride[2] = x.stride(2);
+  p.first = f.defined() ? f.const_data_ptr<float>() : nullptr;
+  p.out = out.data_ptr();
+#ifdef UNSWAG_WITH_CUDA
+  kernels::pad_head_dim_cuda(p, ops::current_cuda_stream(x.device()));
+#endif
+  return out;
+}
+
+// The gradient of x is a narrowed view of the output's (no copy); first's
+// (rarely wanted: the layer's key bias carries none) sums its column over heads.
+struct PadHeadDimFunction : public torch::autograd::Function<PadHeadDimFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& first, int64_t pad,
+                            bool has_first) {
+    ctx->saved_data["D"] = x.size(3);
+    return pad_head_dim_values(x, pad, has_first ? first : at::Tensor());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t D = ctx->saved_data["D"].toInt();
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {g.narrow(-1, 0, D), ctx->needs_input_grad(1) ? g.select(-1, D).sum(2) : at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+// Its inverse: the first D - pad head dims (a view); the gradient comes back
+// padded with zeros in one pass (autograd's narrow backward fills a zero
+// tensor, then copies the gradient into it).
+struct UnpadHeadDimFunction : public torch::autograd::Function<UnpadHeadDimFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t pad) {
+    ctx->saved_data["pad"] = pad;
+    return x.narrow(-1, 0, x.size(3) - pad);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+    return {pad_head_dim_values(grads[0], ctx->saved_data["pad"].toInt(), at::Tensor()), at::Tensor()};
+  }
+};
+
+// ---- gate_tokens --------------------------------------------------------------------
+
+struct GateTokensFunction : public torch::autograd::Function<GateTokensFunction> {
+  static kernels::GateTokensParams params(const at::Tensor& x, const at::Tensor& g) {
+    kernels::GateTokensParams p;
+    p.dtype = ops::to_kernel_dtype(x.scalar_type());
+    p.rows = g.numel();
+    p.cols = p.rows == 0 ? 0 : x.numel() / p.rows;
+    p.x = x.const_data_ptr();
+    p.g = g.const_data_ptr<float>();
+    return p;
+  }
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& g) {
+    at::Tensor y = at::empty_like(x);
+    auto p = params(x, g);
+    p.y = y.data_ptr();
+#ifdef UNSWAG_WITH_CUDA
+    kernels::gate_tokens_forward_cuda(p, ops::current_cuda_stream(x.device()));
+#endif
+    ctx->save_for_backward({x, g});
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &g = saved[1];
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+    const at::Tensor dy = grads[0].contiguous();
+    at::Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(x) : at::Tensor();
+    at::Tensor dg = ctx->needs_input_grad(1) ? at::empty_like(g) : at::Tensor();
+    auto p = params(x, g);
+    p.dy = dy.const_data_ptr();
+    p.dx = dx.defined() ? dx.data_ptr() : nullptr;
+    p.dg = dg.defined() ? dg.data_ptr<float>() : nullptr;
+#ifdef UNSWAG_WITH_CUDA
+    if (p.dx != nullptr || p.dg != nullptr) kernels::gate_tokens_backward_cuda(p, ops::current_cuda_stream(x.device()));
+#endif
+    return {dx, dg};
+  }
+};
 
 // Whether psa_combine's CUDA kernels take these tensors (else the composition).
 bool combine_fusable(const at::Tensor& sig, const at::Tensor& win, const at::Tensor& local,
@@ -598,7 +662,7 @@ at::Tensor pad_head_dim(const at::Tensor& x, int64_t pad, const at::Tensor& firs
   ops::check_float_tensor(x, op, "x");
   TORCH_CHECK(x.dim() == 4, op, ": argument 'x' must be [B, T, H, D] (4 dims), got ", x.sizes());
   TORCH_CHECK(pad >= 1, op, ": argument 'pad' must be >= 1, got ", pad);
-  const int64_t B = x.size(0), T = x.size(1), Hx = x.size(2);
+  const int64_t B = x.size(0), T = x.size(1);
   if (first.defined()) {
     check_parameter(first, x, op, "first");
     TORCH_CHECK(first.dim() == 2 && first.size(0) == B && first.size(1) == T, op,
@@ -606,10 +670,35 @@ at::Tensor pad_head_dim(const at::Tensor& x, int64_t pad, const at::Tensor& firs
   }
   if (pad_head_dim_fusable(x, pad))
     return PadHeadDimFunction::apply(x, first.defined() ? first : at::empty({0}, x.options()), pad, first.defined());
-  // Elsewhere the composition it fuses.
-  at::Tensor extra = at::zeros({B, T, Hx, pad}, x.options());
-  if (first.defined()) extra.select(-1, 0).copy_(first.to(x.scalar_type()).view({B, T, 1}).expand({B, T, Hx}));
-  return at::cat({x, extra}, -1);
+  return pad_head_dim_values(x, pad, first);  // the composition, differentiable by ATen's autograd
+}
+
+at::Tensor unpad_head_dim(const at::Tensor& x, int64_t pad) {
+  constexpr const char* op = "unpad_head_dim";
+  ops::check_float_tensor(x, op, "x");
+  TORCH_CHECK(x.dim() == 4, op, ": argument 'x' must be [B, T, H, D + pad] (4 dims), got ", x.sizes());
+  TORCH_CHECK(pad >= 1 && pad < x.size(3), op, ": argument 'pad' must be in [1, ", x.size(3), "), got ", pad);
+  if (pad_head_dim_fusable(x.narrow(-1, 0, x.size(3) - pad), pad)) return UnpadHeadDimFunction::apply(x, pad);
+  return x.narrow(-1, 0, x.size(3) - pad);
+}
+
+at::Tensor gate_tokens(const at::Tensor& x, const at::Tensor& g) {
+  constexpr const char* op = "gate_tokens";
+  check_sequence(x, op, "x");
+  check_parameter(g, x, op, "g");
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == x.size(0) && g.size(1) == x.size(1), op,
+              ": argument 'g' must be [B, T] = [", x.size(0), ", ", x.size(1), "], got ", g.sizes());
+  const auto dt = x.scalar_type();
+  const bool fusable = x.is_cuda() && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) &&
+                       x.is_contiguous() && x.size(2) % 8 == 0 &&
+                       reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+#ifdef UNSWAG_WITH_CUDA
+  if (fusable) return GateTokensFunction::apply(x, g.to(at::kFloat).contiguous());
+#else
+  (void)fusable;
+#endif
+  // Elsewhere the composition it fuses, in x's dtype.
+  return x * g.to(dt).unsqueeze(-1);
 }
 
 namespace {
@@ -644,4 +733,6 @@ TORCH_LIBRARY_IMPL(unswag, CompositeImplicitAutograd, m) {
   m.impl("psa_combine", &unswag::psa_combine_op);
   m.impl("gather_rows", &unswag::gather_rows);
   m.impl("pad_head_dim", &unswag::pad_head_dim_op);
+  m.impl("gate_tokens", &unswag::gate_tokens);
+  m.impl("unpad_head_dim", &unswag::unpad_head_dim);
 }

@@ -38,4 +38,6 @@ TORCH_LIBRARY(unswag, m) {
         "Tensor lambda_summary) -> Tensor");
   m.def("gather_rows(Tensor src, Tensor index, Tensor inverse) -> Tensor");
   m.def("pad_head_dim(Tensor x, int pad, Tensor? first=None) -> Tensor");
+  m.def("gate_tokens(Tensor x, Tensor g) -> Tensor");
+  m.def("unpad_head_dim(Tensor(a) x, int pad) -> Tensor(a)");
 }

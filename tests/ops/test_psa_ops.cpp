@@ -8,7 +8,8 @@
 // gated_ema_scan against its float64 composition and, bit for bit, its fp32 one;
 // psa_combine against its float64 formula (fused CUDA kernels and composition);
 // gather_rows against index_select, its backward against the float64 adjoint;
-// pad_head_dim against zeros + cat (the CUDA kernel and the composition).
+// pad_head_dim against zeros + cat (the CUDA kernel and the composition),
+// unpad_head_dim's padded gradient, gate_tokens against its float64 product.
 #include <functional>
 
 #include "test_util.h"
@@ -25,6 +26,8 @@ class PsaScan : public DeviceTest {};
 class PsaCombine : public DeviceTest {};
 class GatherRows : public DeviceTest {};
 class PadHeadDim : public DeviceTest {};
+class GateTokens : public DeviceTest {};
+UNSWAG_INSTANTIATE_DEVICES(GateTokens);
 UNSWAG_INSTANTIATE_DEVICES(GatherRows);
 UNSWAG_INSTANTIATE_DEVICES(PadHeadDim);
 UNSWAG_INSTANTIATE_DEVICES(PsaConv);
@@ -763,6 +766,69 @@ TEST_P(PadHeadDim, EmptyAndErrors) {
   expect_error([&] { pad_head_dim(y, 8, torch::zeros({2, 4}, opts(torch::kFloat32))); },
                {"argument 'first' must be [B, T] = [2, 3]", "[2, 4]"});
   expect_error([&] { pad_head_dim(y.to(torch::kInt), 8); }, {"argument 'x' must be float"});
+}
+
+TEST_P(PadHeadDim, UnpadIsAViewWithAZeroPaddedGradient) {
+  for (auto dtype : kAllDtypes) {
+    for (auto [D, pad] : std::vector<std::array<int64_t, 2>>{{64, 8}, {12, 3}}) {
+      SCOPED_TRACE(::testing::Message() << dtype << " D " << D << " pad " << pad);
+      auto x = torch::randn({2, 9, 3, D + pad}, opts(dtype)).requires_grad_(true);
+      auto y = unpad_head_dim(x, pad);
+      EXPECT_TRUE(torch::equal(y, x.narrow(-1, 0, D)));
+      EXPECT_EQ(y.data_ptr(), x.data_ptr());
+      // The gradient as it arrives from psa_combine: a transposed view.
+      auto dy = torch::randn({2, 3, 9, D}, opts(dtype)).transpose(1, 2);
+      y.backward(dy);
+      EXPECT_TRUE(torch::equal(x.grad().narrow(-1, 0, D), dy));
+      EXPECT_TRUE(torch::equal(x.grad().narrow(-1, D, pad), torch::zeros({2, 9, 3, pad}, opts(dtype))));
+    }
+  }
+  using test::expect_error;
+  auto x = torch::randn({2, 3, 4, 72}, opts(torch::kBFloat16));
+  expect_error([&] { unpad_head_dim(x, 72); }, {"argument 'pad' must be in [1, 72), got 72"});
+  expect_error([&] { unpad_head_dim(x[0], 8); }, {"argument 'x' must be [B, T, H, D + pad] (4 dims)"});
+}
+
+// ---- gate_tokens -------------------------------------------------------------------
+
+TEST_P(GateTokens, ForwardAndGradientsMatchFloat64) {
+  for (auto dtype : kAllDtypes) {
+    // C % 8 == 0 runs the CUDA kernels (rows of 2048 and of 8); C = 12 and a
+    // non-contiguous x the composition.
+    for (auto [B, T, C] : std::vector<std::array<int64_t, 3>>{{2, 37, 64}, {1, 5, 2048}, {3, 4, 8}, {1, 7, 12}}) {
+      for (bool strided : {false, true}) {
+        SCOPED_TRACE(::testing::Message() << dtype << " B " << B << " T " << T << " C " << C << " strided "
+                                          << strided << " seed " << seed_);
+        auto x = strided ? torch::randn({B, T, 2 * C}, opts(dtype)).narrow(2, 0, C) : torch::randn({B, T, C}, opts(dtype));
+        const auto gate_dtype = dtype == torch::kFloat64 ? dtype : torch::kFloat32;
+        auto g = torch::rand({B, T}, opts(gate_dtype)) * 2 - 0.5;
+        // The product in fp32, one rounding (the composition: g rounded to x's
+        // dtype first); dg sums C products in fp32 (the reference in fp64).
+        const double tol = dtype == torch::kFloat64 ? 1e-12 : dtype == torch::kFloat32 ? 1e-5
+                                                                                       : 3 * test::unit_roundoff(dtype);
+        check_against_reference([](const std::vector<torch::Tensor>& in) { return gate_tokens(in[0], in[1]); },
+                                [](const std::vector<torch::Tensor>& in) { return in[0] * in[1].unsqueeze(-1); },
+                                {x, g}, {"x", "g"}, tol);
+      }
+    }
+  }
+}
+
+TEST_P(GateTokens, ZeroOneGatesAreExactAndEmptyAndErrors) {
+  auto x = torch::randn({2, 33, 256}, opts(torch::kBFloat16));
+  auto g = (torch::rand({2, 33}, opts(torch::kFloat32)) > 0.5).to(torch::kFloat32);
+  EXPECT_TRUE(torch::equal(gate_tokens(x, g), x * g.to(torch::kBFloat16).unsqueeze(-1)));
+  auto e = torch::randn({2, 0, 256}, opts(torch::kBFloat16)).requires_grad_(true);
+  auto ge = torch::rand({2, 0}, opts(torch::kFloat32)).requires_grad_(true);
+  auto y = gate_tokens(e, ge);
+  EXPECT_EQ(y.sizes(), e.sizes());
+  y.sum().backward();
+  EXPECT_EQ(e.grad().sizes(), e.sizes());
+  using test::expect_error;
+  expect_error([&] { gate_tokens(x[0], g); }, {"argument 'x' must be [B, T, C] (3 dims)"});
+  expect_error([&] { gate_tokens(x, g.narrow(1, 0, 3)); }, {"argument 'g' must be [B, T] = [2, 33]", "[2, 3]"});
+  expect_error([&] { gate_tokens(x, g.to(torch::kInt)); }, {"argument 'g' must be float"});
+  if (device().is_cuda()) expect_error([&] { gate_tokens(x, g.cpu()); }, {"argument 'g' must be on the device of 'x'"});
 }
 
 }  // namespace

@@ -206,3 +206,15 @@ def test_pad_head_dim_equals_cat(device, dtype):
     x64 = torch.randn(1, 4, 2, 8, device=device, dtype=torch.float64, requires_grad=True)
     f64 = torch.randn(1, 4, device=device, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: ops.pad_head_dim(a, 8, b), (x64, f64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gate_tokens_and_unpad_head_dim_pass_gradcheck(device):
+    g = torch.Generator(device="cpu").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    gate = torch.randn(2, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    torch.testing.assert_close(ops.gate_tokens(x, gate), x * gate[..., None])
+    assert torch.autograd.gradcheck(ops.gate_tokens, (x, gate))
+    y = torch.randn(2, 3, 4, 24, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    assert torch.equal(ops.unpad_head_dim(y, 8), y[..., :16])
+    assert torch.autograd.gradcheck(lambda t: ops.unpad_head_dim(t, 8), (y,))

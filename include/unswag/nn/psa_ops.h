@@ -20,6 +20,10 @@
 //   pad_head_dim              [B, T, H, D] -> [B, T, H, D + pad] with a per-token
 //                             value in column D and zeros after it: the
 //                             window's operands with the key bias (CUDA: one pass)
+//   unpad_head_dim            its inverse, a view whose gradient comes back
+//                             padded in one pass (the window's output)
+//   gate_tokens               y[b,t,c] = g[b,t] x[b,t,c]: the local stream's
+//                             write gate, one pass each way on CUDA
 //
 // All are also registered as torch.ops.unswag.<name>.
 #pragma once
@@ -84,5 +88,17 @@ at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& index, const at:
 // rows, strides and pad are multiples of 16 bytes; the ATen zeros + cat
 // elsewhere.
 at::Tensor pad_head_dim(const at::Tensor& x, int64_t pad, const at::Tensor& first = {});
+
+// x [B, T, H, D + pad], 1 <= pad < D + pad. Returns the view x[..., :D];
+// its gradient comes back as [B, T, H, D + pad] with zeros in the pad
+// columns, in one CUDA pass where pad_head_dim's kernel fits (a zero fill and
+// a strided copy otherwise, as narrow's).
+at::Tensor unpad_head_dim(const at::Tensor& x, int64_t pad);
+
+// x [B, T, C] (fp32/fp16/bf16/fp64), g [B, T] of any float dtype. Returns
+// g[b, t] x[b, t, c] in x's dtype; gradients flow to x (g dy) and g
+// (sum_c dy x, summed in fp32). On CUDA (fp32/fp16/bf16, contiguous x, C % 8
+// == 0) one kernel each way; elsewhere x * g[..., None] in x's dtype.
+at::Tensor gate_tokens(const at::Tensor& x, const at::Tensor& g);
 
 }  // namespace unswag
