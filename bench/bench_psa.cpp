@@ -202,6 +202,7 @@ void profile_call(const torch::Device& device, const std::string& label, const s
     op_of[e.correlationId()] = o.str();
   }
   double gpu_ms = 0;
+  int64_t kernels = 0;  // device-side events: the launches the host paid for (host-bound at short T)
   for (const auto& e : result->events()) {
     const double ms = double(e.durationNs()) / 1e6;
     if (e.deviceType() == c10::DeviceType::CUDA) {
@@ -209,6 +210,7 @@ void profile_call(const torch::Device& device, const std::string& label, const s
       g.first += ms;
       g.second += 1;
       gpu_ms += ms;
+      kernels += 1;
       const auto op = op_of.find(e.linkedCorrelationId());
       auto& by_op = gpu_by_op[op == op_of.end() ? "(no op) " + e.name() : op->second];
       by_op.first += ms;
@@ -230,10 +232,10 @@ void profile_call(const torch::Device& device, const std::string& label, const s
     o << "]";
     return o.str();
   };
-  std::printf("{\"mode\": \"profile\", \"what\": \"%s\", \"wall_ms\": %.3f, \"gpu_ms\": %.3f, \"gpu_top\": %s, "
-              "\"gpu_by_op\": %s, \"cpu_top\": %s}\n",
-              json_escape(label).c_str(), wall_ms, gpu_ms, top(gpu, 15, 90).c_str(), top(gpu_by_op, 30, 160).c_str(),
-              top(cpu, 15, 90).c_str());
+  std::printf("{\"mode\": \"profile\", \"what\": \"%s\", \"wall_ms\": %.3f, \"gpu_ms\": %.3f, \"gpu_events\": %ld, "
+              "\"gpu_top\": %s, \"gpu_by_op\": %s, \"cpu_top\": %s}\n",
+              json_escape(label).c_str(), wall_ms, gpu_ms, long(kernels), top(gpu, 15, 90).c_str(),
+              top(gpu_by_op, 30, 160).c_str(), top(cpu, 15, 90).c_str());
   std::fflush(stdout);
 }
 
