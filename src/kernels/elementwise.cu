@@ -368,43 +368,52 @@ __device__ __forceinline__ void fewbit_forward_tile(const FewbitForwardParams& p
   const int64_t i = tile * kTile + lane * kPerLane;
   acc_t<T> v[8];
   unpack8(raw, v);
-  uint32_t frag[kBits] = {};
+  const int64_t group = i / kCodeGroup;
   if constexpr (kBits >= 3 && kCells) {
-    // Codes as nibbles (element j at bits 4j..4j+3), then one gather per plane.
+    // Codes as nibbles (element j at bits 4j..4j+3), then the group's bit
+    // planes by an in-lane bit transpose and a 4-lane byte transpose
+    // (fewbit_cells.h): lane `quad` ends up with plane `quad`.
     uint32_t nib = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       nib |= fewbit_cell_code(v[j], cp, s.cells) << (4 * j);
       v[j] = act_forward_for<T, kAct>(v[j]);
     }
-#pragma unroll
-    for (int b = 0; b < kBits; ++b) frag[b] = gather_nibble_bits((nib >> b) & 0x11111111u);
+    if constexpr (kCheck) {
+      const int64_t left = p.n - i;
+      nib &= left >= 8 ? 0xffffffffu : left <= 0 ? 0u : (1u << (4 * left)) - 1u;
+    }
+    if (y) store8<T, kAligned && !kCheck>(y, i, kCheck ? p.n : i + kPerLane, v);
+    uint32_t w = nibbles_to_plane_bytes(nib);
+    w = plane_exchange_1(w, __shfl_xor_sync(0xffffffffu, w, 1), quad);
+    w = plane_exchange_2(w, __shfl_xor_sync(0xffffffffu, w, 2), quad);
+    if (quad < kBits && (!kCheck || group * kCodeGroup < p.n)) p.codes[group * kBits + quad] = w;
   } else {
+    uint32_t frag[kBits] = {};
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       encode_planes<kBits>(v[j], j, p.table, s.bounds, frag);
       v[j] = act_forward_for<T, kAct>(v[j]);
     }
-  }
-  if constexpr (kCheck) {
-    const int64_t left = p.n - i;
-    const uint32_t keep = left >= 8 ? 0xffu : left <= 0 ? 0u : (1u << left) - 1u;
+    if constexpr (kCheck) {
+      const int64_t left = p.n - i;
+      const uint32_t keep = left >= 8 ? 0xffu : left <= 0 ? 0u : (1u << left) - 1u;
 #pragma unroll
-    for (int b = 0; b < kBits; ++b) frag[b] &= keep;
-  }
-  if (y) store8<T, kAligned && !kCheck>(y, i, kCheck ? p.n : i + kPerLane, v);
-  // Assemble each plane's 32-bit word across the 4 lanes of this code group;
-  // lane `quad` of the group stores plane `quad`.
-  uint32_t mine = 0;
+      for (int b = 0; b < kBits; ++b) frag[b] &= keep;
+    }
+    if (y) store8<T, kAligned && !kCheck>(y, i, kCheck ? p.n : i + kPerLane, v);
+    // Assemble each plane's 32-bit word across the 4 lanes of this code group;
+    // lane `quad` of the group stores plane `quad`.
+    uint32_t mine = 0;
 #pragma unroll
-  for (int b = 0; b < kBits; ++b) {
-    uint32_t w = frag[b] << (8 * quad);
-    w |= __shfl_xor_sync(0xffffffffu, w, 1);
-    w |= __shfl_xor_sync(0xffffffffu, w, 2);
-    mine = quad == b ? w : mine;
+    for (int b = 0; b < kBits; ++b) {
+      uint32_t w = frag[b] << (8 * quad);
+      w |= __shfl_xor_sync(0xffffffffu, w, 1);
+      w |= __shfl_xor_sync(0xffffffffu, w, 2);
+      mine = quad == b ? w : mine;
+    }
+    if (quad < kBits && (!kCheck || group * kCodeGroup < p.n)) p.codes[group * kBits + quad] = mine;
   }
-  const int64_t group = i / kCodeGroup;
-  if (quad < kBits && (!kCheck || group * kCodeGroup < p.n)) p.codes[group * kBits + quad] = mine;
 }
 
 // kTiles consecutive tiles from `first`: every load, then every tile's math.

@@ -110,12 +110,56 @@ UNSWAG_HD uint32_t fewbit_cell_code(A v, const FewbitCells& c, const FewbitCell*
   return e.below + (!(v <= A(e.bound)) ? 1u : 0u);
 }
 
-// Bits 0, 4, ..., 28 of x gathered into bits 0..7 (one bit plane of eight
-// 4-bit codes packed as nibbles: element j's code at bits 4j..4j+3).
-UNSWAG_HD uint32_t gather_nibble_bits(uint32_t x) {
-  x = (x | (x >> 3)) & 0x03030303u;
-  x = (x | (x >> 6)) & 0x000f000fu;
-  return (x | (x >> 12)) & 0xffu;
+// ---- bit planes of a code group (32 elements over 4 lanes) ----------------
+//
+// The forward writes each 32-element group's codes as kBits 32-bit words
+// (word b: bit e = bit b of element e's code). A lane holds 8 codes as
+// nibbles; lane q = lane & 3 of the group holds elements 8q..8q+7 and stores
+// word q. Two steps (fewer instructions than gathering each plane's bits and
+// or-ing them across the lanes one plane at a time):
+//  1. in the lane, nibbles_to_plane_bytes: bit 4j + b -> bit 8b + j, the
+//     bit-index rotation [b0 b1 j0 j1 j2] -> [j0 j1 j2 b0 b1], as four swaps
+//     of index bits (delta swaps: (0,1), (0,2), (1,3), (2,4));
+//  2. across the 4 lanes, a 4x4 transpose of bytes (byte b of lane q is
+//     plane b of its 8 elements; lane q wants byte q of every lane): two
+//     exchanges with lanes q^1 and q^2, one byte permute each.
+
+// Swaps the bits at positions p in m with those at p + d.
+UNSWAG_HD uint32_t delta_swap(uint32_t x, int d, uint32_t m) {
+  const uint32_t t = ((x >> d) ^ x) & m;
+  return x ^ t ^ (t << d);
+}
+
+// Nibbles (element j's code at bits 4j..4j+3) to plane bytes (plane b's bit
+// j at bit 8b + j).
+UNSWAG_HD uint32_t nibbles_to_plane_bytes(uint32_t nib) {
+  nib = delta_swap(nib, 1, 0x22222222u);
+  nib = delta_swap(nib, 3, 0x0a0a0a0au);
+  nib = delta_swap(nib, 6, 0x00cc00ccu);
+  return delta_swap(nib, 12, 0x0000f0f0u);
+}
+
+// PRMT: byte k of the result is byte (sel >> 4k) & 7 of the 8 bytes (a, b).
+UNSWAG_HD uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t sel) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(a, b, sel);
+#else
+  const uint64_t v = uint64_t(a) | (uint64_t(b) << 32);
+  uint32_t r = 0;
+  for (int k = 0; k < 4; ++k) r |= uint32_t((v >> (8 * ((sel >> (4 * k)) & 7u))) & 0xffu) << (8 * k);
+  return r;
+#endif
+}
+
+// The transpose's two exchanges: `partner` is the word of lane q ^ 1 (first)
+// or q ^ 2 (second). After the first, lane q holds, at byte 2k + s, plane
+// 2k + (q & 1) of lane (q & 2) | s; after the second, byte r is plane q of
+// lane r: word q of the group.
+UNSWAG_HD uint32_t plane_exchange_1(uint32_t mine, uint32_t partner, int quad) {
+  return byte_perm(mine, partner, (quad & 1) ? 0x3715u : 0x6240u);
+}
+UNSWAG_HD uint32_t plane_exchange_2(uint32_t mine, uint32_t partner, int quad) {
+  return byte_perm(mine, partner, (quad & 2) ? 0x3276u : 0x5410u);
 }
 
 }  // namespace unswag::kernels

@@ -479,16 +479,34 @@ TEST(FewbitCells, NoTableWhenBoundariesCrowd) {
   EXPECT_EQ(make_fewbit_cells(fewbit_table(Act::kSiLU, 2)).count, 0);
 }
 
-TEST(FewbitCells, GatherNibbleBits) {
+// The forward's plane assembly (fewbit_cells.h): 32 random codes over the 4
+// lanes of a group, nibbles -> plane bytes in each lane, then the two
+// exchanges emulated across the lanes; word q must hold bit b = q of every
+// element's code. Also the in-lane step alone against its definition.
+TEST(FewbitCells, PlaneTransposeGivesEachPlaneWord) {
   std::mt19937 rng(std::random_device{}());
-  for (int trial = 0; trial < 10000; ++trial) {
-    const uint32_t nib = rng();
+  for (int trial = 0; trial < 20000; ++trial) {
+    uint32_t codes[32];
+    for (uint32_t& c : codes) c = rng() & 15u;
+    uint32_t w[4], w1[4], w2[4];
+    for (int q = 0; q < 4; ++q) {
+      uint32_t nib = 0;
+      for (int j = 0; j < 8; ++j) nib |= codes[8 * q + j] << (4 * j);
+      w[q] = nibbles_to_plane_bytes(nib);
+      uint32_t want = 0;
+      for (int j = 0; j < 8; ++j)
+        for (int b = 0; b < 4; ++b) want |= ((codes[8 * q + j] >> b) & 1u) << (8 * b + j);
+      ASSERT_EQ(w[q], want) << std::hex << "nibbles " << nib;
+    }
+    for (int q = 0; q < 4; ++q) w1[q] = plane_exchange_1(w[q], w[q ^ 1], q);
+    for (int q = 0; q < 4; ++q) w2[q] = plane_exchange_2(w1[q], w1[q ^ 2], q);
     for (int b = 0; b < 4; ++b) {
       uint32_t want = 0;
-      for (int j = 0; j < 8; ++j) want |= ((nib >> (4 * j + b)) & 1u) << j;
-      ASSERT_EQ(gather_nibble_bits((nib >> b) & 0x11111111u), want) << std::hex << nib << " plane " << b;
+      for (int e = 0; e < 32; ++e) want |= ((codes[e] >> b) & 1u) << e;
+      ASSERT_EQ(w2[b], want) << "plane " << b << " trial " << trial;
     }
   }
+  EXPECT_EQ(byte_perm(0x03020100u, 0x07060504u, 0x3715u), 0x03070105u);
 }
 
 }  // namespace
