@@ -224,7 +224,8 @@ __device__ __forceinline__ float rcp_ftz(float x) {
 // about 24; the two multiply-adds and the multiply fewer than erfcc count
 // because a 16-bit few-bit forward at 85% of the H200's copy rate leaves
 // about 43 issued instructions per element (132 SMs x 4 issues per clock at
-// 1.98 GHz over 0.77e12 elements/s), and the kernel spends about 42.
+// 1.98 GHz over 0.77e12 elements/s); the bf16 4-bit GELU forward issued 41.8
+// with erfcc and issues 33.4 now (scripts/sass_per_element.py).
 __device__ __forceinline__ float gelu_16bit(float x) {
   const float a = fabsf(x);
   const float t = rcp_ftz(fmaf(a, 0.35355339059327376f, 1.f));  // z / 2 = |x| / (2 sqrt 2)
