@@ -248,8 +248,8 @@ def main() -> int:
     markdown = render_markdown(header, rows, copies, input_mib, warmup, repeats, errors)
     common.write_text(out_dir / "bench_activations.md", markdown + "\n")
     if common.should_update_doc(args.update_doc, device):
-        common.update_benchmarks_doc(Path(args.doc), SECTION, markdown)
-        print(f"updated {args.doc} section {SECTION}")
+        common.update_benchmarks_doc(Path(args.doc), SECTION + args.section_suffix, markdown)
+        print(f"updated {args.doc} section {SECTION + args.section_suffix}")
     print()
     print(markdown)
     if errors:

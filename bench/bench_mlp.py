@@ -308,8 +308,8 @@ def main() -> int:
                                liger_note, device)
     common.write_text(out_dir / "bench_mlp.md", markdown + "\n")
     if common.should_update_doc(args.update_doc, device):
-        common.update_benchmarks_doc(Path(args.doc), SECTION, markdown)
-        print(f"updated {args.doc} section {SECTION}")
+        common.update_benchmarks_doc(Path(args.doc), SECTION + args.section_suffix, markdown)
+        print(f"updated {args.doc} section {SECTION + args.section_suffix}")
     print()
     print(markdown)
     missed = [r for r in rows if r.get("target_met") is False]

@@ -232,8 +232,8 @@ def main() -> int:
     markdown = render_markdown(header, rows, notes + [f"ERROR {e}" for e in errors])
     common.write_text(Path(args.out) / "bench_optim.md", markdown + "\n")
     if common.should_update_doc(args.update_doc, device):
-        common.update_benchmarks_doc(Path(args.doc), SECTION, markdown)
-        print(f"updated {args.doc} section {SECTION}")
+        common.update_benchmarks_doc(Path(args.doc), SECTION + args.section_suffix, markdown)
+        print(f"updated {args.doc} section {SECTION + args.section_suffix}")
     print()
     print(markdown)
     bad = [r for r in rows if r["first_step_error"] > FIRST_STEP_TOLERANCE or not r["finite"]]

@@ -158,14 +158,14 @@ def main() -> int:
         md = speed_section(header, results["speed"])
         common.write_text(out / "bench_psa_speed.md", md + "\n")
         if update:
-            common.update_benchmarks_doc(Path(args.doc), "psa-speed", md)
+            common.update_benchmarks_doc(Path(args.doc), "psa-speed" + args.section_suffix, md)
     if "decode" in modes:
         ctx = ["--contexts", "4096"] if args.quick else []
         results["decode"] = run_lines([str(build / "bench_psa"), "--mode", "decode", *dev, *ctx], 1800)
         md = decode_section(header, results["decode"])
         common.write_text(out / "bench_psa_decode.md", md + "\n")
         if update:
-            common.update_benchmarks_doc(Path(args.doc), "psa-decode", md)
+            common.update_benchmarks_doc(Path(args.doc), "psa-decode" + args.section_suffix, md)
     if "quality" in modes:
         exe = build / "bench_psa_quality"
         if not exe.exists():

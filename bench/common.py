@@ -364,3 +364,6 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--section-suffix", default="",
+                        help="append this to the --doc section's name (e.g. -h200: a second device's results "
+                             "beside the first's instead of over them)")

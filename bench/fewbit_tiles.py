@@ -61,7 +61,7 @@ def main() -> int:
     out = Path(args.out)
     common.write_text(out / "fewbit_tiles.md", body + "\n")
     if common.should_update_doc(args.update_doc, args.device):
-        common.update_benchmarks_doc(Path(args.doc), SECTION, body)
+        common.update_benchmarks_doc(Path(args.doc), SECTION + args.section_suffix, body)
     return 0
 
 

@@ -13,6 +13,8 @@
 # Environment: GPU_CHECK_BUDGET_S (default 570): seconds for the whole script;
 #   GPU_CHECK_BENCHES: which benchmarks (default "bench_activations bench_mlp bench_optim bench_psa bench_train_cli bench_model";
 #     also "fewbit_tiles": bench/fewbit_tiles.py, the few-bit kernels' tiles-in-flight sweep);
+#   GPU_CHECK_SECTION_SUFFIX: e.g. -h200: bench_activations, bench_mlp, bench_optim, bench_psa's speed and
+#     fewbit_tiles write docs/BENCHMARKS.md sections named with this suffix (a second device beside the first);
 #   GPU_CHECK_MODEL_SERIES: bench_model.py --series (comma-separated; default all);
 #   GPU_CHECK_MODEL_CONTEXTS, GPU_CHECK_MODEL_SECTION: its --contexts and docs section;
 #   GPU_CHECK_TRAIN_CONTEXTS: bench_train_cli.py --contexts (default 16384,131072);
@@ -432,8 +434,10 @@ if [[ "$ONLY" != tests ]] && ((build_ok)); then
         run_step "$bench" "" "" python3 bench/bench_train_cli.py "${train_args[@]}" \
           --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes ;;
       *)
+        suffix_args=()
+        [[ -n "${GPU_CHECK_SECTION_SUFFIX:-}" ]] && suffix_args=(--section-suffix "$GPU_CHECK_SECTION_SUFFIX")
         run_step "$bench" "" "" python3 "bench/$bench.py" --device cuda --lib "$BUILD_DIR/libunswag.so" \
-          --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes "${quick_flag[@]}" ;;
+          --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes "${quick_flag[@]}" "${suffix_args[@]}" ;;
     esac
     if [[ -f "$BENCH_DIR/$bench.md" ]]; then touch "$BENCH_DIR/.doc-updated"; fi
     case "$STEP_RC" in
