@@ -435,7 +435,7 @@ if [[ "$ONLY" != tests ]] && ((build_ok)); then
           --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes ;;
       *)
         suffix_args=()
-        [[ -n "${GPU_CHECK_SECTION_SUFFIX:-}" ]] && suffix_args=(--section-suffix "$GPU_CHECK_SECTION_SUFFIX")
+        [[ -n "${GPU_CHECK_SECTION_SUFFIX:-}" ]] && suffix_args=("--section-suffix=$GPU_CHECK_SECTION_SUFFIX")  # = form: the value starts with a dash
         run_step "$bench" "" "" python3 "bench/$bench.py" --device cuda --lib "$BUILD_DIR/libunswag.so" \
           --out "${BENCH_DIR#"$REPO_ROOT"/}" --update-doc yes "${quick_flag[@]}" "${suffix_args[@]}" ;;
     esac
