@@ -232,10 +232,18 @@ void profile_call(const torch::Device& device, const std::string& label, const s
     o << "]";
     return o.str();
   };
+  // Host-bound short contexts are about how many ops the host dispatches:
+  // the same CPU ops by count (nested ops counted too, as the dispatcher pays for each).
+  std::map<std::string, std::pair<double, int>> cpu_count;
+  int64_t cpu_ops = 0;
+  for (const auto& [name, c] : cpu) {
+    cpu_count[name] = {double(c.second), c.second};
+    cpu_ops += c.second;
+  }
   std::printf("{\"mode\": \"profile\", \"what\": \"%s\", \"wall_ms\": %.3f, \"gpu_ms\": %.3f, \"gpu_events\": %ld, "
-              "\"gpu_top\": %s, \"gpu_by_op\": %s, \"cpu_top\": %s}\n",
-              json_escape(label).c_str(), wall_ms, gpu_ms, long(kernels), top(gpu, 15, 90).c_str(),
-              top(gpu_by_op, 30, 160).c_str(), top(cpu, 15, 90).c_str());
+              "\"cpu_ops\": %ld, \"gpu_top\": %s, \"gpu_by_op\": %s, \"cpu_top\": %s, \"cpu_by_count\": %s}\n",
+              json_escape(label).c_str(), wall_ms, gpu_ms, long(kernels), long(cpu_ops), top(gpu, 15, 90).c_str(),
+              top(gpu_by_op, 30, 160).c_str(), top(cpu, 15, 90).c_str(), top(cpu_count, 40, 90).c_str());
   std::fflush(stdout);
 }
 
@@ -312,6 +320,11 @@ void bench_speed(const torch::Device& device, const Shape& s, const std::vector<
       std::printf("{\"mode\": \"speed\", \"what\": \"dense_layer\", \"context\": %ld, \"ms\": %.4f, \"peak_gib\": %.3f}\n",
                   long(T), median(ms), peak_gib(device));
       std::fflush(stdout);
+      if (profile)
+        profile_call(device, "dense_layer T=" + std::to_string(T), [&] {
+          auto y = layer->forward(x, cos, sin);
+          torch::autograd::backward({y}, {gy});
+        });
     }
     for (const double share : signal_shares) {
       PacketSwitchedAttention psa(s.hidden, s.heads, s.heads, s.head_dim, false, false, psa_config(share, kernel, window));
