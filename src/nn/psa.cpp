@@ -362,12 +362,15 @@ PacketSwitchedAttentionImpl::Routing PacketSwitchedAttentionImpl::route(const Te
   const int64_t B = x.size(0), T = x.size(1);
   const auto acc = accumulate_type(x.scalar_type());
   const Tensor logits = router(config_.detach_router_input ? x.detach() : x).to(acc);  // [B, T, 4]
-  const Tensor biased = logits + route_bias.to(acc);
-  const Tensor zero = torch::zeros({}, x.options().dtype(torch::kFloat));
-  aux_loss_ = load_loss_ = z_loss_ = entropy_loss_ = zero;
-  agreement_ = torch::ones({}, x.options().dtype(torch::kFloat));
+  // No aux losses and full agreement unless the training route sets them.
+  auto no_aux = [&] {
+    const Tensor zero = torch::zeros({}, x.options().dtype(torch::kFloat));
+    aux_loss_ = load_loss_ = z_loss_ = entropy_loss_ = zero;
+    agreement_ = torch::ones({}, x.options().dtype(torch::kFloat));
+  };
   Routing r;
   if (config_.random_router) {
+    no_aux();
     r.index = random_routes(positions);
     r.gates = torch::one_hot(r.index, 4).to(acc);
   } else if (is_training()) {
@@ -401,29 +404,35 @@ PacketSwitchedAttentionImpl::Routing PacketSwitchedAttentionImpl::route(const Te
     // (The textbook softmax((l + g) / tau) only sharpens the relaxation: its
     // hard sample stays a draw from softmax(l) at every tau, and the
     // train/eval routing gap never closes.)
-    const Tensor y = torch::softmax(biased / config_.temperature + g, -1);
-    r.index = y.argmax(-1);
-    // Straight-through: the forward value is exactly one-hot (z + 0), the
-    // gradient that of the soft y.
-    r.gates = torch::one_hot(r.index, 4).to(acc) + (y - y.detach());
-    if (T > 0) {
-      // The distribution routes are drawn from, and its log for the entropy term.
-      const Tensor log_p = torch::log_softmax(biased / config_.temperature, -1);
-      const Tensor p = log_p.exp();
-      const Tensor target = target_shares_like(p);
-      load_loss_ = (p.mean(at::IntArrayRef{0, 1}) - target).pow(2).sum().to(torch::kFloat);
-      z_loss_ = torch::logsumexp(logits, -1).pow(2).mean().to(torch::kFloat);
-      entropy_loss_ = -(p * log_p).sum(-1).mean().to(torch::kFloat);
-      aux_loss_ = config_.load_loss_weight * load_loss_ + config_.z_loss_weight * z_loss_ +
-                  config_.entropy_loss_weight * entropy_loss_;
-      const Tensor eval_index = biased.argmax(-1);
-      agreement_ = (r.index == eval_index).to(torch::kFloat).mean();
+    if (B * T > 0) {
+      // One op each way (unswag::psa_route, src/kernels/psa_route.h): the
+      // Gumbel-max route, its straight-through gates (one-hot in value, the
+      // gradient of the soft softmax(logits' / tau + g)), the aux losses and
+      // the routing statistics, where the ATen composition took ~45 ops.
+      const auto fused = unswag::psa_route(logits, route_bias, g, target_shares_like(logits), config_.temperature,
+                                           config_.load_loss_weight, config_.z_loss_weight, config_.entropy_loss_weight);
+      r.index = fused.route;
+      r.gates = fused.gates;
+      r.signal_max = fused.signal_max;
+      const Tensor losses = fused.losses.to(torch::kFloat), stats = fused.stats.to(torch::kFloat);
+      aux_loss_ = losses.select(0, 0);
+      load_loss_ = losses.select(0, 1);
+      z_loss_ = losses.select(0, 2);
+      entropy_loss_ = losses.select(0, 3);
+      agreement_ = stats.select(0, 0);
       // The controller steers the noise-free arg-max shares (what eval and
       // generation route by) to the budgets, as DeepSeek-V3's bias does.
-      train_fractions_ = torch::one_hot(eval_index, 4).to(torch::kFloat).mean(at::IntArrayRef{0, 1}).detach();
+      train_fractions_ = stats.narrow(0, 1, 4);
+      routes_ = r.index;
+      fractions_ = stats.narrow(0, 5, 4);
+      return r;
     }
+    no_aux();
+    r.index = torch::zeros({B, T}, x.options().dtype(torch::kLong));
+    r.gates = torch::zeros({B, T, 4}, x.options().dtype(acc));
   } else {
-    r.index = biased.argmax(-1);
+    no_aux();
+    r.index = (logits + route_bias.to(acc)).argmax(-1);
     r.gates = torch::one_hot(r.index, 4).to(acc);
   }
   routes_ = r.index;
@@ -574,7 +583,8 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
       !(config_.joint_softmax && window > 0)) {
     // The packed signal length, started before the projections are queued so
     // that reading it back waits on the router's kernels only.
-    routing.max_signal = read_back_later((routing.index == kSignal).sum(1).max());
+    routing.max_signal = read_back_later(routing.signal_max.defined() ? routing.signal_max
+                                                                      : (routing.index == kSignal).sum(1).max());
   }
   const auto dt = x.scalar_type(), acc = accumulate_type(dt);
   const Tensor z_summary = routing.gates.select(-1, kSummary).unsqueeze(-1);  // [B, T, 1] in acc

@@ -40,4 +40,7 @@ TORCH_LIBRARY(unswag, m) {
   m.def("pad_head_dim(Tensor x, int pad, Tensor? first=None) -> Tensor");
   m.def("gate_tokens(Tensor x, Tensor g) -> Tensor");
   m.def("unpad_head_dim(Tensor(a) x, int pad) -> Tensor(a)");
+  m.def("psa_route(Tensor logits, Tensor bias, Tensor gumbel, Tensor target, float temperature, "
+        "float load_weight=0., float z_weight=0., float entropy_weight=0.) -> "
+        "(Tensor route, Tensor gates, Tensor losses, Tensor stats, Tensor signal_max)");
 }

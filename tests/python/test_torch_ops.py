@@ -218,3 +218,31 @@ def test_gate_tokens_and_unpad_head_dim_pass_gradcheck(device):
     y = torch.randn(2, 3, 4, 24, generator=g, dtype=torch.float64).to(device).requires_grad_()
     assert torch.equal(ops.unpad_head_dim(y, 8), y[..., :16])
     assert torch.autograd.gradcheck(lambda t: ops.unpad_head_dim(t, 8), (y,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_psa_route_matches_its_composition_and_passes_gradcheck(device):
+    b, t = 2, 37
+    logits = torch.randn(b, t, 4, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, device=device)
+    gumbel = -torch.log(-torch.log(torch.rand(b, t, 4, dtype=torch.float64, device=device)))
+    target = torch.softmax(torch.randn(4, dtype=torch.float64, device=device), 0)
+    tau, w = 0.7, (0.3, 0.01, 0.05)
+    route, gates, losses, stats, signal_max = ops.psa_route(logits, bias, gumbel, target, tau, *w)
+    noisy = (logits + bias) / tau + gumbel
+    assert torch.equal(route, noisy.argmax(-1))
+    assert torch.equal(gates.detach(), torch.nn.functional.one_hot(route, 4).double())
+    log_p = torch.log_softmax((logits + bias) / tau, -1)
+    p = log_p.exp()
+    load = ((p.mean((0, 1)) - target) ** 2).sum()
+    z = (torch.logsumexp(logits, -1) ** 2).mean()
+    entropy = -(p * log_p).sum(-1).mean()
+    torch.testing.assert_close(losses, torch.stack([w[0] * load + w[1] * z + w[2] * entropy, load, z, entropy]))
+    torch.testing.assert_close(stats[5:9], torch.nn.functional.one_hot(route, 4).double().mean((0, 1)))
+    assert signal_max.item() == (route == 3).sum(1).max().item()
+
+    # The gates' gradient is straight-through (the soft sample's), so no finite difference sees it.
+    dg = torch.randn_like(gates)
+    y = torch.softmax(noisy, -1)
+    torch.testing.assert_close(torch.autograd.grad(gates, logits, dg)[0], torch.autograd.grad(y, logits, dg)[0])
+    assert torch.autograd.gradcheck(lambda lg: ops.psa_route(lg, bias, gumbel, target, tau, *w)[2], (logits,))

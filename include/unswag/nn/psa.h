@@ -235,6 +235,7 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
     // The largest per-row count of signal tokens (the packed length), read
     // back when called; compute() starts the read early (see read_back_later).
     std::function<int64_t()> max_signal;
+    torch::Tensor signal_max;  // that count as a device scalar, if the router computed it (psa_route)
   };
   Routing route(const torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& gumbel);
   torch::Tensor random_routes(const torch::Tensor& positions) const;

@@ -24,6 +24,9 @@
 //                             padded in one pass (the window's output)
 //   gate_tokens               y[b,t,c] = g[b,t] x[b,t,c]: the local stream's
 //                             write gate, one pass each way on CUDA
+//   psa_route                 the router's training step: Gumbel-max routes,
+//                             straight-through gates, aux losses and routing
+//                             statistics in two kernels forward, one backward
 //
 // All are also registered as torch.ops.unswag.<name>.
 #pragma once
@@ -100,5 +103,25 @@ at::Tensor unpad_head_dim(const at::Tensor& x, int64_t pad);
 // (sum_c dy x, summed in fp32). On CUDA (fp32/fp16/bf16, contiguous x, C % 8
 // == 0) one kernel each way; elsewhere x * g[..., None] in x's dtype.
 at::Tensor gate_tokens(const at::Tensor& x, const at::Tensor& g);
+
+// The router's training step (the math: src/kernels/psa_route.h). logits
+// [B, T, 4] and gumbel [B, T, 4] of one dtype, fp32 or fp64 (the
+// accumulation type), bias and target [4] (any float dtype, no gradient),
+// temperature > 0, the aux loss weights >= 0. Returns
+//   route      [B, T] int64: argmax((logits + bias) / temperature + gumbel)
+//   gates      [B, T, 4]: one_hot(route) in value, the gradient of
+//              softmax((logits + bias) / temperature + gumbel) (straight-through)
+//   losses     [4]: aux = w_load load + w_z z + w_entropy entropy, load, z, entropy
+//   stats      [13]: agreement of route with argmax(logits + bias), the latter's
+//              fractions [4], the route fractions [4], mean softmax((logits + bias) / temperature) [4]
+//   signal_max [] int64: the largest per-row count of route 3 (signal)
+// Gradients flow to logits from gates and losses; the rest carry none. One
+// pass each way on either device; B T must be > 0.
+struct PsaRoute {
+  at::Tensor route, gates, losses, stats, signal_max;
+};
+PsaRoute psa_route(const at::Tensor& logits, const at::Tensor& bias, const at::Tensor& gumbel,
+                   const at::Tensor& target, double temperature, double load_weight, double z_weight,
+                   double entropy_weight);
 
 }  // namespace unswag
