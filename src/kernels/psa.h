@@ -157,8 +157,16 @@ struct PsaCombineParams {
   void* dsummary = nullptr;
   float* dlambda_partial = nullptr;
 };
+// Rows per block: kCombineRows, or fewer where that would leave under 512
+// blocks (at 2k tokens 64-row blocks made 32 blocks, each walking its rows one
+// after another: 0.10 ms for an 8 MiB pass, H100 profile).
+UNSWAG_HD int64_t psa_combine_rows_per_block(const PsaCombineParams& p) {
+  const int64_t rows_512 = (p.batch * p.time + 511) / 512;
+  return rows_512 < 1 ? 1 : (rows_512 > kCombineRows ? kCombineRows : rows_512);
+}
 inline int64_t psa_combine_blocks(const PsaCombineParams& p) {
-  return (p.batch * p.time + kCombineRows - 1) / kCombineRows;
+  const int64_t rpb = psa_combine_rows_per_block(p);
+  return (p.batch * p.time + rpb - 1) / rpb;
 }
 
 // ---- row gather (packing and unpacking the signal tokens) -----------------------

@@ -3,7 +3,7 @@
 // ATen passes (most of them broadcasts, which ATen runs on its strided,
 // non-vectorised path) that gate, mask, transpose, add and scale it.
 //
-// One block walks kCombineRows rows (b, t); thread i owns the 8 columns
+// One block walks up to kCombineRows rows (b, t); thread i owns the 8 columns
 // [8i, 8i + 8) of C = H * D (all in one head, as D % 8 == 0), so every access
 // is one 16-byte vector (two for fp32) and the per-column sums of the backward
 // (d lambda) stay in registers across the block's rows. The per-row sum
@@ -51,8 +51,9 @@ __global__ void combine_forward_kernel(PsaCombineParams p) {
   const T* local = static_cast<const T*>(p.local);
   const T* summary = static_cast<const T*>(p.summary);
   T* y = static_cast<T*>(p.y);
-  const int64_t r_end = min(rows, int64_t(blockIdx.x + 1) * kCombineRows);
-  for (int64_t r = int64_t(blockIdx.x) * kCombineRows; r < r_end; ++r) {
+  const int64_t rpb = psa_combine_rows_per_block(p);
+  const int64_t r_end = min(rows, int64_t(blockIdx.x + 1) * rpb);
+  for (int64_t r = int64_t(blockIdx.x) * rpb; r < r_end; ++r) {
     const int64_t b = r / p.time, t = r % p.time;
     float s[8], l[8], m[8], out[8];
     load8<true>(sig + b * p.sig_stride[0] + col.h * p.sig_stride[1] + t * p.sig_stride[2] + col.d0, 0, 8, s);
@@ -88,7 +89,8 @@ __global__ void combine_backward_kernel(PsaCombineParams p) {
   T* dsig = static_cast<T*>(p.dsig);
   T* dlocal = static_cast<T*>(p.dlocal);
   T* dsummary = static_cast<T*>(p.dsummary);
-  const int64_t r0 = int64_t(blockIdx.x) * kCombineRows, r_end = min(rows, r0 + kCombineRows);
+  const int64_t rpb = psa_combine_rows_per_block(p);
+  const int64_t r0 = int64_t(blockIdx.x) * rpb, r_end = min(rows, r0 + rpb);
   for (int64_t r = r0; r < r_end; ++r) {
     const int64_t b = r / p.time, t = r % p.time;
     float g[8], tmp[8];
