@@ -27,7 +27,8 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(RopeParams p) {
   const int64_t token = r / p.heads;
   const int64_t crow = p.cos_per_batch ? token : token % p.time;
   using VT = Vec<T, V>;
-  const T* x = static_cast<const T*>(p.x) + r * D;
+  const int64_t hh = r % p.heads, tt = token % p.time, bb = token / p.time;
+  const T* x = static_cast<const T*>(p.x) + bb * p.x_stride_b + tt * p.x_stride_t + hh * p.x_stride_h;
   const T* c = static_cast<const T*>(p.cos) + crow * D;
   const T* s = static_cast<const T*>(p.sin) + crow * D;
   T* y = static_cast<T*>(p.y) + r * D;
@@ -71,7 +72,8 @@ void dispatch_width(const RopeParams& p, cudaStream_t stream) {
   // The wide path needs every vector start (row starts and the half offset h)
   // on a 16-byte boundary: h a multiple of the width and aligned bases.
   const bool wide = h % kWide == 0 && aligned_to(p.x, 16) && aligned_to(p.cos, 16) && aligned_to(p.sin, 16) &&
-                    aligned_to(p.y, 16);
+                    aligned_to(p.y, 16) && p.x_stride_b % kWide == 0 && p.x_stride_t % kWide == 0 &&
+                    p.x_stride_h % kWide == 0;
   if (wide)
     launch<T, kWide>(p, stream);
   else

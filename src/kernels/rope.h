@@ -27,7 +27,11 @@ struct RopeParams {
   int64_t dim = 0;                // D (even)
   bool cos_per_batch = true;      // cos/sin [B, T, D] (true) or [1, T, D]
   bool inverse = false;           // backward: the transposed rotation
-  const void* x = nullptr;        // [rows, D] contiguous
+  const void* x = nullptr;        // [B, T, H, D] with d contiguous, strides below
+  // x's strides of b, t and h in elements (contiguous: T H D, H D, D). A
+  // gradient that autograd summed from two layouts arrives strided; reading
+  // it in place saves the copy .contiguous() would make.
+  int64_t x_stride_b = 0, x_stride_t = 0, x_stride_h = 0;
   const void* cos = nullptr;      // [B or 1, T, D] contiguous
   const void* sin = nullptr;
   void* y = nullptr;              // [rows, D]

@@ -19,7 +19,7 @@ void rope_rows(const RopeParams& p, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t token = r / p.heads;
     const int64_t crow = p.cos_per_batch ? token : token % p.time;
-    const T* xr = x + r * D;
+    const T* xr = x + (token / p.time) * p.x_stride_b + (token % p.time) * p.x_stride_t + (r % p.heads) * p.x_stride_h;
     const T* c = cs + crow * D;
     const T* s = sn + crow * D;
     T* yr = y + r * D;

@@ -657,8 +657,11 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
   } else {
     const Tensor win = window > 0 ? window_attention(q, k, u_heads, routing, cache) : Tensor();
     const Tensor sig = signal_attention(q, k, v_heads, routing, cache);
-    // z_sig on the signal tokens, 0 elsewhere (one in value: the straight-through gate).
-    const Tensor gate = (routing.index == kSignal).to(acc) * routing.gates.select(-1, kSignal);
+    // z_sig: one on the signal tokens and zero elsewhere in value (the gates
+    // are one-hot), the straight-through gradient. No mask by route is needed:
+    // sig's rows off the signal route are zero, so d gate = sum_c dy sig is
+    // zero there anyway.
+    const Tensor gate = routing.gates.select(-1, kSignal);
     // One pass each way on CUDA (unswag::psa_combine), the ATen composition elsewhere.
     read = unswag::psa_combine(sig, gate, win, local, lambda_local, summary, lambda_summary);
   }

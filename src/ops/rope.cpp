@@ -17,9 +17,11 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Runs the kernel: x [B, T, H, D] contiguous, cos/sin [Bc, T, D] contiguous.
-at::Tensor run_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse) {
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+// Runs the kernel: x [B, T, H, D] with d contiguous (any other strides: read
+// in place), cos/sin [Bc, T, D] contiguous; y contiguous.
+at::Tensor run_rope(const at::Tensor& x_any, const at::Tensor& cos, const at::Tensor& sin, bool inverse) {
+  const at::Tensor x = x_any.stride(3) == 1 || x_any.numel() == 0 ? x_any : x_any.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
   kernels::RopeParams p;
   p.dtype = ops::to_kernel_dtype(x.scalar_type());
   p.time = x.size(1);
@@ -29,6 +31,9 @@ at::Tensor run_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
   p.cos_per_batch = cos.size(0) == x.size(0) && x.size(0) > 1;
   p.inverse = inverse;
   p.x = x.const_data_ptr();
+  p.x_stride_b = x.stride(0);
+  p.x_stride_t = x.stride(1);
+  p.x_stride_h = x.stride(2);
   p.cos = cos.const_data_ptr();
   p.sin = sin.const_data_ptr();
   p.y = y.data_ptr();
@@ -39,11 +44,11 @@ at::Tensor run_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
 struct RopeFunction : public torch::autograd::Function<RopeFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
     ctx->save_for_backward({cos, sin});
-    return run_rope(x.contiguous(), cos, sin, /*inverse=*/false);
+    return run_rope(x, cos, sin, /*inverse=*/false);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    return {run_rope(grads[0].contiguous(), saved[0], saved[1], /*inverse=*/true), at::Tensor(), at::Tensor()};
+    return {run_rope(grads[0], saved[0], saved[1], /*inverse=*/true), at::Tensor(), at::Tensor()};
   }
 };
 

@@ -128,6 +128,29 @@ TEST_P(TransformerOps, RotaryEmbeddingNonContiguousEmptyAndErrors) {
   ASSERT_FALSE(x.is_contiguous());
   const auto y = unswag::rotary_embedding(x, cos4, sin4);
   EXPECT_TRUE(unswag::test::bitwise_equal(y, rope_ref(x, cos4, sin4)));
+  // Rows padded to D + 8 (the 16-byte path reads them in place) and to D + 1
+  // (the scalar path), in bf16 and fp32; the gradient arriving in a strided
+  // layout gives the same bits as the contiguous one.
+  for (const auto dtype : {torch::kBFloat16, torch::kFloat}) {
+    auto [c, s] = rope_tables(torch::arange(T, opts(torch::kLong)).unsqueeze(0), D, dtype);
+    for (const int64_t pad : {8, 1}) {
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + " pad " + std::to_string(pad));
+      const auto xp = torch::randn({B, T, H, D + pad}, opts(dtype)).narrow(3, 0, D);
+      ASSERT_FALSE(xp.is_contiguous());
+      const auto leaf_s = xp.detach().requires_grad_(true), leaf_c = xp.contiguous().requires_grad_(true);
+      const auto ys = unswag::rotary_embedding(leaf_s, c, s), yc = unswag::rotary_embedding(leaf_c, c, s);
+      EXPECT_TRUE(unswag::test::bitwise_equal(ys, yc));
+      const auto g = torch::randn({B, T, H, D + pad}, opts(dtype)).narrow(3, 0, D);
+      ys.backward(g);
+      yc.backward(g.contiguous());
+      EXPECT_TRUE(unswag::test::bitwise_equal(leaf_s.grad(), leaf_c.grad()));
+      const auto gh = torch::randn({B, H, T, D}, opts(dtype));
+      leaf_s.grad().zero_(), leaf_c.grad().zero_();
+      unswag::rotary_embedding(leaf_s, c, s).backward(gh.transpose(1, 2));
+      unswag::rotary_embedding(leaf_c, c, s).backward(gh.transpose(1, 2).contiguous());
+      EXPECT_TRUE(unswag::test::bitwise_equal(leaf_s.grad(), leaf_c.grad()));
+    }
+  }
   EXPECT_EQ(unswag::rotary_embedding(torch::randn({B, 0, H, D}, opts(torch::kFloat)), cos4.narrow(2, 0, 0),
                                      sin4.narrow(2, 0, 0))
                 .sizes(),
