@@ -623,8 +623,12 @@ at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::
   check_read(summary, lambda_summary, "summary", "lambda_summary");
   const at::Tensor lc = local.contiguous(), sc = summary.contiguous();
   if (combine_fusable(sig, win, lc, sc)) {
-    return PsaCombineFunction::apply(sig, gate.to(at::kFloat), win.defined() ? win : at::empty({0}, sig.options()), lc,
-                                     lambda_local.to(at::kFloat), sc, lambda_summary.to(at::kFloat), win.defined());
+    // The kernels index gate and the lambdas densely: a strided view (the
+    // layer's gate is gates[..., signal], stride 4) is copied first.
+    return PsaCombineFunction::apply(sig, gate.to(at::kFloat).contiguous(),
+                                     win.defined() ? win : at::empty({0}, sig.options()), lc,
+                                     lambda_local.to(at::kFloat).contiguous(), sc,
+                                     lambda_summary.to(at::kFloat).contiguous(), win.defined());
   }
   // Elsewhere the composition it fuses, in sig's dtype.
   const auto dt = sig.scalar_type();

@@ -587,6 +587,36 @@ TEST_P(PsaCombine, SigGradientKeepsSigLayout) {
   EXPECT_EQ(leaves[0].grad().strides(), in[0].strides());
 }
 
+// The layer hands the gate over as gates[..., signal] (a stride-4 view); the
+// kernels index it and the lambdas densely, so strided ones must give what
+// their contiguous copies give, bit for bit, gradients included.
+TEST_P(PsaCombine, StridedGateAndLambdas) {
+  const CombineShape s{2, 4, 37, 64, 4, 4};
+  const int64_t C = s.H * s.D;
+  auto in = combine_inputs(s, torch::kBFloat16, opts(torch::kBFloat16), true);
+  auto strided = in;
+  strided[1] = torch::rand({s.B, s.T, 4}, opts(torch::kFloat32)).select(-1, 3);
+  strided[4] = torch::randn({2 * C}, opts(torch::kFloat32)).slice(0, 0, 2 * C, 2);
+  ASSERT_FALSE(strided[1].is_contiguous());
+  ASSERT_FALSE(strided[4].is_contiguous());
+  auto dense = strided;
+  dense[1] = strided[1].contiguous();
+  dense[4] = strided[4].contiguous();
+  const auto dy = torch::randn({s.B, s.T, C}, opts(torch::kBFloat16));
+  std::vector<torch::Tensor> grads[2];
+  torch::Tensor out[2];
+  for (int k = 0; k < 2; ++k) {
+    std::vector<torch::Tensor> leaves;
+    for (const auto& t : k == 0 ? strided : dense) leaves.push_back(leaf(t));
+    out[k] = combine_fn()(leaves);
+    out[k].backward(dy);
+    for (const auto& l : leaves) grads[k].push_back(grad_of(l));
+  }
+  EXPECT_TRUE(test::bitwise_equal(out[0], out[1]));
+  for (size_t i = 0; i < grads[0].size(); ++i)
+    if (grads[0][i].defined()) EXPECT_TRUE(torch::equal(grads[0][i], grads[1][i])) << "gradient " << i;
+}
+
 TEST_P(PsaCombine, EmptyAndErrors) {
   {
     auto in = combine_inputs({2, 4, 0, 64, 4, 4}, torch::kFloat32, opts(torch::kFloat32), true);
