@@ -5,6 +5,9 @@
 // are the same on every run; the finalize is one block.
 #include <cuda_runtime.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "cuda_common.cuh"
 #include "psa_route.h"
 
@@ -104,6 +107,9 @@ __global__ void route_backward_kernel(PsaRouteParams<A> p) {
 template <typename A>
 void psa_route_forward_cuda(const PsaRouteParams<A>& p, void* stream) {
   if (p.batch * p.time == 0) return;
+  if (p.batch > 65535 || p.tiles_per_row() > 0x7fffffff)
+    throw std::invalid_argument("unswag: psa_route CUDA kernels take at most 65535 rows (got " +
+                                std::to_string(p.batch) + ")");
   auto s = static_cast<cudaStream_t>(stream);
   route_forward_kernel<A><<<dim3(unsigned(p.tiles_per_row()), unsigned(p.batch)), kRouteTile, 0, s>>>(p);
   check_launch("psa_route forward");

@@ -150,6 +150,8 @@ PsaRoute psa_route(const at::Tensor& logits, const at::Tensor& bias, const at::T
 #ifndef UNSWAG_WITH_CUDA
   TORCH_CHECK(logits.is_cpu(), op, ": this build has no CUDA kernels, got 'logits' on ", logits.device());
 #endif
+  TORCH_CHECK(logits.is_cpu() || logits.size(0) <= 65535, op,
+              ": on CUDA argument 'logits' may have at most 65535 rows (the grid's y), got ", logits.size(0));
   TORCH_CHECK(gumbel.defined() && gumbel.scalar_type() == logits.scalar_type() && gumbel.sizes() == logits.sizes(),
               op, ": argument 'gumbel' must be ", logits.sizes(), " of dtype ", logits.scalar_type(), ", got ",
               gumbel.defined() ? c10::toString(gumbel.scalar_type()) : "undefined", " ",
