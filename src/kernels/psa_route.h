@@ -178,6 +178,30 @@ UNSWAG_HD void route_token_backward(const PsaRouteParams<A>& p, int64_t i, A d_l
   }
 }
 
+// The finalize's outputs from the slot totals over all N tokens (summed in
+// double): the losses [4], the stats [kRouteStats]. Shared by the CPU
+// finalize and the CUDA finalize kernel's last step.
+template <typename A>
+UNSWAG_HD void route_finalize_totals(const PsaRouteParams<A>& p, const double total[kRouteSlots]) {
+  const double inv_n = 1.0 / double(p.batch * p.time);
+  double load = 0;
+  for (int r = 0; r < 4; ++r) {
+    const double d = total[r] * inv_n - double(p.target[r]);
+    load += d * d;
+  }
+  const double z = total[4] * inv_n, entropy = total[5] * inv_n;
+  p.losses[0] = A(double(p.w_load) * load + double(p.w_z) * z + double(p.w_entropy) * entropy);
+  p.losses[1] = A(load);
+  p.losses[2] = A(z);
+  p.losses[3] = A(entropy);
+  p.stats[0] = A(total[6] * inv_n);
+  for (int r = 0; r < 4; ++r) {
+    p.stats[1 + r] = A(total[7 + r] * inv_n);
+    p.stats[5 + r] = A(total[11 + r] * inv_n);
+    p.stats[9 + r] = A(total[r] * inv_n);
+  }
+}
+
 // CPU: forward of blocks [b0, b1) (partials included); the finalize; backward
 // of tokens [i0, i1).
 template <typename A>

@@ -41,23 +41,7 @@ void psa_route_finalize_cpu(const PsaRouteParams<A>& p) {
     }
     signal_max = std::max(signal_max, int64_t(row_signal));
   }
-  const double inv_n = 1.0 / double(p.batch * p.time);
-  double load = 0;
-  for (int r = 0; r < 4; ++r) {
-    const double d = total[r] * inv_n - double(p.target[r]);
-    load += d * d;
-  }
-  const double z = total[4] * inv_n, entropy = total[5] * inv_n;
-  p.losses[0] = A(double(p.w_load) * load + double(p.w_z) * z + double(p.w_entropy) * entropy);
-  p.losses[1] = A(load);
-  p.losses[2] = A(z);
-  p.losses[3] = A(entropy);
-  p.stats[0] = A(total[6] * inv_n);
-  for (int r = 0; r < 4; ++r) {
-    p.stats[1 + r] = A(total[7 + r] * inv_n);
-    p.stats[5 + r] = A(total[11 + r] * inv_n);
-    p.stats[9 + r] = A(total[r] * inv_n);
-  }
+  route_finalize_totals(p, total);
   *p.signal_max = signal_max;
 }
 
