@@ -93,8 +93,10 @@ void check_case(const RouteCase& c, double tol) {
   const bool exact_routes = torch::equal(got.route.cpu(), ref.route);
   // One-hot gates in value.
   EXPECT_TRUE(torch::equal(got.gates.detach().cpu(), torch::one_hot(got.route.cpu(), 4).to(dt)));
+  // The losses and the mean of p do not depend on the sampled routes.
+  EXPECT_LE(rel_l2(got.losses, ref.losses), tol) << "losses";
+  EXPECT_LE(rel_l2(got.stats.narrow(0, 9, 4), ref.stats.narrow(0, 9, 4)), tol) << "mean p";
   if (exact_routes) {
-    EXPECT_LE(rel_l2(got.losses, ref.losses), tol) << "losses";
     EXPECT_LE(rel_l2(got.stats, ref.stats), tol) << "stats";
     EXPECT_EQ(got.signal_max.item<int64_t>(), ref.signal_max.item<int64_t>());
   }
