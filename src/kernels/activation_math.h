@@ -21,6 +21,8 @@ enum class Act : int32_t { kReLU = 0, kReLU2 = 1, kGELU = 2, kGELUTanh = 3, kSiL
 // Overloads that resolve to the float or double libm function on host and device.
 UNSWAG_HD float m_exp(float x) { return expf(x); }
 UNSWAG_HD double m_exp(double x) { return exp(x); }
+UNSWAG_HD float m_log(float x) { return logf(x); }
+UNSWAG_HD double m_log(double x) { return log(x); }
 UNSWAG_HD float m_erf(float x) { return erff(x); }
 UNSWAG_HD double m_erf(double x) { return erf(x); }
 UNSWAG_HD float m_erfc(float x) { return erfcf(x); }

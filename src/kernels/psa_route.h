@@ -35,7 +35,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "activation_math.h"  // UNSWAG_HD
+#include "activation_math.h"  // UNSWAG_HD, m_exp, m_log
 
 namespace unswag::kernels {
 
@@ -71,23 +71,6 @@ struct PsaRouteParams {
   UNSWAG_HD int64_t blocks() const { return batch * tiles_per_row(); }
 };
 
-template <typename A>
-UNSWAG_HD A route_exp(A x) {
-  return exp(x);
-}
-template <>
-UNSWAG_HD float route_exp<float>(float x) {
-  return expf(x);
-}
-template <typename A>
-UNSWAG_HD A route_log(A x) {
-  return log(x);
-}
-template <>
-UNSWAG_HD float route_log<float>(float x) {
-  return logf(x);
-}
-
 // softmax of v [4] into out, returning log-sum-exp.
 template <typename A>
 UNSWAG_HD A route_softmax(const A v[4], A out[4]) {
@@ -95,12 +78,12 @@ UNSWAG_HD A route_softmax(const A v[4], A out[4]) {
   for (int r = 1; r < 4; ++r) m = v[r] > m ? v[r] : m;
   A s = 0;
   for (int r = 0; r < 4; ++r) {
-    out[r] = route_exp(v[r] - m);
+    out[r] = m_exp(v[r] - m);
     s += out[r];
   }
   const A inv = A(1) / s;
   for (int r = 0; r < 4; ++r) out[r] *= inv;
-  return m + route_log(s);
+  return m + m_log(s);
 }
 
 template <typename A>
@@ -114,7 +97,7 @@ UNSWAG_HD int route_argmax(const A v[4]) {
 // One token's forward values.
 template <typename A>
 struct RouteToken {
-  A l[4], a[4], p[4], logp[4], y[4];
+  A l[4], a[4], p[4], logp[4], y[4], softmax_l[4];
   A lse_l, entropy;
   int route, eval;
 };
@@ -122,7 +105,7 @@ struct RouteToken {
 template <typename A>
 UNSWAG_HD RouteToken<A> route_token(const PsaRouteParams<A>& p, int64_t i) {
   RouteToken<A> t;
-  A b[4], noisy[4], sm_l[4];
+  A b[4], noisy[4];
   for (int r = 0; r < 4; ++r) {
     t.l[r] = p.logits[i * 4 + r];
     b[r] = t.l[r] + p.bias[r];
@@ -131,7 +114,7 @@ UNSWAG_HD RouteToken<A> route_token(const PsaRouteParams<A>& p, int64_t i) {
   }
   const A lse_a = route_softmax(t.a, t.p);
   route_softmax(noisy, t.y);
-  t.lse_l = route_softmax(t.l, sm_l);
+  t.lse_l = route_softmax(t.l, t.softmax_l);
   t.entropy = 0;
   for (int r = 0; r < 4; ++r) {
     t.logp[r] = t.a[r] - lse_a;
@@ -170,11 +153,9 @@ UNSWAG_HD void route_token_backward(const PsaRouteParams<A>& p, int64_t i, A d_l
     e[r] = d_load * 2 * (p.mean_p[r] - p.target[r]) * inv_n;
     pe += t.p[r] * e[r];
   }
-  A sm_l[4];
-  route_softmax(t.l, sm_l);
   for (int r = 0; r < 4; ++r) {
     const A da = t.y[r] * (dg[r] - ydg) + t.p[r] * (e[r] - pe) - d_ent * inv_n * t.p[r] * (t.logp[r] + t.entropy);
-    p.grad_logits[i * 4 + r] = da / p.tau + d_z * 2 * t.lse_l * sm_l[r] * inv_n;
+    p.grad_logits[i * 4 + r] = da / p.tau + d_z * 2 * t.lse_l * t.softmax_l[r] * inv_n;
   }
 }
 
