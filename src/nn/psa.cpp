@@ -762,12 +762,14 @@ namespace {
 
 // Causal attention over the last `window` keys with an additive per-key bias:
 // q [B, H, T, D], k/v [B, Hkv, T, D], bias [B, T] fp32 -> [B, H, T, D]. On CUDA
-// in bf16/fp16, FlashAttention's sliding window; the bias rides in 8 extra
-// head dimensions (q gains a 1, k gains bias / scale, v gains zeros), so the
-// scores are scale * q.k + bias exactly and the kernel keeps its causal
-// window tiling. Elsewhere unswag::chunked_attention, which takes the bias.
+// in bf16/fp16 at D = 64 or 128, unswag::window_attention's kernels (the bias
+// as a vector). Other head dims there: FlashAttention's sliding window with
+// the bias riding in 8 extra head dimensions (q gains a 1, k gains bias /
+// scale, v gains zeros), so the scores are scale * q.k + bias exactly.
+// Elsewhere unswag::chunked_attention, which takes the bias.
 Tensor biased_window_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias, double scale,
                                int64_t window) {
+  if (unswag::window_attention_fused(q, k, v)) return unswag::window_attention(q, k, v, bias, scale, window);
   const int64_t B = q.size(0), T = q.size(2), D = q.size(3);
   const bool flash = q.is_cuda() && (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf) &&
                      D % 8 == 0 && D + 8 <= 256;

@@ -24,6 +24,10 @@
 //                             padded in one pass (the window's output)
 //   gate_tokens               y[b,t,c] = g[b,t] x[b,t,c]: the local stream's
 //                             write gate, one pass each way on CUDA
+//   window_attention          causal attention over the last W tokens with a
+//                             per-key additive bias (the window read; pruned
+//                             keys carry a large negative bias): CUDA kernels
+//                             of its own, chunked_attention elsewhere
 //   psa_route                 the router's training step: Gumbel-max routes,
 //                             straight-through gates, aux losses and routing
 //                             statistics in two kernels forward, one backward
@@ -103,6 +107,19 @@ at::Tensor unpad_head_dim(const at::Tensor& x, int64_t pad);
 // (sum_c dy x, summed in fp32). On CUDA (fp32/fp16/bf16, contiguous x, C % 8
 // == 0) one kernel each way; elsewhere x * g[..., None] in x's dtype.
 at::Tensor gate_tokens(const at::Tensor& x, const at::Tensor& g);
+
+// q [B, H, T, D], k and v [B, Hkv, T, D] (Hkv dividing H: GQA), bias [B, T]
+// (any float dtype, no gradient), window W >= 1. Returns [B, H, T, D]:
+// o_i = sum_j softmax_j(scale q_i.k_j + bias_j) v_j over keys i - W < j <= i.
+// Gradients flow to q, k and v. On CUDA in fp16/bf16 with D of 64 or 128 and
+// rows of unit stride along D (strides multiples of 8, 16-byte aligned) the
+// kernels of src/kernels/window_attention.h, FlashAttention-2's scheme with
+// the bias as a vector (the output and gradients token-major: [B, T, heads,
+// D] storage); elsewhere chunked_attention(q, k, v, scale, W, 1024, bias).
+at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                            double scale, int64_t window);
+// Whether window_attention runs its CUDA kernels for these operands.
+bool window_attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
 // The router's training step (the math: src/kernels/psa_route.h). logits
 // [B, T, 4] and gumbel [B, T, 4] of one dtype, fp32 or fp64 (the

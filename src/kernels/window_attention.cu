@@ -1,0 +1,489 @@
+// CUDA kernels of the sliding-window attention with a per-key bias
+// (window_attention.h has the math): FlashAttention-2's scheme on mma.sync
+// m16n8k16 (fp16/bf16 in, fp32 accumulate), sm_80 and later.
+//
+// Blocks of 64 rows, 4 warps of 16 rows each; tiles of 64 keys (or, in the
+// dk/dv pass, 64 queries) staged in shared memory with rows padded by 8
+// elements, so that the fragment loads below (32-bit words at row g, column
+// 2t of a 16 x 16 tile; ldmatrix rows of 16 bytes) fall in 32 distinct banks.
+// Fragment layouts of m16n8k16 (g = lane / 4, t = lane % 4):
+//   A (16 x 16, row-major): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
+//   B (16 x 8, k x n):      b0 (k 2t..2t+1, n g), b1 (k 2t+8..2t+9, n g)
+//   C (16 x 8):             c0 c1 (g, 2t..2t+1), c2 c3 (g+8, 2t..2t+1)
+// so the C fragments of two neighbouring 8-column tiles are, packed to 16
+// bits, the A fragment of their 16 columns: scores become P (or dS) operands
+// without leaving registers. Operands whose k runs along the stored rows'
+// index (V in P V, K in dS K, dO and Q in the key pass) come through
+// ldmatrix.trans.
+#include <cfloat>
+#include <cstdint>
+
+#include "cuda_common.cuh"
+#include "window_attention.h"
+
+namespace unswag::kernels {
+namespace {
+
+constexpr int kRows = 64;  // rows (queries, or keys in the dk/dv pass) per block
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename E>
+struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+template <typename E>
+__device__ __forceinline__ uint32_t lds32(const E* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// Four 8 x 8 matrices, transposed: lane l addresses row l % 8 of matrix l / 8.
+// With matrix m at (row0 + 8 (m & 1), col0 + 8 (m >> 1)) of a row-major
+// [k][n] tile, r0 r1 are the B fragment (b0, b1) of columns col0..col0+7
+// and r2 r3 of col0+8..col0+15, for k = row0..row0+15.
+template <typename E>
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], const E* tile, int ld, int row0, int col0) {
+  const int lane = threadIdx.x & 31, m = lane >> 3;
+  const E* p = tile + (row0 + (m & 1) * 8 + (lane & 7)) * ld + col0 + (m >> 1) * 8;
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+
+// The A fragment of rows row0..row0+15, columns k0..k0+15 of a row-major tile.
+template <typename E>
+__device__ __forceinline__ void load_a(uint32_t a[4], const E* tile, int ld, int row0, int k0) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const E* p = tile + (row0 + g) * ld + k0 + 2 * t;
+  a[0] = lds32(p);
+  a[1] = lds32(p + 8 * ld);
+  a[2] = lds32(p + 8);
+  a[3] = lds32(p + 8 * ld + 8);
+}
+
+// C[16 x 8 * NT] += A[rows row0.., D] B^T, B^T's columns being rows n0.. of a
+// second row-major tile (S = Q K^T and its relatives: both operands are read
+// along their stored rows).
+template <typename E, int D, int NT>
+__device__ __forceinline__ void mma_abt(float c[NT][4], const E* a_tile, int a_row0, const E* b_tile, int b_row0) {
+  constexpr int ld = D + 8;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    load_a(a, a_tile, ld, a_row0, kk * 16);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const E* p = b_tile + (b_row0 + nt * 8 + g) * ld + kk * 16 + 2 * t;
+      Mma<E>::run(c[nt], a, lds32(p), lds32(p + 8));
+    }
+  }
+}
+
+// acc[16 x D] += P[16 x 16 KS] X, P given as C fragments (NT = 2 KS tiles of
+// 8 columns), X rows x_row0..x_row0 + 16 KS - 1 of a row-major [k][D] tile.
+template <typename E, int D, int NT>
+__device__ __forceinline__ void mma_px(float acc[D / 8][4], const float p[NT][4], const E* x_tile, int x_row0) {
+  constexpr int ld = D + 8;
+#pragma unroll
+  for (int ks = 0; ks < NT / 2; ++ks) {
+    const uint32_t a[4] = {Mma<E>::pack(p[2 * ks][0], p[2 * ks][1]), Mma<E>::pack(p[2 * ks][2], p[2 * ks][3]),
+                           Mma<E>::pack(p[2 * ks + 1][0], p[2 * ks + 1][1]),
+                           Mma<E>::pack(p[2 * ks + 1][2], p[2 * ks + 1][3])};
+#pragma unroll
+    for (int nd = 0; nd < D / 16; ++nd) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, x_tile, ld, x_row0 + ks * 16, nd * 16);
+      Mma<E>::run(acc[2 * nd], a, b[0], b[1]);
+      Mma<E>::run(acc[2 * nd + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Rows row0..row0+63 of a [.., T, D] sequence (row stride `stride`) into a
+// padded shared tile; rows outside [0, time) read zeros.
+template <typename E, int D>
+__device__ __forceinline__ void load_rows(E* tile, const E* src, int64_t stride, int64_t row0, int64_t time) {
+  constexpr int kVec = D / 8;
+  for (int i = threadIdx.x; i < kRows * kVec; i += kThreads) {
+    const int r = i / kVec, c = i % kVec;
+    const int64_t t = row0 + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (t >= 0 && t < time) v = *reinterpret_cast<const uint4*>(src + t * stride + c * 8);
+    *reinterpret_cast<uint4*>(tile + r * (D + 8) + c * 8) = v;
+  }
+}
+
+template <typename E, int D>
+__device__ __forceinline__ void store_rows(E* dst, int64_t stride, const E* tile, int64_t row0, int64_t time) {
+  constexpr int kVec = D / 8;
+  for (int i = threadIdx.x; i < kRows * kVec; i += kThreads) {
+    const int r = i / kVec, c = i % kVec;
+    const int64_t t = row0 + r;
+    if (t < time) *reinterpret_cast<uint4*>(dst + t * stride + c * 8) = *reinterpret_cast<const uint4*>(tile + r * (D + 8) + c * 8);
+  }
+}
+
+// A warp's 16 x D accumulator (times `mul` per row half) into rows row0.. of a padded tile.
+template <typename E, int D>
+__device__ __forceinline__ void stage_acc(E* tile, int row0, const float acc[D / 8][4], float mul0, float mul1) {
+  constexpr int ld = D + 8;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    E* p = tile + (row0 + g) * ld + nt * 8 + 2 * t;
+    *reinterpret_cast<uint32_t*>(p) = Mma<E>::pack(acc[nt][0] * mul0, acc[nt][1] * mul0);
+    *reinterpret_cast<uint32_t*>(p + 8 * ld) = Mma<E>::pack(acc[nt][2] * mul1, acc[nt][3] * mul1);
+  }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Query i sees key j (both within [0, T)).
+__device__ __forceinline__ bool visible(int64_t i, int64_t j, int64_t window, int64_t time) {
+  return j <= i && i - j < window && i < time;
+}
+
+template <typename E>
+__device__ __forceinline__ const E* seq(const void* base, const int64_t stride[3], int64_t b, int64_t h) {
+  return static_cast<const E*>(base) + b * stride[0] + h * stride[1];
+}
+template <typename E>
+__device__ __forceinline__ E* seq_mut(void* base, const int64_t stride[3], int64_t b, int64_t h) {
+  return static_cast<E*>(base) + b * stride[0] + h * stride[1];
+}
+
+// ---- forward: one block per (64 queries, head, sequence) ---------------------
+
+template <typename E, int D>
+__global__ void __launch_bounds__(kThreads) window_forward_kernel(WindowAttentionParams p) {
+  constexpr int ld = D + 8, kNT = kRows / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  E* Qs = reinterpret_cast<E*>(smem);
+  E* Ks = Qs + kRows * ld;
+  E* Vs = Ks + kRows * ld;
+  float* bias_s = reinterpret_cast<float*>(Vs + kRows * ld);
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int64_t T = p.time, W = p.window, b = blockIdx.z, h = blockIdx.y, q0 = int64_t(blockIdx.x) * kRows;
+  const int64_t hk = h / (p.heads / p.kv_heads);
+  const E* k = seq<E>(p.k, p.k_stride, b, hk);
+  const E* v = seq<E>(p.v, p.v_stride, b, hk);
+  const float* bias = p.bias + b * T;
+  load_rows<E, D>(Qs, seq<E>(p.q, p.q_stride, b, h), p.q_stride[2], q0, T);
+
+  const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  const float sl2 = p.scale * kLog2e;
+  const int64_t j_lo = q0 - W + 1 > 0 ? q0 - W + 1 : 0, j_hi = q0 + kRows - 1 < T - 1 ? q0 + kRows - 1 : T - 1;
+  for (int64_t k0 = j_lo / kRows * kRows; k0 <= j_hi; k0 += kRows) {
+    __syncthreads();  // the previous tile's readers are done
+    load_rows<E, D>(Ks, k, p.k_stride[2], k0, T);
+    load_rows<E, D>(Vs, v, p.v_stride[2], k0, T);
+    if (threadIdx.x < kRows) bias_s[threadIdx.x] = k0 + threadIdx.x < T ? bias[k0 + threadIdx.x] * kLog2e : 0.f;
+    __syncthreads();
+    float s[kNT][4];
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    mma_abt<E, D, kNT>(s, Qs, warp * 16, Ks, 0);
+    // Base-2 scores, masked; the tile's row maxima.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * t + (e & 1);
+        const float x = visible(row[e >> 1], k0 + col, W, T) ? s[nt][e] * sl2 + bias_s[col] : -INFINITY;
+        s[nt][e] = x;
+        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
+      }
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
+      m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at zero
+      alpha[r] = exp2f(m[r] - m_use[r]);
+      m[r] = m_new;
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - m_use[e >> 1]);
+        l[e >> 1] += s[nt][e];
+      }
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      acc[i][0] *= alpha[0], acc[i][1] *= alpha[0];
+      acc[i][2] *= alpha[1], acc[i][3] *= alpha[1];
+    }
+    mma_px<E, D, kNT>(acc, s, Vs, 0);
+  }
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] = quad_sum(l[r]);
+    inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    if (t == 0 && row[r] < T) p.lse[(b * p.heads + h) * T + row[r]] = m[r] + log2f(l[r]);
+  }
+  __syncthreads();  // every warp is done with Qs
+  stage_acc<E, D>(Qs, warp * 16, acc, inv[0], inv[1]);
+  __syncthreads();
+  store_rows<E, D>(seq_mut<E>(p.o, p.o_stride, b, h), p.o_stride[2], Qs, q0, T);
+}
+
+// ---- backward, query pass: delta = rowsum(dO o) and dq ---------------------
+
+template <typename E, int D>
+__global__ void __launch_bounds__(kThreads) window_backward_dq_kernel(WindowAttentionParams p) {
+  constexpr int ld = D + 8, kNT = kRows / 8, kVec = D / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  E* Qs = reinterpret_cast<E*>(smem);
+  E* dOs = Qs + kRows * ld;
+  E* Ks = dOs + kRows * ld;
+  E* Vs = Ks + kRows * ld;
+  float* bias_s = reinterpret_cast<float*>(Vs + kRows * ld);
+  float* delta_s = bias_s + kRows;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int64_t T = p.time, W = p.window, b = blockIdx.z, h = blockIdx.y, q0 = int64_t(blockIdx.x) * kRows;
+  const int64_t hk = h / (p.heads / p.kv_heads);
+  const E* k = seq<E>(p.k, p.k_stride, b, hk);
+  const E* v = seq<E>(p.v, p.v_stride, b, hk);
+  const float* bias = p.bias + b * T;
+  load_rows<E, D>(Qs, seq<E>(p.q, p.q_stride, b, h), p.q_stride[2], q0, T);
+  load_rows<E, D>(dOs, seq<E>(p.dout, p.dout_stride, b, h), p.dout_stride[2], q0, T);
+  __syncthreads();
+  // delta_i = sum_d dO[i, d] o[i, d]: kVec lanes per row (16 or 8, within a warp), 8 elements each.
+  {
+    const E* o = seq<E>(p.o, p.o_stride, b, h);
+    for (int i = threadIdx.x; i < kRows * kVec; i += kThreads) {
+      const int r = i / kVec, c = i % kVec;
+      const int64_t tr = q0 + r;
+      float part = 0.f;
+      if (tr < T) {
+        const uint4 ov = *reinterpret_cast<const uint4*>(o + tr * p.o_stride[2] + c * 8);
+        const E* oe = reinterpret_cast<const E*>(&ov);
+        const E* de = dOs + r * ld + c * 8;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) part += to_f(oe[u]) * to_f(de[u]);
+      }
+#pragma unroll
+      for (int off = kVec / 2; off >= 1; off /= 2) part += __shfl_xor_sync(0xffffffffu, part, off);
+      if (c == 0) {
+        delta_s[r] = part;
+        if (tr < T) p.delta[(b * p.heads + h) * T + tr] = part;
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  float lse[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    lse[r] = row[r] < T ? p.lse[(b * p.heads + h) * T + row[r]] : INFINITY;
+    delta[r] = delta_s[warp * 16 + g + 8 * r];
+  }
+  float acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  const float sl2 = p.scale * kLog2e;
+  const int64_t j_lo = q0 - W + 1 > 0 ? q0 - W + 1 : 0, j_hi = q0 + kRows - 1 < T - 1 ? q0 + kRows - 1 : T - 1;
+  for (int64_t k0 = j_lo / kRows * kRows; k0 <= j_hi; k0 += kRows) {
+    __syncthreads();
+    load_rows<E, D>(Ks, k, p.k_stride[2], k0, T);
+    load_rows<E, D>(Vs, v, p.v_stride[2], k0, T);
+    if (threadIdx.x < kRows) bias_s[threadIdx.x] = k0 + threadIdx.x < T ? bias[k0 + threadIdx.x] * kLog2e : 0.f;
+    __syncthreads();
+    float s[kNT][4], dp[kNT][4];
+#pragma unroll
+    for (int i = 0; i < kNT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+    mma_abt<E, D, kNT>(s, Qs, warp * 16, Ks, 0);
+    mma_abt<E, D, kNT>(dp, dOs, warp * 16, Vs, 0);
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * t + (e & 1), r = e >> 1;
+        const float pr = visible(row[r], k0 + col, W, T) ? exp2f(s[nt][e] * sl2 + bias_s[col] - lse[r]) : 0.f;
+        s[nt][e] = pr * (dp[nt][e] - delta[r]);  // dS
+      }
+    mma_px<E, D, kNT>(acc, s, Ks, 0);
+  }
+  __syncthreads();
+  stage_acc<E, D>(Qs, warp * 16, acc, p.scale, p.scale);
+  __syncthreads();
+  store_rows<E, D>(seq_mut<E>(p.dq, p.dq_stride, b, h), p.dq_stride[2], Qs, q0, T);
+}
+
+// ---- backward, key pass: dk and dv of 64 keys, over every query head of their kv head ----
+
+template <typename E, int D>
+__global__ void __launch_bounds__(kThreads) window_backward_dkdv_kernel(WindowAttentionParams p) {
+  constexpr int ld = D + 8, kHalf = kRows / 2, kNT = kHalf / 8;  // queries in two halves of 32: fewer registers
+  extern __shared__ __align__(16) unsigned char smem[];
+  E* Ks = reinterpret_cast<E*>(smem);
+  E* Vs = Ks + kRows * ld;
+  E* Qs = Vs + kRows * ld;
+  E* dOs = Qs + kRows * ld;
+  float* lse_s = reinterpret_cast<float*>(dOs + kRows * ld);
+  float* delta_s = lse_s + kRows;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int64_t T = p.time, W = p.window, b = blockIdx.z, hk = blockIdx.y, k0 = int64_t(blockIdx.x) * kRows;
+  const int64_t G = p.heads / p.kv_heads;
+  load_rows<E, D>(Ks, seq<E>(p.k, p.k_stride, b, hk), p.k_stride[2], k0, T);
+  load_rows<E, D>(Vs, seq<E>(p.v, p.v_stride, b, hk), p.v_stride[2], k0, T);
+  const int64_t key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+  float bias2[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) bias2[r] = key[r] < T ? p.bias[b * T + key[r]] * kLog2e : 0.f;
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+  const float sl2 = p.scale * kLog2e;
+  const int64_t i_hi = k0 + kRows - 1 + W - 1 < T - 1 ? k0 + kRows - 1 + W - 1 : T - 1;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t h = hk * G + gi;
+    const E* q = seq<E>(p.q, p.q_stride, b, h);
+    const E* dout = seq<E>(p.dout, p.dout_stride, b, h);
+    const float* lse = p.lse + (b * p.heads + h) * T;
+    const float* delta = p.delta + (b * p.heads + h) * T;
+    for (int64_t q0 = k0; q0 <= i_hi; q0 += kRows) {
+      __syncthreads();
+      load_rows<E, D>(Qs, q, p.q_stride[2], q0, T);
+      load_rows<E, D>(dOs, dout, p.dout_stride[2], q0, T);
+      if (threadIdx.x < kRows) {
+        const int64_t i = q0 + threadIdx.x;
+        lse_s[threadIdx.x] = i < T ? lse[i] : INFINITY;
+        delta_s[threadIdx.x] = i < T ? delta[i] : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float s[kNT][4], dp[kNT][4];
+#pragma unroll
+        for (int i = 0; i < kNT; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+        mma_abt<E, D, kNT>(s, Ks, warp * 16, Qs, half * kHalf);   // S^T = K Q^T
+        mma_abt<E, D, kNT>(dp, Vs, warp * 16, dOs, half * kHalf);  // dP^T = V dO^T
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = half * kHalf + nt * 8 + 2 * t + (e & 1), r = e >> 1;
+            const float pr =
+                visible(q0 + col, key[r], W, T) ? exp2f(s[nt][e] * sl2 + bias2[r] - lse_s[col]) : 0.f;
+            s[nt][e] = pr;                              // P^T
+            dp[nt][e] = pr * (dp[nt][e] - delta_s[col]);  // dS^T
+          }
+        mma_px<E, D, kNT>(dv, s, dOs, half * kHalf);  // dV += P^T dO
+        mma_px<E, D, kNT>(dk, dp, Qs, half * kHalf);  // dK += dS^T Q
+      }
+    }
+  }
+  __syncthreads();
+  stage_acc<E, D>(Qs, warp * 16, dk, p.scale, p.scale);
+  stage_acc<E, D>(dOs, warp * 16, dv, 1.f, 1.f);
+  __syncthreads();
+  store_rows<E, D>(seq_mut<E>(p.dk, p.dk_stride, b, hk), p.dk_stride[2], Qs, k0, T);
+  store_rows<E, D>(seq_mut<E>(p.dv, p.dv_stride, b, hk), p.dv_stride[2], dOs, k0, T);
+}
+
+template <typename Fn>
+void dispatch(const WindowAttentionParams& p, Fn&& fn) {
+  if (!window_attention_cuda_head_dim(p.head_dim))
+    throw std::invalid_argument("unswag: window_attention CUDA kernels take head_dim 64 or 128, got " +
+                                std::to_string(p.head_dim));
+  auto by_dim = [&](auto tag) {
+    using E = decltype(tag);
+    if (p.head_dim == 64) fn(E{}, std::integral_constant<int, 64>{});
+    else fn(E{}, std::integral_constant<int, 128>{});
+  };
+  if (p.dtype == DType::kBFloat16) by_dim(__nv_bfloat16{});
+  else if (p.dtype == DType::kFloat16) by_dim(__half{});
+  else throw std::invalid_argument("unswag: window_attention CUDA kernels take fp16 or bf16");
+}
+
+template <typename Kernel>
+void launch(Kernel kernel, dim3 grid, size_t smem, const WindowAttentionParams& p, void* stream, const char* what) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  check_launch(what);
+}
+
+dim3 grid_of(int64_t time, int64_t heads, int64_t batch) {
+  return dim3(unsigned((time + kRows - 1) / kRows), unsigned(heads), unsigned(batch));
+}
+
+}  // namespace
+
+void window_attention_forward_cuda(const WindowAttentionParams& p, void* stream) {
+  dispatch(p, [&](auto e, auto d) {
+    using E = decltype(e);
+    constexpr int D = decltype(d)::value;
+    const size_t smem = 3 * kRows * (D + 8) * sizeof(E) + kRows * sizeof(float);
+    launch(window_forward_kernel<E, D>, grid_of(p.time, p.heads, p.batch), smem, p, stream,
+           "window_attention forward");
+  });
+}
+
+void window_attention_backward_cuda(const WindowAttentionParams& p, void* stream) {
+  dispatch(p, [&](auto e, auto d) {
+    using E = decltype(e);
+    constexpr int D = decltype(d)::value;
+    const size_t smem = 4 * kRows * (D + 8) * sizeof(E) + 2 * kRows * sizeof(float);
+    launch(window_backward_dq_kernel<E, D>, grid_of(p.time, p.heads, p.batch), smem, p, stream,
+           "window_attention backward (dq)");
+    launch(window_backward_dkdv_kernel<E, D>, grid_of(p.time, p.kv_heads, p.batch), smem, p, stream,
+           "window_attention backward (dk, dv)");
+  });
+}
+
+}  // namespace unswag::kernels

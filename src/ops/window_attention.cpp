@@ -1,0 +1,144 @@
+// Torch glue of unswag::window_attention (include/unswag/nn/psa_ops.h): the
+// argument checks, the autograd function over the CUDA kernels of
+// src/kernels/window_attention.h, the ATen composition elsewhere
+// (unswag::chunked_attention with the key bias), and the registration of
+// torch.ops.unswag.window_attention.
+//
+// Saved for backward: q, k, v, the output and the fp32 log-sum-exp [B, H, T];
+// the output and every gradient are allocated token-major ([B, T, heads, D]
+// storage, returned as [B, heads, T, D] views), the layout the projections
+// and RoPE read and write.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "kernels/window_attention.h"
+#include "ops/common.h"
+#include "unswag/nn/functional.h"
+#include "unswag/nn/psa_ops.h"
+
+namespace unswag {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The kernels' layout: unit stride along D, (b, head, t) strides multiples of 8
+// elements, a 16-byte aligned base.
+bool rows_fit(const at::Tensor& t) {
+  return t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+bool kernels_take(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+#ifndef UNSWAG_WITH_CUDA
+  (void)q, (void)k, (void)v;
+  return false;
+#else
+  const auto dt = q.scalar_type();
+  return q.is_cuda() && (dt == at::kHalf || dt == at::kBFloat16) &&
+         kernels::window_attention_cuda_head_dim(q.size(3)) && rows_fit(q) && rows_fit(k) && rows_fit(v);
+#endif
+}
+
+// [B, heads, T, D] as a view of fresh token-major [B, T, heads, D] storage.
+at::Tensor token_major(const at::Tensor& like, int64_t heads) {
+  return at::empty({like.size(0), like.size(2), heads, like.size(3)}, like.options()).transpose(1, 2);
+}
+
+void set_rows(const at::Tensor& t, int64_t stride[3]) {
+  for (int i = 0; i < 3; ++i) stride[i] = t.stride(i);
+}
+
+kernels::WindowAttentionParams params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& bias, double scale, int64_t window) {
+  kernels::WindowAttentionParams p;
+  p.dtype = ops::to_kernel_dtype(q.scalar_type());
+  p.batch = q.size(0), p.heads = q.size(1), p.kv_heads = k.size(1), p.time = q.size(2), p.head_dim = q.size(3);
+  p.window = window;
+  p.scale = float(scale);
+  p.q = q.const_data_ptr(), p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
+  set_rows(q, p.q_stride), set_rows(k, p.k_stride), set_rows(v, p.v_stride);
+  p.bias = bias.const_data_ptr<float>();
+  return p;
+}
+
+struct WindowAttentionFunction : public torch::autograd::Function<WindowAttentionFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& bias, double scale, int64_t window) {
+    const at::Tensor b32 = bias.detach().to(at::kFloat).contiguous();
+    at::Tensor o = token_major(q, q.size(1));
+    at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+    auto p = params(q, k, v, b32, scale, window);
+    p.o = o.data_ptr(), set_rows(o, p.o_stride);
+    p.lse = lse.data_ptr<float>();
+#ifdef UNSWAG_WITH_CUDA
+    kernels::window_attention_forward_cuda(p, ops::current_cuda_stream(q.device()));
+#endif
+    ctx->save_for_backward({q, k, v, b32, o, lse});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["window"] = window;
+    return o;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &b32 = saved[3], &o = saved[4], &lse = saved[5];
+    at::Tensor dout = grads[0];
+    if (!dout.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (!rows_fit(dout)) dout = dout.transpose(1, 2).contiguous().transpose(1, 2);
+    auto p = params(q, k, v, b32, ctx->saved_data["scale"].toDouble(), ctx->saved_data["window"].toInt());
+    p.o = const_cast<void*>(o.const_data_ptr()), set_rows(o, p.o_stride);
+    p.lse = const_cast<float*>(lse.const_data_ptr<float>());
+    at::Tensor dq = token_major(q, q.size(1)), dk = token_major(k, k.size(1)), dv = token_major(v, v.size(1));
+    at::Tensor delta = at::empty_like(lse);
+    p.dout = dout.const_data_ptr(), set_rows(dout, p.dout_stride);
+    p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+    set_rows(dq, p.dq_stride), set_rows(dk, p.dk_stride), set_rows(dv, p.dv_stride);
+    p.delta = delta.data_ptr<float>();
+#ifdef UNSWAG_WITH_CUDA
+    kernels::window_attention_backward_cuda(p, ops::current_cuda_stream(q.device()));
+#endif
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+bool window_attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return q.defined() && k.defined() && v.defined() && q.dim() == 4 && k.dim() == 4 && v.dim() == 4 &&
+         k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() && kernels_take(q, k, v);
+}
+
+at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                            double scale, int64_t window) {
+  constexpr const char* op = "window_attention";
+  ops::check_float_tensor(q, op, "q");
+  ops::check_same(k, q, op, "k", "q", false);
+  ops::check_same(v, q, op, "v", "q", false);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+              ": arguments 'q', 'k', 'v' must be [B, heads, T, head_dim] (4 dims), got ", q.sizes(), ", ", k.sizes(),
+              ", ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(2) == q.size(2) && v.size(2) == q.size(2) &&
+                  k.size(3) == q.size(3) && v.size(3) == q.size(3) && v.size(1) == k.size(1),
+              op, ": arguments 'k' and 'v' must be [B, kv_heads, T, head_dim] matching q ", q.sizes(), ", got k ",
+              k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q heads (", q.size(1),
+              ") must be a multiple of k/v heads (", k.size(1), ")");
+  TORCH_CHECK(bias.defined() && bias.is_floating_point() && bias.dim() == 2 && bias.size(0) == q.size(0) &&
+                  bias.size(1) == q.size(2),
+              op, ": argument 'bias' must be a floating [B, T] = [", q.size(0), ", ", q.size(2), "] tensor, got ",
+              bias.defined() ? c10::str(bias.scalar_type(), " ", bias.sizes()) : std::string("an undefined tensor"));
+  TORCH_CHECK(bias.device() == q.device(), op, ": argument 'bias' must be on ", q.device(), ", got ", bias.device());
+  TORCH_CHECK(window >= 1, op, ": argument 'window' must be >= 1, got ", window);
+  if (window_attention_fused(q, k, v)) return WindowAttentionFunction::apply(q, k, v, bias, scale, window);
+  // (An empty sequence: chunked_attention returns fresh zeros, which no gradient reaches.)
+  if (q.numel() == 0 || k.numel() == 0) return q * 0;
+  return chunked_attention(q, k, v, scale, window, 1024, bias);
+}
+
+}  // namespace unswag
+
+TORCH_LIBRARY_FRAGMENT(unswag, m) {
+  m.def("window_attention(Tensor q, Tensor k, Tensor v, Tensor bias, float scale, int window) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(unswag, CompositeImplicitAutograd, m) { m.impl("window_attention", &unswag::window_attention); }
