@@ -129,17 +129,43 @@ __device__ __forceinline__ void mma_px(float acc[D / 8][4], const float p[NT][4]
   }
 }
 
-// Rows row0..row0+63 of a [.., T, D] sequence (row stride `stride`) into a
-// padded shared tile; rows outside [0, time) read zeros.
+// cp.async: 16 bytes global -> shared without passing through registers;
+// src_size 0 writes zeros (rows outside the sequence) and reads nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N of this thread's most recent groups are in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Starts copying rows row0..row0+63 of a [.., T, D] sequence (row stride
+// `stride`) into a padded shared tile; rows outside [0, time) become zeros.
 template <typename E, int D>
 __device__ __forceinline__ void load_rows(E* tile, const E* src, int64_t stride, int64_t row0, int64_t time) {
   constexpr int kVec = D / 8;
+#pragma unroll
   for (int i = threadIdx.x; i < kRows * kVec; i += kThreads) {
     const int r = i / kVec, c = i % kVec;
     const int64_t t = row0 + r;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (t >= 0 && t < time) v = *reinterpret_cast<const uint4*>(src + t * stride + c * 8);
-    *reinterpret_cast<uint4*>(tile + r * (D + 8) + c * 8) = v;
+    const bool in = t >= 0 && t < time;
+    cp_async16(tile + r * (D + 8) + c * 8, in ? src + t * stride + c * 8 : src, in);
+  }
+}
+
+// Starts copying values row0..row0+63 of a [T] fp32 vector (zeros outside).
+__device__ __forceinline__ void load_vector(float* dst, const float* src, int64_t row0, int64_t time) {
+  if (threadIdx.x < kRows) {
+    const int64_t t = row0 + threadIdx.x;
+    const bool in = t >= 0 && t < time;
+    cp_async4(dst + threadIdx.x, in ? src + t : src, in);
   }
 }
 
@@ -175,9 +201,16 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// Query i sees key j (both within [0, T)).
-__device__ __forceinline__ bool visible(int64_t i, int64_t j, int64_t window, int64_t time) {
-  return j <= i && i - j < window && i < time;
+// Query i sees key j iff 0 <= i - j < W (and i < T): one unsigned compare of
+// the distance, which fits 32 bits as tiles lie within W + 127 of their rows
+// (the host clamps W to T).
+__device__ __forceinline__ bool visible(int distance, bool row_in, unsigned window) {
+  return row_in && unsigned(distance) < window;
+}
+// Whether every (row, key) of a 64 x 64 tile pair is visible: rows
+// r0..r0+63 all before T and every distance r - k within [0, W).
+__device__ __forceinline__ bool tile_all_visible(int64_t r0, int64_t k0, int64_t window, int64_t time) {
+  return r0 + kRows <= time && r0 - (k0 + kRows - 1) >= 0 && r0 + kRows - 1 - k0 < window;
 }
 
 template <typename E>
@@ -190,15 +223,21 @@ __device__ __forceinline__ E* seq_mut(void* base, const int64_t stride[3], int64
 }
 
 // ---- forward: one block per (64 queries, head, sequence) ---------------------
+//
+// Shared: Q, K (two buffers: the next tile's keys land while this one's
+// softmax and P V run), V, and the keys' biases (two buffers). cp.async
+// groups, oldest first: {Q, K0, b0}, {V0}, then per tile {K next, b next}
+// after S and {V next} after P V; each wait_group<1> below leaves exactly the
+// newest group in flight.
 
 template <typename E, int D>
 __global__ void __launch_bounds__(kThreads) window_forward_kernel(WindowAttentionParams p) {
   constexpr int ld = D + 8, kNT = kRows / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   E* Qs = reinterpret_cast<E*>(smem);
-  E* Ks = Qs + kRows * ld;
-  E* Vs = Ks + kRows * ld;
-  float* bias_s = reinterpret_cast<float*>(Vs + kRows * ld);
+  E* Ks = Qs + kRows * ld;  // two tiles
+  E* Vs = Ks + 2 * kRows * ld;
+  float* bias_s = reinterpret_cast<float*>(Vs + kRows * ld);  // two vectors of 64
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t T = p.time, W = p.window, b = blockIdx.z, h = blockIdx.y, q0 = int64_t(blockIdx.x) * kRows;
@@ -206,35 +245,51 @@ __global__ void __launch_bounds__(kThreads) window_forward_kernel(WindowAttentio
   const E* k = seq<E>(p.k, p.k_stride, b, hk);
   const E* v = seq<E>(p.v, p.v_stride, b, hk);
   const float* bias = p.bias + b * T;
+  const int64_t j_lo = q0 - W + 1 > 0 ? q0 - W + 1 : 0, j_hi = q0 + kRows - 1 < T - 1 ? q0 + kRows - 1 : T - 1;
+  const int64_t k_first = j_lo / kRows * kRows;
   load_rows<E, D>(Qs, seq<E>(p.q, p.q_stride, b, h), p.q_stride[2], q0, T);
+  load_rows<E, D>(Ks, k, p.k_stride[2], k_first, T);
+  load_vector(bias_s, bias, k_first, T);
+  cp_async_commit();
+  load_rows<E, D>(Vs, v, p.v_stride[2], k_first, T);
+  cp_async_commit();
 
   const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  const bool row_in[2] = {row[0] < T, row[1] < T};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float acc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   const float sl2 = p.scale * kLog2e;
-  const int64_t j_lo = q0 - W + 1 > 0 ? q0 - W + 1 : 0, j_hi = q0 + kRows - 1 < T - 1 ? q0 + kRows - 1 : T - 1;
-  for (int64_t k0 = j_lo / kRows * kRows; k0 <= j_hi; k0 += kRows) {
-    __syncthreads();  // the previous tile's readers are done
-    load_rows<E, D>(Ks, k, p.k_stride[2], k0, T);
-    load_rows<E, D>(Vs, v, p.v_stride[2], k0, T);
-    if (threadIdx.x < kRows) bias_s[threadIdx.x] = k0 + threadIdx.x < T ? bias[k0 + threadIdx.x] * kLog2e : 0.f;
+  int buf = 0;
+  for (int64_t k0 = k_first; k0 <= j_hi; k0 += kRows, buf ^= 1) {
+    cp_async_wait<1>();  // Q, this K and its biases
     __syncthreads();
+    const E* Kt = Ks + buf * kRows * ld;
+    const float* bt = bias_s + buf * kRows;
     float s[kNT][4];
 #pragma unroll
     for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    mma_abt<E, D, kNT>(s, Qs, warp * 16, Ks, 0);
+    mma_abt<E, D, kNT>(s, Qs, warp * 16, Kt, 0);
+    const bool more = k0 + kRows <= j_hi;
+    if (more) {
+      load_rows<E, D>(Ks + (buf ^ 1) * kRows * ld, k, p.k_stride[2], k0 + kRows, T);
+      load_vector(bias_s + (buf ^ 1) * kRows, bias, k0 + kRows, T);
+    }
+    cp_async_commit();
     // Base-2 scores, masked; the tile's row maxima.
+    const bool full = tile_all_visible(q0, k0, W, T);
+    const int dist0 = int(row[0] - k0) - 2 * t;
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * t + (e & 1);
-        const float x = visible(row[e >> 1], k0 + col, W, T) ? s[nt][e] * sl2 + bias_s[col] : -INFINITY;
+        const int col = nt * 8 + 2 * t + (e & 1), r = e >> 1;
+        const bool ok = full || visible(dist0 + 8 * r - nt * 8 - (e & 1), row_in[r], unsigned(W));
+        const float x = ok ? fmaf(s[nt][e], sl2, bt[col] * kLog2e) : -INFINITY;
         s[nt][e] = x;
-        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
+        tile_max[r] = fmaxf(tile_max[r], x);
       }
     float alpha[2], m_use[2];
 #pragma unroll
@@ -257,14 +312,20 @@ __global__ void __launch_bounds__(kThreads) window_forward_kernel(WindowAttentio
       acc[i][0] *= alpha[0], acc[i][1] *= alpha[0];
       acc[i][2] *= alpha[1], acc[i][3] *= alpha[1];
     }
+    cp_async_wait<1>();  // this V
+    __syncthreads();
     mma_px<E, D, kNT>(acc, s, Vs, 0);
+    __syncthreads();  // every warp is done with V
+    if (more) load_rows<E, D>(Vs, v, p.v_stride[2], k0 + kRows, T);
+    cp_async_commit();
   }
+  cp_async_wait<0>();
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] = quad_sum(l[r]);
     inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    if (t == 0 && row[r] < T) p.lse[(b * p.heads + h) * T + row[r]] = m[r] + log2f(l[r]);
+    if (t == 0 && row_in[r]) p.lse[(b * p.heads + h) * T + row[r]] = m[r] + log2f(l[r]);
   }
   __syncthreads();  // every warp is done with Qs
   stage_acc<E, D>(Qs, warp * 16, acc, inv[0], inv[1]);
@@ -273,6 +334,9 @@ __global__ void __launch_bounds__(kThreads) window_forward_kernel(WindowAttentio
 }
 
 // ---- backward, query pass: delta = rowsum(dO o) and dq ---------------------
+//
+// Shared: Q, dO, K (two buffers), V, biases (two). Groups: {Q, dO, K0, b0},
+// {V0}, then per tile {K next, b next} after S and {V next} after dP.
 
 template <typename E, int D>
 __global__ void __launch_bounds__(kThreads) window_backward_dq_kernel(WindowAttentionParams p) {
@@ -280,10 +344,10 @@ __global__ void __launch_bounds__(kThreads) window_backward_dq_kernel(WindowAtte
   extern __shared__ __align__(16) unsigned char smem[];
   E* Qs = reinterpret_cast<E*>(smem);
   E* dOs = Qs + kRows * ld;
-  E* Ks = dOs + kRows * ld;
-  E* Vs = Ks + kRows * ld;
-  float* bias_s = reinterpret_cast<float*>(Vs + kRows * ld);
-  float* delta_s = bias_s + kRows;
+  E* Ks = dOs + kRows * ld;  // two tiles
+  E* Vs = Ks + 2 * kRows * ld;
+  float* bias_s = reinterpret_cast<float*>(Vs + kRows * ld);  // two vectors
+  float* delta_s = bias_s + 2 * kRows;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t T = p.time, W = p.window, b = blockIdx.z, h = blockIdx.y, q0 = int64_t(blockIdx.x) * kRows;
@@ -291,12 +355,21 @@ __global__ void __launch_bounds__(kThreads) window_backward_dq_kernel(WindowAtte
   const E* k = seq<E>(p.k, p.k_stride, b, hk);
   const E* v = seq<E>(p.v, p.v_stride, b, hk);
   const float* bias = p.bias + b * T;
+  const int64_t j_lo = q0 - W + 1 > 0 ? q0 - W + 1 : 0, j_hi = q0 + kRows - 1 < T - 1 ? q0 + kRows - 1 : T - 1;
+  const int64_t k_first = j_lo / kRows * kRows;
   load_rows<E, D>(Qs, seq<E>(p.q, p.q_stride, b, h), p.q_stride[2], q0, T);
   load_rows<E, D>(dOs, seq<E>(p.dout, p.dout_stride, b, h), p.dout_stride[2], q0, T);
+  load_rows<E, D>(Ks, k, p.k_stride[2], k_first, T);
+  load_vector(bias_s, bias, k_first, T);
+  cp_async_commit();
+  load_rows<E, D>(Vs, v, p.v_stride[2], k_first, T);
+  cp_async_commit();
+  cp_async_wait<1>();
   __syncthreads();
   // delta_i = sum_d dO[i, d] o[i, d]: kVec lanes per row (16 or 8, within a warp), 8 elements each.
   {
     const E* o = seq<E>(p.o, p.o_stride, b, h);
+#pragma unroll
     for (int i = threadIdx.x; i < kRows * kVec; i += kThreads) {
       const int r = i / kVec, c = i % kVec;
       const int64_t tr = q0 + r;
@@ -318,40 +391,55 @@ __global__ void __launch_bounds__(kThreads) window_backward_dq_kernel(WindowAtte
   }
   __syncthreads();
   const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  const bool row_in[2] = {row[0] < T, row[1] < T};
   float lse[2], delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    lse[r] = row[r] < T ? p.lse[(b * p.heads + h) * T + row[r]] : INFINITY;
+    lse[r] = row_in[r] ? p.lse[(b * p.heads + h) * T + row[r]] : 0.f;
     delta[r] = delta_s[warp * 16 + g + 8 * r];
   }
   float acc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   const float sl2 = p.scale * kLog2e;
-  const int64_t j_lo = q0 - W + 1 > 0 ? q0 - W + 1 : 0, j_hi = q0 + kRows - 1 < T - 1 ? q0 + kRows - 1 : T - 1;
-  for (int64_t k0 = j_lo / kRows * kRows; k0 <= j_hi; k0 += kRows) {
+  int buf = 0;
+  for (int64_t k0 = k_first; k0 <= j_hi; k0 += kRows, buf ^= 1) {
+    cp_async_wait<1>();  // this K and its biases
     __syncthreads();
-    load_rows<E, D>(Ks, k, p.k_stride[2], k0, T);
-    load_rows<E, D>(Vs, v, p.v_stride[2], k0, T);
-    if (threadIdx.x < kRows) bias_s[threadIdx.x] = k0 + threadIdx.x < T ? bias[k0 + threadIdx.x] * kLog2e : 0.f;
-    __syncthreads();
+    const E* Kt = Ks + buf * kRows * ld;
+    const float* bt = bias_s + buf * kRows;
     float s[kNT][4], dp[kNT][4];
 #pragma unroll
     for (int i = 0; i < kNT; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    mma_abt<E, D, kNT>(s, Qs, warp * 16, Ks, 0);
+    mma_abt<E, D, kNT>(s, Qs, warp * 16, Kt, 0);
+    const bool more = k0 + kRows <= j_hi;
+    if (more) {
+      load_rows<E, D>(Ks + (buf ^ 1) * kRows * ld, k, p.k_stride[2], k0 + kRows, T);
+      load_vector(bias_s + (buf ^ 1) * kRows, bias, k0 + kRows, T);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // this V
+    __syncthreads();
     mma_abt<E, D, kNT>(dp, dOs, warp * 16, Vs, 0);
+    __syncthreads();  // every warp is done with V
+    if (more) load_rows<E, D>(Vs, v, p.v_stride[2], k0 + kRows, T);
+    cp_async_commit();
+    const bool full = tile_all_visible(q0, k0, W, T);
+    const int dist0 = int(row[0] - k0) - 2 * t;
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * t + (e & 1), r = e >> 1;
-        const float pr = visible(row[r], k0 + col, W, T) ? exp2f(s[nt][e] * sl2 + bias_s[col] - lse[r]) : 0.f;
+        const bool ok = full || visible(dist0 + 8 * r - nt * 8 - (e & 1), row_in[r], unsigned(W));
+        const float pr = ok ? exp2f(fmaf(s[nt][e], sl2, bt[col] * kLog2e) - lse[r]) : 0.f;
         s[nt][e] = pr * (dp[nt][e] - delta[r]);  // dS
       }
-    mma_px<E, D, kNT>(acc, s, Ks, 0);
+    mma_px<E, D, kNT>(acc, s, Kt, 0);
   }
+  cp_async_wait<0>();
   __syncthreads();
   stage_acc<E, D>(Qs, warp * 16, acc, p.scale, p.scale);
   __syncthreads();
@@ -359,6 +447,10 @@ __global__ void __launch_bounds__(kThreads) window_backward_dq_kernel(WindowAtte
 }
 
 // ---- backward, key pass: dk and dv of 64 keys, over every query head of their kv head ----
+//
+// Shared: K, V, and two buffers each of Q, dO, lse and delta: the next
+// (head, query tile)'s land while this one computes. Groups: {K, V, first
+// Q/dO/lse/delta}, then one per step for the next.
 
 template <typename E, int D>
 __global__ void __launch_bounds__(kThreads) window_backward_dkdv_kernel(WindowAttentionParams p) {
@@ -366,16 +458,28 @@ __global__ void __launch_bounds__(kThreads) window_backward_dkdv_kernel(WindowAt
   extern __shared__ __align__(16) unsigned char smem[];
   E* Ks = reinterpret_cast<E*>(smem);
   E* Vs = Ks + kRows * ld;
-  E* Qs = Vs + kRows * ld;
-  E* dOs = Qs + kRows * ld;
-  float* lse_s = reinterpret_cast<float*>(dOs + kRows * ld);
-  float* delta_s = lse_s + kRows;
+  E* Qs = Vs + kRows * ld;      // two tiles
+  E* dOs = Qs + 2 * kRows * ld;  // two tiles
+  float* lse_s = reinterpret_cast<float*>(dOs + 2 * kRows * ld);  // two vectors
+  float* delta_s = lse_s + 2 * kRows;                               // two vectors
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t T = p.time, W = p.window, b = blockIdx.z, hk = blockIdx.y, k0 = int64_t(blockIdx.x) * kRows;
   const int64_t G = p.heads / p.kv_heads;
+  const int64_t i_hi = k0 + kRows - 1 + W - 1 < T - 1 ? k0 + kRows - 1 + W - 1 : T - 1;
+  const int64_t tiles = (i_hi - k0) / kRows + 1;  // query tiles per head
+  // Step n: head hk * G + n / tiles, query tile k0 + 64 (n % tiles).
+  auto issue = [&](int64_t n, int bufn) {
+    const int64_t h = hk * G + n / tiles, q0 = k0 + (n % tiles) * kRows;
+    load_rows<E, D>(Qs + bufn * kRows * ld, seq<E>(p.q, p.q_stride, b, h), p.q_stride[2], q0, T);
+    load_rows<E, D>(dOs + bufn * kRows * ld, seq<E>(p.dout, p.dout_stride, b, h), p.dout_stride[2], q0, T);
+    load_vector(lse_s + bufn * kRows, p.lse + (b * p.heads + h) * T, q0, T);
+    load_vector(delta_s + bufn * kRows, p.delta + (b * p.heads + h) * T, q0, T);
+  };
   load_rows<E, D>(Ks, seq<E>(p.k, p.k_stride, b, hk), p.k_stride[2], k0, T);
   load_rows<E, D>(Vs, seq<E>(p.v, p.v_stride, b, hk), p.v_stride[2], k0, T);
+  issue(0, 0);
+  cp_async_commit();
   const int64_t key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
   float bias2[2];
 #pragma unroll
@@ -386,47 +490,45 @@ __global__ void __launch_bounds__(kThreads) window_backward_dkdv_kernel(WindowAt
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
   const float sl2 = p.scale * kLog2e;
-  const int64_t i_hi = k0 + kRows - 1 + W - 1 < T - 1 ? k0 + kRows - 1 + W - 1 : T - 1;
-  for (int64_t gi = 0; gi < G; ++gi) {
-    const int64_t h = hk * G + gi;
-    const E* q = seq<E>(p.q, p.q_stride, b, h);
-    const E* dout = seq<E>(p.dout, p.dout_stride, b, h);
-    const float* lse = p.lse + (b * p.heads + h) * T;
-    const float* delta = p.delta + (b * p.heads + h) * T;
-    for (int64_t q0 = k0; q0 <= i_hi; q0 += kRows) {
-      __syncthreads();
-      load_rows<E, D>(Qs, q, p.q_stride[2], q0, T);
-      load_rows<E, D>(dOs, dout, p.dout_stride[2], q0, T);
-      if (threadIdx.x < kRows) {
-        const int64_t i = q0 + threadIdx.x;
-        lse_s[threadIdx.x] = i < T ? lse[i] : INFINITY;
-        delta_s[threadIdx.x] = i < T ? delta[i] : 0.f;
-      }
-      __syncthreads();
+  const int64_t steps = G * tiles;
+  for (int64_t n = 0; n < steps; ++n) {
+    const int buf = int(n & 1);
+    cp_async_wait<0>();
+    __syncthreads();  // this step's tiles landed; every warp is done with the other buffers
+    if (n + 1 < steps) issue(n + 1, buf ^ 1);
+    cp_async_commit();
+    const int64_t q0 = k0 + (n % tiles) * kRows;
+    const E* Qt = Qs + buf * kRows * ld;
+    const E* dOt = dOs + buf * kRows * ld;
+    const float* lt = lse_s + buf * kRows;
+    const float* dt = delta_s + buf * kRows;
+    const bool full = tile_all_visible(q0, k0, W, T);
+    // distance i - j for query column 2t of the half, key row g.
+    const int dist0 = int(q0 - key[0]) + 2 * t;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float s[kNT][4], dp[kNT][4];
+    for (int half = 0; half < 2; ++half) {
+      float s[kNT][4], dp[kNT][4];
 #pragma unroll
-        for (int i = 0; i < kNT; ++i)
+      for (int i = 0; i < kNT; ++i)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-        mma_abt<E, D, kNT>(s, Ks, warp * 16, Qs, half * kHalf);   // S^T = K Q^T
-        mma_abt<E, D, kNT>(dp, Vs, warp * 16, dOs, half * kHalf);  // dP^T = V dO^T
+        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+      mma_abt<E, D, kNT>(s, Ks, warp * 16, Qt, half * kHalf);    // S^T = K Q^T
+      mma_abt<E, D, kNT>(dp, Vs, warp * 16, dOt, half * kHalf);  // dP^T = V dO^T
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
+      for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int col = half * kHalf + nt * 8 + 2 * t + (e & 1), r = e >> 1;
-            const float pr =
-                visible(q0 + col, key[r], W, T) ? exp2f(s[nt][e] * sl2 + bias2[r] - lse_s[col]) : 0.f;
-            s[nt][e] = pr;                              // P^T
-            dp[nt][e] = pr * (dp[nt][e] - delta_s[col]);  // dS^T
-          }
-        mma_px<E, D, kNT>(dv, s, dOs, half * kHalf);  // dV += P^T dO
-        mma_px<E, D, kNT>(dk, dp, Qs, half * kHalf);  // dK += dS^T Q
-      }
+        for (int e = 0; e < 4; ++e) {
+          const int col = half * kHalf + nt * 8 + 2 * t + (e & 1), r = e >> 1;
+          const bool ok = full || visible(dist0 + half * kHalf + nt * 8 + (e & 1) - 8 * r, q0 + col < T, unsigned(W));
+          const float pr = ok ? exp2f(fmaf(s[nt][e], sl2, bias2[r]) - lt[col]) : 0.f;
+          s[nt][e] = pr;                           // P^T
+          dp[nt][e] = pr * (dp[nt][e] - dt[col]);  // dS^T
+        }
+      mma_px<E, D, kNT>(dv, s, dOt, half * kHalf);  // dV += P^T dO
+      mma_px<E, D, kNT>(dk, dp, Qt, half * kHalf);  // dK += dS^T Q
     }
   }
+  cp_async_wait<0>();
   __syncthreads();
   stage_acc<E, D>(Qs, warp * 16, dk, p.scale, p.scale);
   stage_acc<E, D>(dOs, warp * 16, dv, 1.f, 1.f);
@@ -468,7 +570,7 @@ void window_attention_forward_cuda(const WindowAttentionParams& p, void* stream)
   dispatch(p, [&](auto e, auto d) {
     using E = decltype(e);
     constexpr int D = decltype(d)::value;
-    const size_t smem = 3 * kRows * (D + 8) * sizeof(E) + kRows * sizeof(float);
+    const size_t smem = 4 * kRows * (D + 8) * sizeof(E) + 2 * kRows * sizeof(float);
     launch(window_forward_kernel<E, D>, grid_of(p.time, p.heads, p.batch), smem, p, stream,
            "window_attention forward");
   });
@@ -478,11 +580,11 @@ void window_attention_backward_cuda(const WindowAttentionParams& p, void* stream
   dispatch(p, [&](auto e, auto d) {
     using E = decltype(e);
     constexpr int D = decltype(d)::value;
-    const size_t smem = 4 * kRows * (D + 8) * sizeof(E) + 2 * kRows * sizeof(float);
-    launch(window_backward_dq_kernel<E, D>, grid_of(p.time, p.heads, p.batch), smem, p, stream,
-           "window_attention backward (dq)");
-    launch(window_backward_dkdv_kernel<E, D>, grid_of(p.time, p.kv_heads, p.batch), smem, p, stream,
-           "window_attention backward (dk, dv)");
+    const size_t tile = kRows * (D + 8) * sizeof(E);
+    launch(window_backward_dq_kernel<E, D>, grid_of(p.time, p.heads, p.batch), 5 * tile + 3 * kRows * sizeof(float), p,
+           stream, "window_attention backward (dq)");
+    launch(window_backward_dkdv_kernel<E, D>, grid_of(p.time, p.kv_heads, p.batch),
+           6 * tile + 4 * kRows * sizeof(float), p, stream, "window_attention backward (dk, dv)");
   });
 }
 

@@ -54,7 +54,7 @@ kernels::WindowAttentionParams params(const at::Tensor& q, const at::Tensor& k, 
   kernels::WindowAttentionParams p;
   p.dtype = ops::to_kernel_dtype(q.scalar_type());
   p.batch = q.size(0), p.heads = q.size(1), p.kv_heads = k.size(1), p.time = q.size(2), p.head_dim = q.size(3);
-  p.window = window;
+  p.window = std::min(window, std::max<int64_t>(q.size(2), 1));  // a window past T is the whole sequence
   p.scale = float(scale);
   p.q = q.const_data_ptr(), p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
   set_rows(q, p.q_stride), set_rows(k, p.k_stride), set_rows(v, p.v_stride);
