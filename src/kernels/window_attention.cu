@@ -335,18 +335,20 @@ __global__ void __launch_bounds__(kThreads) window_forward_kernel(WindowAttentio
 
 // ---- backward, query pass: delta = rowsum(dO o) and dq ---------------------
 //
-// Shared: Q, dO, K (two buffers), V, biases (two). Groups: {Q, dO, K0, b0},
-// {V0}, then per tile {K next, b next} after S and {V next} after dP.
+// Shared: Q, dO, and two buffers each of K, V and the keys' biases: the next
+// key tile lands while this one computes (the o tile needed for delta rides
+// in the second K buffer before the first prefetch). Keys in two halves of
+// 32 per tile: fewer registers for S and dP.
 
 template <typename E, int D>
 __global__ void __launch_bounds__(kThreads) window_backward_dq_kernel(WindowAttentionParams p) {
-  constexpr int ld = D + 8, kNT = kRows / 8, kVec = D / 8;
+  constexpr int ld = D + 8, kHalf = kRows / 2, kNT = kHalf / 8, kVec = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   E* Qs = reinterpret_cast<E*>(smem);
   E* dOs = Qs + kRows * ld;
-  E* Ks = dOs + kRows * ld;  // two tiles
-  E* Vs = Ks + 2 * kRows * ld;
-  float* bias_s = reinterpret_cast<float*>(Vs + kRows * ld);  // two vectors
+  E* Ks = dOs + kRows * ld;   // two tiles
+  E* Vs = Ks + 2 * kRows * ld;  // two tiles
+  float* bias_s = reinterpret_cast<float*>(Vs + 2 * kRows * ld);  // two vectors
   float* delta_s = bias_s + 2 * kRows;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -357,87 +359,78 @@ __global__ void __launch_bounds__(kThreads) window_backward_dq_kernel(WindowAtte
   const float* bias = p.bias + b * T;
   const int64_t j_lo = q0 - W + 1 > 0 ? q0 - W + 1 : 0, j_hi = q0 + kRows - 1 < T - 1 ? q0 + kRows - 1 : T - 1;
   const int64_t k_first = j_lo / kRows * kRows;
+  auto issue = [&](int64_t k0, int bufn) {
+    load_rows<E, D>(Ks + bufn * kRows * ld, k, p.k_stride[2], k0, T);
+    load_rows<E, D>(Vs + bufn * kRows * ld, v, p.v_stride[2], k0, T);
+    load_vector(bias_s + bufn * kRows, bias, k0, T);
+  };
   load_rows<E, D>(Qs, seq<E>(p.q, p.q_stride, b, h), p.q_stride[2], q0, T);
   load_rows<E, D>(dOs, seq<E>(p.dout, p.dout_stride, b, h), p.dout_stride[2], q0, T);
-  load_rows<E, D>(Ks, k, p.k_stride[2], k_first, T);
-  load_vector(bias_s, bias, k_first, T);
+  load_rows<E, D>(Ks + kRows * ld, seq<E>(p.o, p.o_stride, b, h), p.o_stride[2], q0, T);  // o, for delta
+  issue(k_first, 0);
   cp_async_commit();
-  load_rows<E, D>(Vs, v, p.v_stride[2], k_first, T);
-  cp_async_commit();
-  cp_async_wait<1>();
+  cp_async_wait<0>();
   __syncthreads();
   // delta_i = sum_d dO[i, d] o[i, d]: kVec lanes per row (16 or 8, within a warp), 8 elements each.
-  {
-    const E* o = seq<E>(p.o, p.o_stride, b, h);
 #pragma unroll
-    for (int i = threadIdx.x; i < kRows * kVec; i += kThreads) {
-      const int r = i / kVec, c = i % kVec;
-      const int64_t tr = q0 + r;
-      float part = 0.f;
-      if (tr < T) {
-        const uint4 ov = *reinterpret_cast<const uint4*>(o + tr * p.o_stride[2] + c * 8);
-        const E* oe = reinterpret_cast<const E*>(&ov);
-        const E* de = dOs + r * ld + c * 8;
+  for (int i = threadIdx.x; i < kRows * kVec; i += kThreads) {
+    const int r = i / kVec, c = i % kVec;
+    const E* oe = Ks + kRows * ld + r * ld + c * 8;
+    const E* de = dOs + r * ld + c * 8;
+    float part = 0.f;
 #pragma unroll
-        for (int u = 0; u < 8; ++u) part += to_f(oe[u]) * to_f(de[u]);
-      }
+    for (int u = 0; u < 8; ++u) part += to_f(oe[u]) * to_f(de[u]);
 #pragma unroll
-      for (int off = kVec / 2; off >= 1; off /= 2) part += __shfl_xor_sync(0xffffffffu, part, off);
-      if (c == 0) {
-        delta_s[r] = part;
-        if (tr < T) p.delta[(b * p.heads + h) * T + tr] = part;
-      }
+    for (int off = kVec / 2; off >= 1; off /= 2) part += __shfl_xor_sync(0xffffffffu, part, off);
+    if (c == 0) {
+      delta_s[r] = part;
+      if (q0 + r < T) p.delta[(b * p.heads + h) * T + q0 + r] = part;
     }
   }
-  __syncthreads();
+  // (The loop's first barrier orders these reads of o before the prefetch overwrites it.)
   const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   const bool row_in[2] = {row[0] < T, row[1] < T};
-  float lse[2], delta[2];
+  float lse[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    lse[r] = row_in[r] ? p.lse[(b * p.heads + h) * T + row[r]] : 0.f;
-    delta[r] = delta_s[warp * 16 + g + 8 * r];
-  }
+  for (int r = 0; r < 2; ++r) lse[r] = row_in[r] ? p.lse[(b * p.heads + h) * T + row[r]] : 0.f;
   float acc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   const float sl2 = p.scale * kLog2e;
+  float delta[2] = {0.f, 0.f};
   int buf = 0;
   for (int64_t k0 = k_first; k0 <= j_hi; k0 += kRows, buf ^= 1) {
-    cp_async_wait<1>();  // this K and its biases
-    __syncthreads();
+    cp_async_wait<0>();
+    __syncthreads();  // this tile landed; every warp is done with the other buffers (and delta_s is written)
+    if (k0 == k_first) delta[0] = delta_s[warp * 16 + g], delta[1] = delta_s[warp * 16 + g + 8];
+    if (k0 + kRows <= j_hi) issue(k0 + kRows, buf ^ 1);
+    cp_async_commit();
     const E* Kt = Ks + buf * kRows * ld;
+    const E* Vt = Vs + buf * kRows * ld;
     const float* bt = bias_s + buf * kRows;
-    float s[kNT][4], dp[kNT][4];
-#pragma unroll
-    for (int i = 0; i < kNT; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    mma_abt<E, D, kNT>(s, Qs, warp * 16, Kt, 0);
-    const bool more = k0 + kRows <= j_hi;
-    if (more) {
-      load_rows<E, D>(Ks + (buf ^ 1) * kRows * ld, k, p.k_stride[2], k0 + kRows, T);
-      load_vector(bias_s + (buf ^ 1) * kRows, bias, k0 + kRows, T);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();  // this V
-    __syncthreads();
-    mma_abt<E, D, kNT>(dp, dOs, warp * 16, Vs, 0);
-    __syncthreads();  // every warp is done with V
-    if (more) load_rows<E, D>(Vs, v, p.v_stride[2], k0 + kRows, T);
-    cp_async_commit();
     const bool full = tile_all_visible(q0, k0, W, T);
     const int dist0 = int(row[0] - k0) - 2 * t;
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt)
+    for (int half = 0; half < 2; ++half) {
+      float s[kNT][4], dp[kNT][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * t + (e & 1), r = e >> 1;
-        const bool ok = full || visible(dist0 + 8 * r - nt * 8 - (e & 1), row_in[r], unsigned(W));
-        const float pr = ok ? exp2f(fmaf(s[nt][e], sl2, bt[col] * kLog2e) - lse[r]) : 0.f;
-        s[nt][e] = pr * (dp[nt][e] - delta[r]);  // dS
-      }
-    mma_px<E, D, kNT>(acc, s, Kt, 0);
+      for (int i = 0; i < kNT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+      mma_abt<E, D, kNT>(s, Qs, warp * 16, Kt, half * kHalf);
+      mma_abt<E, D, kNT>(dp, dOs, warp * 16, Vt, half * kHalf);
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = half * kHalf + nt * 8 + 2 * t + (e & 1), r = e >> 1;
+          const bool ok =
+              full || visible(dist0 + 8 * r - half * kHalf - nt * 8 - (e & 1), row_in[r], unsigned(W));
+          const float pr = ok ? exp2f(fmaf(s[nt][e], sl2, bt[col] * kLog2e) - lse[r]) : 0.f;
+          s[nt][e] = pr * (dp[nt][e] - delta[r]);  // dS
+        }
+      mma_px<E, D, kNT>(acc, s, Kt, half * kHalf);
+    }
   }
   cp_async_wait<0>();
   __syncthreads();
@@ -581,7 +574,7 @@ void window_attention_backward_cuda(const WindowAttentionParams& p, void* stream
     using E = decltype(e);
     constexpr int D = decltype(d)::value;
     const size_t tile = kRows * (D + 8) * sizeof(E);
-    launch(window_backward_dq_kernel<E, D>, grid_of(p.time, p.heads, p.batch), 5 * tile + 3 * kRows * sizeof(float), p,
+    launch(window_backward_dq_kernel<E, D>, grid_of(p.time, p.heads, p.batch), 6 * tile + 3 * kRows * sizeof(float), p,
            stream, "window_attention backward (dq)");
     launch(window_backward_dkdv_kernel<E, D>, grid_of(p.time, p.kv_heads, p.batch),
            6 * tile + 4 * kRows * sizeof(float), p, stream, "window_attention backward (dk, dv)");

@@ -655,8 +655,14 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
     if (win.defined()) attn = attn + win.transpose(1, 2).reshape({B, T, H * D});
     read = attn + lambda_local * expand(local) + lambda_summary * summary_read();
   } else {
-    const Tensor win = window > 0 ? window_attention(q, k, u_heads, routing, cache) : Tensor();
-    const Tensor sig = signal_attention(q, k, v_heads, routing, cache);
+    Tensor win, sig;
+    if (fused_window_pack_ && cache == nullptr && window > 0 && B * T > 0 &&
+        unswag::window_attention_fused(q, k, u_heads) && unswag::window_attention_fused(q, v_heads, v_heads)) {
+      std::tie(win, sig) = window_and_signal(q, k, u_heads, v_heads, routing);
+    } else {
+      win = window > 0 ? window_attention(q, k, u_heads, routing, cache) : Tensor();
+      sig = signal_attention(q, k, v_heads, routing, cache);
+    }
     // z_sig: one on the signal tokens and zero elsewhere in value (the gates
     // are one-hot), the straight-through gradient. No mask by route is needed:
     // sig's rows off the signal route are zero, so d gate = sum_c dy sig is
@@ -667,6 +673,129 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
   }
   if (cache != nullptr) cache->tokens += T;
   return o_proj(read);
+}
+
+namespace {
+
+// Each row's signal tokens in order, right-padded to S, as rows of the
+// token-major [B * T, heads * D] storage that the projections wrote (q, k, v
+// are [B, heads, T, D] views of it): packed row b * S + s holds token
+// pack_rows[b * S + s] (-1 on padding: a zero row), and token row b * T + t
+// reads packed row unpack_rows[b * T + t] (-1 off the signal route). Each
+// index is the other's inverse, so gather_rows' backward is a gather too, and
+// every gradient leaves token-major, the layout RoPE's and the projections'
+// backward read. Padding sits after every real slot: causal attention never
+// lets a real query see it. (Non-signal tokens are scattered into a spare last
+// column that is then dropped: no host sync.)
+struct SignalPacking {
+  Tensor pack_rows, unpack_rows;  // [B * S], [B * T] int64
+};
+SignalPacking signal_packing(const Tensor& signal, int64_t S) {
+  const int64_t B = signal.size(0), T = signal.size(1);
+  const auto lopt = signal.options().dtype(torch::kLong);
+  const Tensor dest = signal.to(torch::kLong).cumsum(1) - 1;  // [B, T]
+  Tensor slots = torch::full({B, S + 1}, -1, lopt);
+  slots.scatter_(1, torch::where(signal, dest, S), torch::arange(B * T, lopt).view({B, T}));
+  return {slots.narrow(1, 0, S).reshape({B * S}),
+          torch::where(signal, dest + torch::arange(B, lopt).view({B, 1}) * S, -1).view({B * T})};
+}
+
+// The packed length: the largest row count rounded up to a multiple of 256 so
+// that its shape repeats from step to step (attention backends that plan per
+// shape, cuDNN's, would otherwise re-plan on every call: ~100 ms measured).
+int64_t packed_length(int64_t S_max, int64_t T) {
+  return std::min<int64_t>((S_max + 255) / 256 * 256, std::max<int64_t>(T, S_max));
+}
+
+// [B, heads, T, D] view of token-major storage -> its [B * T, heads * D] rows (a view).
+Tensor token_rows(const Tensor& t) {
+  return t.transpose(1, 2).reshape({t.size(0) * t.size(2), t.size(1) * t.size(3)});
+}
+
+// The window read and the signal tokens' packing as one autograd node (CUDA,
+// the window kernels' operands): forward returns the window's output and the
+// packed q, k z_sig, v z_sig rows [B * S, heads * D]; backward adds the packed
+// rows' dq and dk into the window's, in place at the S signal rows
+// (index_add_), where two autograd nodes would each write a [B, T, heads, D]
+// gradient, the signal side's mostly zero rows, and autograd would sum the
+// two: about 1 ms at 128k tokens (docs/psa.md). Padding rows' gradients are
+// exact zeros (no real query reads a padding key, and no output reads a
+// padding query), so they land harmlessly on row 0.
+struct WindowAndSignalPack : public torch::autograd::Function<WindowAndSignalPack> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
+                                                const Tensor& k, const Tensor& u, const Tensor& v, const Tensor& z,
+                                                const Tensor& bias, const Tensor& pack_rows,
+                                                const Tensor& unpack_rows, double scale, int64_t window) {
+    auto [o, lse] = unswag::window_attention_cuda_forward(q, k, u, bias, scale, window);
+    const Tensor rows0 = pack_rows.clamp_min(0);
+    const int64_t BT = q.size(0) * q.size(2);
+    const Tensor zp = torch::where(pack_rows >= 0, z.reshape({BT}).index_select(0, rows0), 0)
+                          .to(q.scalar_type())
+                          .unsqueeze(1);  // [B * S, 1]
+    const Tensor qp = unswag::gather_rows(token_rows(q), pack_rows, unpack_rows);
+    const Tensor kraw = unswag::gather_rows(token_rows(k), pack_rows, unpack_rows);
+    const Tensor vraw = unswag::gather_rows(token_rows(v), pack_rows, unpack_rows);
+    ctx->save_for_backward({q, k, u, bias, o, lse, rows0, pack_rows, unpack_rows, kraw, vraw, zp});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["window"] = window;
+    return {o, qp, kraw * zp, vraw * zp};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto sv = ctx->get_saved_variables();
+    const Tensor &q = sv[0], &k = sv[1], &u = sv[2], &bias = sv[3], &o = sv[4], &lse = sv[5], &rows0 = sv[6],
+                 &pack_rows = sv[7], &unpack_rows = sv[8], &kraw = sv[9], &vraw = sv[10], &zp = sv[11];
+    const Tensor &d_o = grads[0], &d_qp = grads[1], &d_kp = grads[2], &d_vp = grads[3];
+    const int64_t B = q.size(0), T = q.size(2), D = q.size(3), Hkv = k.size(1);
+    Tensor dq, dk, du;
+    if (d_o.defined()) {
+      std::tie(dq, dk, du) = unswag::window_attention_cuda_backward(
+          d_o, q, k, u, bias, o, lse, ctx->saved_data["scale"].toDouble(), ctx->saved_data["window"].toInt());
+    } else {
+      dq = torch::zeros({B, T, q.size(1), D}, q.options()).transpose(1, 2);
+      dk = torch::zeros({B, T, Hkv, D}, k.options()).transpose(1, 2);
+      du = torch::zeros({B, T, Hkv, D}, u.options()).transpose(1, 2);
+    }
+    // dq, dk are [B, heads, T, D] views of fresh token-major storage: their rows are views too.
+    if (d_qp.defined()) token_rows(dq).index_add_(0, rows0, d_qp);
+    if (d_kp.defined()) token_rows(dk).index_add_(0, rows0, d_kp * zp);
+    Tensor dv, dz;
+    if (d_vp.defined())
+      dv = unswag::gather_rows(d_vp * zp, unpack_rows, pack_rows).view({B, T, Hkv, D}).transpose(1, 2);
+    // d z_sig of a signal token: sum_c (dkp kraw + dvp vraw) over its packed row.
+    Tensor dzp = torch::zeros({rows0.size(0)}, q.options().dtype(torch::kFloat));
+    if (d_kp.defined()) dzp = dzp + (d_kp * kraw).sum(1, false, torch::kFloat);
+    if (d_vp.defined()) dzp = dzp + (d_vp * vraw).sum(1, false, torch::kFloat);
+    dz = torch::where(unpack_rows >= 0, dzp.index_select(0, unpack_rows.clamp_min(0)), 0).view({B, T});
+    return {dq, dk, du, dv, dz, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
+// The window read and the packed signal attention in one pass (see
+// WindowAndSignalPack): -> (window [B, H, T, D], signal [B, H, T, D]).
+std::pair<Tensor, Tensor> PacketSwitchedAttentionImpl::window_and_signal(const Tensor& q, const Tensor& k,
+                                                                         const Tensor& u, const Tensor& v,
+                                                                         const Routing& routing) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const double scale = 1.0 / std::sqrt(double(D));
+  const Tensor signal = routing.index == kSignal;  // [B, T] bool
+  const int64_t S_max = routing.max_signal ? routing.max_signal() : signal.sum(1).max().item<int64_t>();
+  if (S_max == 0) return {window_attention(q, k, u, routing, nullptr), torch::zeros_like(q)};
+  const int64_t S = packed_length(S_max, T);
+  const auto [pack_rows, unpack_rows] = signal_packing(signal, S);
+  const Tensor bias = (routing.index == kPrune).to(torch::kFloat) * kPrunedKeyBias;  // [B, T]
+  const auto outs = WindowAndSignalPack::apply(q, k, u, v, routing.gates.select(-1, kSignal), bias, pack_rows,
+                                               unpack_rows, scale, window);
+  auto packed = [&](const Tensor& rows, int64_t Hx) { return rows.view({B, S, Hx, D}).transpose(1, 2); };
+  // SDPA's own choice of backend on the packed sequence, as in signal_attention.
+  const Tensor op = at::scaled_dot_product_attention(packed(outs[1], H), packed(outs[2], Hkv), packed(outs[3], Hkv),
+                                                     {}, 0.0, /*is_causal=*/true, scale, /*enable_gqa=*/H != Hkv);
+  const Tensor sig =
+      unswag::gather_rows(token_rows(op), unpack_rows, pack_rows).view({B, T, H, D}).transpose(1, 2);
+  return {outs[0], sig};
 }
 
 Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -705,26 +834,8 @@ Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tens
                           : routing.max_signal ? routing.max_signal()
                                                : signal.sum(1).max().item<int64_t>();
     if (S_max == 0) return torch::zeros_like(q);
-    // The packed length is rounded up to a multiple of 256 so that its shape
-    // repeats from step to step: attention backends that plan per shape
-    // (cuDNN's) would otherwise re-plan on every call (~100 ms measured).
-    const int64_t S = std::min<int64_t>((S_max + 255) / 256 * 256, std::max<int64_t>(T, S_max));
-    // Pack each row's signal tokens in order, right-padded to S, as rows of
-    // the token-major [B * T, heads * D] storage that the projections wrote
-    // (q, k, v are [B, heads, T, D] views of it): packed row b * S + s holds
-    // token pack_rows[b * S + s] (-1 on padding: a zero row), and token row
-    // b * T + t reads packed row unpack_rows[b * T + t] (-1 off the signal
-    // route). Each index is the other's inverse, so gather_rows' backward is
-    // a gather too, and every gradient leaves token-major, the layout RoPE's
-    // and the projections' backward read. Padding sits after every real slot:
-    // causal attention never lets a real query see it. (Non-signal tokens are
-    // scattered into a spare last column that is then dropped: no host sync.)
-    const auto lopt = signal.options().dtype(torch::kLong);
-    const Tensor dest = signal.to(torch::kLong).cumsum(1) - 1;  // [B, T]
-    Tensor slots = torch::full({B, S + 1}, -1, lopt);
-    slots.scatter_(1, torch::where(signal, dest, S), torch::arange(B * T, lopt).view({B, T}));
-    const Tensor pack_rows = slots.narrow(1, 0, S).reshape({B * S});
-    const Tensor unpack_rows = torch::where(signal, dest + torch::arange(B, lopt).view({B, 1}) * S, -1).view({B * T});
+    const int64_t S = packed_length(S_max, T);
+    const auto [pack_rows, unpack_rows] = signal_packing(signal, S);  // see signal_packing
     auto pack = [&](const Tensor& t) {  // [B, Hx, T, D] -> [B, Hx, S, D], token-major storage
       const int64_t Hx = t.size(1);
       return unswag::gather_rows(t.transpose(1, 2).reshape({B * T, Hx * D}), pack_rows, unpack_rows)

@@ -62,18 +62,52 @@ kernels::WindowAttentionParams params(const at::Tensor& q, const at::Tensor& k, 
   return p;
 }
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> window_attention_cuda_forward(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v, const at::Tensor& bias,
+                                                                 double scale, int64_t window) {
+  TORCH_CHECK(window_attention_fused(q, k, v) && bias.scalar_type() == at::kFloat && bias.is_contiguous(),
+              "window_attention_cuda_forward: operands the CUDA kernels do not take (see window_attention_fused)");
+  at::Tensor o = token_major(q, q.size(1));
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  auto p = params(q, k, v, bias, scale, window);
+  p.o = o.data_ptr(), set_rows(o, p.o_stride);
+  p.lse = lse.data_ptr<float>();
+#ifdef UNSWAG_WITH_CUDA
+  kernels::window_attention_forward_cuda(p, ops::current_cuda_stream(q.device()));
+#endif
+  return {o, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_cuda_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+    const at::Tensor& out, const at::Tensor& lse, double scale, int64_t window) {
+  at::Tensor dout = grad_out;
+  if (!rows_fit(dout) || dout.scalar_type() != q.scalar_type())
+    dout = dout.to(q.scalar_type()).transpose(1, 2).contiguous().transpose(1, 2);
+  auto p = params(q, k, v, bias, scale, window);
+  p.o = const_cast<void*>(out.const_data_ptr()), set_rows(out, p.o_stride);
+  p.lse = const_cast<float*>(lse.const_data_ptr<float>());
+  at::Tensor dq = token_major(q, q.size(1)), dk = token_major(k, k.size(1)), dv = token_major(v, v.size(1));
+  at::Tensor delta = at::empty_like(lse);
+  p.dout = dout.const_data_ptr(), set_rows(dout, p.dout_stride);
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  set_rows(dq, p.dq_stride), set_rows(dk, p.dk_stride), set_rows(dv, p.dv_stride);
+  p.delta = delta.data_ptr<float>();
+#ifdef UNSWAG_WITH_CUDA
+  kernels::window_attention_backward_cuda(p, ops::current_cuda_stream(q.device()));
+#endif
+  return {dq, dk, dv};
+}
+
+namespace {
+
 struct WindowAttentionFunction : public torch::autograd::Function<WindowAttentionFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& bias, double scale, int64_t window) {
     const at::Tensor b32 = bias.detach().to(at::kFloat).contiguous();
-    at::Tensor o = token_major(q, q.size(1));
-    at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-    auto p = params(q, k, v, b32, scale, window);
-    p.o = o.data_ptr(), set_rows(o, p.o_stride);
-    p.lse = lse.data_ptr<float>();
-#ifdef UNSWAG_WITH_CUDA
-    kernels::window_attention_forward_cuda(p, ops::current_cuda_stream(q.device()));
-#endif
+    auto [o, lse] = window_attention_cuda_forward(q, k, v, b32, scale, window);
     ctx->save_for_backward({q, k, v, b32, o, lse});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window"] = window;
@@ -82,22 +116,10 @@ struct WindowAttentionFunction : public torch::autograd::Function<WindowAttentio
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &b32 = saved[3], &o = saved[4], &lse = saved[5];
-    at::Tensor dout = grads[0];
-    if (!dout.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    if (!rows_fit(dout)) dout = dout.transpose(1, 2).contiguous().transpose(1, 2);
-    auto p = params(q, k, v, b32, ctx->saved_data["scale"].toDouble(), ctx->saved_data["window"].toInt());
-    p.o = const_cast<void*>(o.const_data_ptr()), set_rows(o, p.o_stride);
-    p.lse = const_cast<float*>(lse.const_data_ptr<float>());
-    at::Tensor dq = token_major(q, q.size(1)), dk = token_major(k, k.size(1)), dv = token_major(v, v.size(1));
-    at::Tensor delta = at::empty_like(lse);
-    p.dout = dout.const_data_ptr(), set_rows(dout, p.dout_stride);
-    p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
-    set_rows(dq, p.dq_stride), set_rows(dk, p.dk_stride), set_rows(dv, p.dv_stride);
-    p.delta = delta.data_ptr<float>();
-#ifdef UNSWAG_WITH_CUDA
-    kernels::window_attention_backward_cuda(p, ops::current_cuda_stream(q.device()));
-#endif
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    auto [dq, dk, dv] = window_attention_cuda_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                                       saved[5], ctx->saved_data["scale"].toDouble(),
+                                                       ctx->saved_data["window"].toInt());
     return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

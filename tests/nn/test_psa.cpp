@@ -762,9 +762,9 @@ TEST_F(PSALayer, LowPrecisionEmptyAndErrors) {
 
 namespace {
 
-// The CUDA paths in bf16/fp16 (FlashAttention for the packed signal attention
-// and for the window, whose pruned-key bias rides in 8 extra head dimensions,
-// with GQA; SDPA with the bias as mask for one decode token) against the same
+// The CUDA paths in bf16/fp16 (SDPA for the packed signal attention and
+// unswag::window_attention's kernels for the window, in one autograd node
+// with the packing, with GQA; SDPA with the bias as mask for one decode token) against the same
 // layer in float64 on the CPU. The random router makes the routes a function
 // of the positions only, so both devices route identically.
 TEST_F(PSALayer, CudaHalfPrecisionMatchesFloat64) {
@@ -836,6 +836,64 @@ TEST_F(PSALayer, CudaHalfPrecisionMatchesFloat64) {
 }  // namespace
 
 namespace {
+
+// Training on CUDA runs the window read and the signal packing as one
+// autograd node (WindowAndSignalPack: the window's kernels, the packed rows'
+// dq and dk added in place). Against the two nodes it replaces, on the same
+// layer, inputs and Gumbel noise (so the same routes): the output, the input
+// gradient and every parameter's, the router's (through z_sig) included.
+TEST_F(PSALayer, CudaFusedWindowPackMatchesTwoNodes) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device here";
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  Shape s;
+  s.d = 128;
+  s.H = 4;
+  s.Hkv = 2;
+  s.D = 64;
+  s.window = 70;
+  PSAConfig c;
+  c.seed = seed_;
+  c.detach_router_input = false;
+  c.target_shares = {0.2, 0.3, 0.2, 0.3};
+  const torch::Device cuda(torch::kCUDA, 0);
+  for (auto dtype : {torch::kBFloat16, torch::kFloat16}) {
+    auto fused = make_layer(s, torch::kFloat, c);
+    auto two = make_layer(s, torch::kFloat, c);
+    {
+      torch::NoGradGuard no_grad;
+      auto src = fused->named_parameters(), dst = two->named_parameters();
+      for (const auto& kv : src) dst[kv.key()].copy_(kv.value());
+    }
+    fused->to(cuda, dtype);
+    two->to(cuda, dtype);
+    two->set_fused_window_pack(false);
+    fused->train();
+    two->train();
+    const int64_t B = 2, T = 333;
+    const auto opt = torch::TensorOptions().device(cuda).dtype(dtype);
+    const Tensor x = torch::randn({B, T, s.d}, opt), pos = positions_of(B, T).to(cuda);
+    const auto [cos, sin] = rope(pos.cpu(), s.D, dtype);
+    const Tensor gumbel = gumbel_noise(B, T).to(cuda, torch::kFloat);
+    const Tensor xa = x.clone().requires_grad_(true), xb = x.clone().requires_grad_(true);
+    const Tensor ya = fused->forward(xa, pos, cos.to(cuda), sin.to(cuda), gumbel);
+    const Tensor yb = two->forward(xb, pos, cos.to(cuda), sin.to(cuda), gumbel);
+    ASSERT_TRUE(torch::equal(fused->last_routes(), two->last_routes()));
+    const double u = unswag::test::unit_roundoff(dtype);
+    EXPECT_LE(rel_l2(ya, yb), u) << dtype;
+    const Tensor w = torch::randn_like(ya);
+    (ya * w).sum().backward();
+    (yb * w).sum().backward();
+    EXPECT_LE(rel_l2(xa.grad(), xb.grad()), 4 * u) << dtype << " x";
+    auto pa = fused->named_parameters(), pb = two->named_parameters();
+    for (const auto& kv : pb) {
+      if (!kv.value().grad().defined()) continue;
+      ASSERT_TRUE(pa[kv.key()].grad().defined()) << kv.key();
+      EXPECT_LE(rel_l2(pa[kv.key()].grad(), kv.value().grad()), 4 * u) << dtype << " " << kv.key();
+    }
+    ASSERT_TRUE(pa["router.weight"].grad().defined());
+    EXPECT_GT(pa["router.weight"].grad().abs().sum().item<double>(), 0.0);
+  }
+}
 
 // The fused CUDA decode step (kernels/psa_decode.cu) against the ATen
 // composition on the same device and dtype: prefill, single tokens (the

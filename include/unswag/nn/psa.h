@@ -193,6 +193,10 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
                                const torch::Tensor& sin, PSACache& cache);
   void set_fused_decode(bool on) { fused_decode_ = on; }
   bool fused_decode() const { return fused_decode_; }
+  // Training on CUDA runs the window read and the signal tokens' packing as
+  // one autograd node (no full-size gradient sums; window_and_signal) unless
+  // set_fused_window_pack(false): two nodes, the composition it fuses.
+  void set_fused_window_pack(bool on) { fused_window_pack_ = on; }
 
   // The parameters PSA adds over Llama attention, initialised as docs/psa.md
   // says (router N(0, 0.02) with bias log(targets), conv 1/Kc, decays spread
@@ -266,6 +270,12 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   // gated by 1 - z_prune -> [B, H, T, D].
   torch::Tensor window_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                  const Routing& routing, PSACache* cache);
+  // Training without a cache on CUDA: window_attention (values u) and
+  // signal_attention (values v) with one autograd node for the window and the
+  // packing -> (window, signal), each [B, H, T, D].
+  std::pair<torch::Tensor, torch::Tensor> window_and_signal(const torch::Tensor& q, const torch::Tensor& k,
+                                                            const torch::Tensor& u, const torch::Tensor& v,
+                                                            const Routing& routing);
   // The fused CUDA decode step (kernels/psa_decode.h) over one token, or an
   // undefined tensor when this layer, dtype or device cannot take it.
   torch::Tensor decode_fused(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
@@ -273,6 +283,7 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
 
   PSAConfig config_;
   bool fused_decode_ = true;
+  bool fused_window_pack_ = true;
   torch::Tensor decode_zero_, decode_one_;  // the fused decode's aux losses and agreement
   // The parameters and buffers the fused decode checks each step, listed once:
   // to(), load_state_dict and optimizer steps update them in place, so the

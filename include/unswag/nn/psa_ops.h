@@ -120,6 +120,17 @@ at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             double scale, int64_t window);
 // Whether window_attention runs its CUDA kernels for these operands.
 bool window_attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+// Its two halves without autograd (for callers that fuse it into a larger
+// autograd node, as the PSA layer does): operands window_attention_fused
+// takes and a contiguous fp32 bias. Forward returns (o, lse), o token-major,
+// lse [B, H, T] fp32 (log2 of the softmax denominators of the base-2 scores);
+// backward returns (dq, dk, dv), token-major.
+std::tuple<at::Tensor, at::Tensor> window_attention_cuda_forward(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v, const at::Tensor& bias,
+                                                                 double scale, int64_t window);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_cuda_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+    const at::Tensor& out, const at::Tensor& lse, double scale, int64_t window);
 
 // The router's training step (the math: src/kernels/psa_route.h). logits
 // [B, T, 4] and gumbel [B, T, 4] of one dtype, fp32 or fp64 (the
