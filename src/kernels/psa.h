@@ -186,6 +186,22 @@ struct GatherRowsParams {
 // CPU: out rows [m0, m1).
 void gather_rows_cpu(const GatherRowsParams& p, int64_t m0, int64_t m1);
 
+// dst[index[m], :] += src[m, :] for every m whose index lies in [0, dst_rows)
+// (others skipped), each sum in fp32 rounded once: the packed signal rows'
+// gradients added into the window's. The in-range indices must be distinct
+// (no atomics; the caller's contract, as gather_rows' inverse). CUDA only
+// (fp32/fp16/bf16, cols and both row strides multiples of 16 bytes, 16-byte
+// aligned bases; the op uses ATen's index_add_ elsewhere).
+struct AddRowsParams {
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0, cols = 0, dst_rows = 0;
+  const void* src = nullptr;  // [rows, cols], row stride src_stride (elements)
+  int64_t src_stride = 0;
+  const int64_t* index = nullptr;  // [rows]
+  void* dst = nullptr;  // [dst_rows, cols], row stride dst_stride
+  int64_t dst_stride = 0;
+};
+
 // ---- head-dim padding (the window attention's operands) -------------------------
 
 // out[b,t,h,:] = (x[b,t,h,0..D), first[b,t] or 0, 0 ... 0), D + pad values:
@@ -260,6 +276,7 @@ void psa_combine_forward_cuda(const PsaCombineParams& p, void* stream);
 void psa_combine_backward_cuda(const PsaCombineParams& p, void* stream);
 void gumbel_noise_cuda(const GumbelNoiseParams& p, void* stream);
 void gather_rows_cuda(const GatherRowsParams& p, void* stream);
+void add_rows_cuda(const AddRowsParams& p, void* stream);
 void pad_head_dim_cuda(const PadHeadDimParams& p, void* stream);
 void gate_tokens_forward_cuda(const GateTokensParams& p, void* stream);
 void gate_tokens_backward_cuda(const GateTokensParams& p, void* stream);

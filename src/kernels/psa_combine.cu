@@ -245,6 +245,43 @@ void gather_rows_cuda(const GatherRowsParams& p, void* stream) {
 }
 
 namespace {
+// One thread per 16-byte vector of src.
+template <typename T>
+__global__ void add_rows_kernel(AddRowsParams p, int64_t total) {
+  constexpr int kPer = 16 / int(sizeof(T));
+  const int64_t vecs = p.cols / kPer;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = i / vecs, j = i - m * vecs;
+    const int64_t n = p.index[m];
+    if (n < 0 || n >= p.dst_rows) continue;
+    const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.src) + m * p.src_stride + j * kPer);
+    uint4* dp = reinterpret_cast<uint4*>(static_cast<T*>(p.dst) + n * p.dst_stride + j * kPer);
+    uint4 d = *dp;
+    const T* ae = reinterpret_cast<const T*>(&a);
+    T* de = reinterpret_cast<T*>(&d);
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) de[e] = from_f<T>(to_f(de[e]) + to_f(ae[e]));
+    *dp = d;
+  }
+}
+}  // namespace
+
+void add_rows_cuda(const AddRowsParams& p, void* stream) {
+  const int64_t es = p.dtype == DType::kFloat32 ? 4 : 2;
+  const int64_t total = p.rows * (p.cols * es / 16);
+  if (total == 0) return;
+  const int64_t blocks = min(int64_t(1) << 20, (total + 255) / 256);
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case DType::kFloat32: add_rows_kernel<float><<<unsigned(blocks), 256, 0, s>>>(p, total); break;
+    case DType::kFloat16: add_rows_kernel<__half><<<unsigned(blocks), 256, 0, s>>>(p, total); break;
+    case DType::kBFloat16: add_rows_kernel<__nv_bfloat16><<<unsigned(blocks), 256, 0, s>>>(p, total); break;
+    default: throw std::invalid_argument("unswag: add_rows CUDA kernel takes fp32, fp16 or bf16");
+  }
+  check_launch("add_rows");
+}
+
+namespace {
 // One thread per 16-byte vector of out: vectors [0, D / V) copy x's row, the
 // rest are the padding (its first element first[b, t] on the first of them).
 template <typename T>

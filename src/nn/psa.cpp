@@ -716,26 +716,23 @@ Tensor token_rows(const Tensor& t) {
 // the window kernels' operands): forward returns the window's output and the
 // packed q, k z_sig, v z_sig rows [B * S, heads * D]; backward adds the packed
 // rows' dq and dk into the window's, in place at the S signal rows
-// (index_add_), where two autograd nodes would each write a [B, T, heads, D]
-// gradient, the signal side's mostly zero rows, and autograd would sum the
-// two: about 1 ms at 128k tokens (docs/psa.md). Padding rows' gradients are
-// exact zeros (no real query reads a padding key, and no output reads a
-// padding query), so they land harmlessly on row 0.
+// (unswag::add_rows_), where two autograd nodes would each write a [B, T,
+// heads, D] gradient, the signal side's mostly zero rows, and autograd would
+// sum the two (docs/psa.md).
 struct WindowAndSignalPack : public torch::autograd::Function<WindowAndSignalPack> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
                                                 const Tensor& k, const Tensor& u, const Tensor& v, const Tensor& z,
                                                 const Tensor& bias, const Tensor& pack_rows,
                                                 const Tensor& unpack_rows, double scale, int64_t window) {
     auto [o, lse] = unswag::window_attention_cuda_forward(q, k, u, bias, scale, window);
-    const Tensor rows0 = pack_rows.clamp_min(0);
     const int64_t BT = q.size(0) * q.size(2);
-    const Tensor zp = torch::where(pack_rows >= 0, z.reshape({BT}).index_select(0, rows0), 0)
+    const Tensor zp = torch::where(pack_rows >= 0, z.reshape({BT}).index_select(0, pack_rows.clamp_min(0)), 0)
                           .to(q.scalar_type())
                           .unsqueeze(1);  // [B * S, 1]
     const Tensor qp = unswag::gather_rows(token_rows(q), pack_rows, unpack_rows);
     const Tensor kraw = unswag::gather_rows(token_rows(k), pack_rows, unpack_rows);
     const Tensor vraw = unswag::gather_rows(token_rows(v), pack_rows, unpack_rows);
-    ctx->save_for_backward({q, k, u, bias, o, lse, rows0, pack_rows, unpack_rows, kraw, vraw, zp});
+    ctx->save_for_backward({q, k, u, bias, o, lse, pack_rows, unpack_rows, kraw, vraw, zp});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window"] = window;
     return {o, qp, kraw * zp, vraw * zp};
@@ -744,8 +741,8 @@ struct WindowAndSignalPack : public torch::autograd::Function<WindowAndSignalPac
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto sv = ctx->get_saved_variables();
-    const Tensor &q = sv[0], &k = sv[1], &u = sv[2], &bias = sv[3], &o = sv[4], &lse = sv[5], &rows0 = sv[6],
-                 &pack_rows = sv[7], &unpack_rows = sv[8], &kraw = sv[9], &vraw = sv[10], &zp = sv[11];
+    const Tensor &q = sv[0], &k = sv[1], &u = sv[2], &bias = sv[3], &o = sv[4], &lse = sv[5], &pack_rows = sv[6],
+                 &unpack_rows = sv[7], &kraw = sv[8], &vraw = sv[9], &zp = sv[10];
     const Tensor &d_o = grads[0], &d_qp = grads[1], &d_kp = grads[2], &d_vp = grads[3];
     const int64_t B = q.size(0), T = q.size(2), D = q.size(3), Hkv = k.size(1);
     Tensor dq, dk, du;
@@ -757,14 +754,21 @@ struct WindowAndSignalPack : public torch::autograd::Function<WindowAndSignalPac
       dk = torch::zeros({B, T, Hkv, D}, k.options()).transpose(1, 2);
       du = torch::zeros({B, T, Hkv, D}, u.options()).transpose(1, 2);
     }
-    // dq, dk are [B, heads, T, D] views of fresh token-major storage: their rows are views too.
-    if (d_qp.defined()) token_rows(dq).index_add_(0, rows0, d_qp);
-    if (d_kp.defined()) token_rows(dk).index_add_(0, rows0, d_kp * zp);
+    // dq, dk are [B, heads, T, D] views of fresh token-major storage: their
+    // rows are views too. Padding rows (index -1) are skipped.
+    if (d_qp.defined()) {
+      Tensor rows = token_rows(dq);
+      unswag::add_rows_(rows, pack_rows, d_qp.contiguous());
+    }
+    if (d_kp.defined()) {
+      Tensor rows = token_rows(dk);
+      unswag::add_rows_(rows, pack_rows, d_kp * zp);
+    }
     Tensor dv, dz;
     if (d_vp.defined())
       dv = unswag::gather_rows(d_vp * zp, unpack_rows, pack_rows).view({B, T, Hkv, D}).transpose(1, 2);
     // d z_sig of a signal token: sum_c (dkp kraw + dvp vraw) over its packed row.
-    Tensor dzp = torch::zeros({rows0.size(0)}, q.options().dtype(torch::kFloat));
+    Tensor dzp = torch::zeros({pack_rows.size(0)}, q.options().dtype(torch::kFloat));
     if (d_kp.defined()) dzp = dzp + (d_kp * kraw).sum(1, false, torch::kFloat);
     if (d_vp.defined()) dzp = dzp + (d_vp * vraw).sum(1, false, torch::kFloat);
     dz = torch::where(unpack_rows >= 0, dzp.index_select(0, unpack_rows.clamp_min(0)), 0).view({B, T});

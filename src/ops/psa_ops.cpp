@@ -387,6 +387,43 @@ at::Tensor gather_rows_raw(const at::Tensor& src, const at::Tensor& index) {
   return out;
 }
 
+}  // namespace
+
+void add_rows_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
+  constexpr const char* op = "add_rows_";
+  TORCH_CHECK(dst.dim() == 2 && src.dim() == 2 && src.size(1) == dst.size(1), op,
+              ": arguments 'dst' and 'src' must be [N, C] and [M, C], got ", dst.sizes(), " and ", src.sizes());
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == src.size(0), op,
+              ": argument 'index' must be a 1-dim int64 tensor of ", src.size(0), " entries, got ", index.sizes());
+  TORCH_CHECK(src.scalar_type() == dst.scalar_type(), op, ": argument 'src' must have dst's dtype ",
+              dst.scalar_type(), ", got ", src.scalar_type());
+  const auto dt = dst.scalar_type();
+  const int64_t es = int64_t(dst.element_size());
+  auto fits = [&](const at::Tensor& t) {
+    return t.stride(1) == 1 && (t.stride(0) * es) % 16 == 0 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  };
+  const bool kernel = dst.is_cuda() && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) &&
+                      (dst.size(1) * es) % 16 == 0 && fits(dst) && fits(src) && index.is_contiguous();
+#ifdef UNSWAG_WITH_CUDA
+  if (kernel) {
+    kernels::AddRowsParams p;
+    p.dtype = ops::to_kernel_dtype(dt);
+    p.rows = src.size(0), p.cols = src.size(1), p.dst_rows = dst.size(0);
+    p.src = src.const_data_ptr(), p.src_stride = src.stride(0);
+    p.index = index.const_data_ptr<int64_t>();
+    p.dst = dst.data_ptr(), p.dst_stride = dst.stride(0);
+    kernels::add_rows_cuda(p, ops::current_cuda_stream(dst.device()));
+    return;
+  }
+#else
+  (void)kernel;
+#endif
+  const at::Tensor valid = index.ge(0).logical_and(index.lt(dst.size(0)));
+  dst.index_add_(0, index.masked_select(valid), src.index({valid}));
+}
+
+namespace {
+
 struct GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& src, const at::Tensor& index,
                             const at::Tensor& inverse) {

@@ -863,6 +863,8 @@ TEST_F(PSALayer, CudaFusedWindowPackMatchesTwoNodes) {
       torch::NoGradGuard no_grad;
       auto src = fused->named_parameters(), dst = two->named_parameters();
       for (const auto& kv : src) dst[kv.key()].copy_(kv.value());
+      auto bsrc = fused->named_buffers(), bdst = two->named_buffers();  // route_bias
+      for (const auto& kv : bsrc) bdst[kv.key()].copy_(kv.value());
     }
     fused->to(cuda, dtype);
     two->to(cuda, dtype);

@@ -7,7 +7,8 @@
 // bitwise causality, central finite differences in float64, and errors; and
 // gated_ema_scan against its float64 composition and, bit for bit, its fp32 one;
 // psa_combine against its float64 formula (fused CUDA kernels and composition);
-// gather_rows against index_select, its backward against the float64 adjoint;
+// gather_rows against index_select, its backward against the float64 adjoint,
+// add_rows_ against a float64 loop;
 // pad_head_dim against zeros + cat (the CUDA kernel and the composition),
 // unpad_head_dim's padded gradient, gate_tokens against its float64 product.
 #include <functional>
@@ -817,6 +818,46 @@ TEST_P(PadHeadDim, UnpadIsAViewWithAZeroPaddedGradient) {
   auto x = torch::randn({2, 3, 4, 72}, opts(torch::kBFloat16));
   expect_error([&] { unpad_head_dim(x, 72); }, {"argument 'pad' must be in [1, 72), got 72"});
   expect_error([&] { unpad_head_dim(x[0], 8); }, {"argument 'x' must be [B, T, H, D + pad] (4 dims)"});
+}
+
+// add_rows_: dst[index[m]] += src[m] at distinct in-range indices, others
+// skipped, each sum rounded once (the CUDA kernel for 16-byte rows, ATen's
+// index_add_ for the odd width and elsewhere), against float64.
+TEST_P(GatherRows, AddRowsAddsAtDistinctIndicesAndSkipsOutOfRange) {
+  for (auto dtype : {torch::kFloat32, torch::kFloat16, torch::kBFloat16}) {
+    for (int64_t C : {2048, 24, 5}) {
+      SCOPED_TRACE(::testing::Message() << dtype << " C " << C << " seed " << seed_);
+      const int64_t N = 300, M = 77;
+      auto dst = torch::randn({N, C}, opts(dtype));
+      // Distinct rows, with -1 and N (out of range) among them.
+      auto index = torch::randperm(N, opts(torch::kLong)).narrow(0, 0, M).clone();
+      index.index_put_({3}, -1);
+      index.index_put_({40}, N);
+      // src rows as a view with a wider row stride.
+      auto src = torch::randn({M, C + 8}, opts(dtype)).narrow(1, 0, C);
+      if (C % 8 != 0) src = src.contiguous();
+      const auto want_d = dst.to(torch::kCPU, torch::kDouble).clone();
+      const auto idx = index.cpu(), sd = src.to(torch::kCPU, torch::kDouble);
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t n = idx[m].item<int64_t>();
+        if (n >= 0 && n < N) want_d[n] += sd[m];
+      }
+      auto got = dst.clone();
+      add_rows_(got, index, src);
+      EXPECT_LE(rel_l2(got, want_d), test::unit_roundoff(dtype)) << "rounded once";
+      // Rows no index names are untouched.
+      auto touched = torch::zeros({N}, torch::kBool);
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t n = idx[m].item<int64_t>();
+        if (n >= 0 && n < N) touched[n] = true;
+      }
+      const auto untouched = touched.logical_not().nonzero().squeeze(1);
+      EXPECT_TRUE(torch::equal(got.cpu().index_select(0, untouched), dst.cpu().index_select(0, untouched)));
+    }
+  }
+  auto d = torch::zeros({4, 8}, opts(torch::kFloat32));
+  test::expect_error([&] { add_rows_(d, torch::zeros({2}, opts(torch::kLong)), torch::zeros({3, 8}, opts(torch::kFloat32))); },
+                     {"argument 'index' must be a 1-dim int64 tensor of 3 entries"});
 }
 
 // ---- gate_tokens -------------------------------------------------------------------

@@ -87,6 +87,13 @@ at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::
 // zero-filled gradient buffer, no atomics) on the CPU and CUDA.
 at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& index, const at::Tensor& inverse);
 
+// dst [N, C], src [M, C] of one dtype, index [M] int64: dst[index[m]] +=
+// src[m] for every index in [0, N) (others skipped), in place, no autograd.
+// The in-range indices must be distinct (not checked). One CUDA pass (no
+// atomics) where rows are 16-byte multiples; ATen's index_add_ elsewhere.
+// (The PSA layer adds the packed signal rows' gradients into the window's.)
+void add_rows_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src);
+
 // x [B, T, H, D] (fp32/fp16/bf16/fp64, any strides), pad >= 1, first [B, T]
 // (any float dtype) or undefined. Returns [B, T, H, D + pad] in x's dtype:
 // x, then first[b, t] (rounded to x's dtype; 0 when undefined) in column D of
