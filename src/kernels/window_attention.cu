@@ -3,9 +3,10 @@
 // m16n8k16 (fp16/bf16 in, fp32 accumulate), sm_80 and later.
 //
 // Blocks of 64 rows, 4 warps of 16 rows each; tiles of 64 keys (or, in the
-// dk/dv pass, 64 queries) staged in shared memory with rows padded by 8
-// elements, so that the fragment loads below (32-bit words at row g, column
-// 2t of a 16 x 16 tile; ldmatrix rows of 16 bytes) fall in 32 distinct banks.
+// dk/dv pass, 64 queries) staged in shared memory by cp.async, the next tile
+// in flight while the current one computes, with rows padded by 8 elements
+// so that the fragment loads below (32-bit words at row g, column 2t of a
+// 16 x 16 tile; ldmatrix rows of 16 bytes) fall in 32 distinct banks.
 // Fragment layouts of m16n8k16 (g = lane / 4, t = lane % 4):
 //   A (16 x 16, row-major): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
 //   B (16 x 8, k x n):      b0 (k 2t..2t+1, n g), b1 (k 2t+8..2t+9, n g)

@@ -16,10 +16,11 @@
 // Why a kernel of its own: FlashAttention takes no per-key bias, so the layer
 // used to ride it in 8 extra head dims (136, run by the 192-dim kernel with
 // 128-query tiles half outside a 128-token window). Here a block of 64
-// queries reads ceil((W + 63) / 64) + 1 key tiles of 64 at D = 64 or 128,
-// the bias is a [B, T] vector, and the backward runs one pass over query
-// blocks (delta and dq) and one over key blocks (dk and dv, summed over the
-// query heads sharing a kv head: deterministic, no atomics).
+// queries reads at most ceil((W - 1) / 64) + 1 key tiles of 64 (three for W
+// = 128) at D = 64 or 128, the bias is a [B, T] vector, and the backward
+// runs one pass over query blocks (delta and dq) and one over key blocks (dk
+// and dv, summed over the query heads sharing a kv head: deterministic, no
+// atomics).
 #pragma once
 
 #include <cstdint>

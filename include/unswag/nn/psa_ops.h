@@ -28,11 +28,14 @@
 //                             per-key additive bias (the window read; pruned
 //                             keys carry a large negative bias): CUDA kernels
 //                             of its own, chunked_attention elsewhere
+//   add_rows_                 dst[index[m]] += src[m] in place (no autograd;
+//                             C++ only): the packed signal rows' gradients
+//                             added into the window's
 //   psa_route                 the router's training step: Gumbel-max routes,
 //                             straight-through gates, aux losses and routing
 //                             statistics in two kernels forward, one backward
 //
-// All are also registered as torch.ops.unswag.<name>.
+// All but add_rows_ are also registered as torch.ops.unswag.<name>.
 #pragma once
 
 #include <ATen/ATen.h>
