@@ -35,8 +35,10 @@ bool kernels_take(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   return false;
 #else
   const auto dt = q.scalar_type();
+  // (Grids are (T / 64, heads, B): y and z stop at 65535.)
   return q.is_cuda() && (dt == at::kHalf || dt == at::kBFloat16) &&
-         kernels::window_attention_cuda_head_dim(q.size(3)) && rows_fit(q) && rows_fit(k) && rows_fit(v);
+         kernels::window_attention_cuda_head_dim(q.size(3)) && q.size(0) <= 65535 && q.size(1) <= 65535 &&
+         rows_fit(q) && rows_fit(k) && rows_fit(v);
 #endif
 }
 
