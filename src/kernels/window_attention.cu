@@ -18,6 +18,9 @@
 // ldmatrix.trans.
 #include <cfloat>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 #include "window_attention.h"
