@@ -75,7 +75,11 @@ double tolerance(torch::ScalarType t) {
   // P and dS are rounded to the storage type before their products (as
   // FlashAttention does), a few units of roundoff of the result.
   if (t == torch::kFloat64) return 1e-12;
-  if (t == torch::kFloat32) return 1e-5;
+  // fp32: a row whose visible keys are all pruned weighs them by scores that
+  // carry the -2000 bias, rounded at fp32's spacing there (1.2e-4): that row
+  // is off by up to about 1e-4 relative (measured 6e-5, 1.2e-5 on the whole
+  // output; any additive mask has it). Elsewhere about 3e-7.
+  if (t == torch::kFloat32) return 1e-4;
   return 6 * test::unit_roundoff(t);
 }
 
