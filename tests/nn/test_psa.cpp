@@ -47,6 +47,16 @@ PacketSwitchedAttention make_layer(const Shape& s, torch::ScalarType dtype, PSAC
 }
 
 // RoPE cos/sin [B, 1, T, D] of positions [B, T] (theta 10000, halves rotated).
+// Copies every parameter and buffer (route_bias) of `from` into `to` (same
+// shapes; any dtypes and devices), so both route and compute alike.
+void copy_state(const PacketSwitchedAttention& from, PacketSwitchedAttention& to) {
+  torch::NoGradGuard no_grad;
+  auto dst = to->named_parameters();
+  for (const auto& kv : from->named_parameters()) dst[kv.key()].copy_(kv.value());
+  auto bdst = to->named_buffers();
+  for (const auto& kv : from->named_buffers()) bdst[kv.key()].copy_(kv.value());
+}
+
 std::pair<Tensor, Tensor> rope(const Tensor& positions, int64_t D, torch::ScalarType dtype) {
   const Tensor inv = 1.0 / torch::pow(10000.0, torch::arange(0, D, 2, torch::kDouble) / double(D));
   const Tensor f = positions.to(torch::kDouble).unsqueeze(-1) * inv;
@@ -724,9 +734,7 @@ TEST_F(PSALayer, LowPrecisionEmptyAndErrors) {
   for (auto dtype : {torch::kFloat16, torch::kBFloat16}) {
     auto m = make_layer(s, dtype);
     m->eval();
-    auto src = m64->named_parameters(), dst = m->named_parameters();
-    for (const auto& kv : src) dst[kv.key()].copy_(kv.value());
-    m->route_bias.copy_(m64->route_bias);
+    copy_state(m64, m);
     const Tensor got = m->forward(x.to(dtype), pos, cos.to(dtype), sin.to(dtype));
     EXPECT_EQ(got.scalar_type(), dtype);
     const double agree = m->last_routes().eq(want_routes).to(torch::kDouble).mean().item<double>();
@@ -784,11 +792,7 @@ TEST_F(PSALayer, CudaHalfPrecisionMatchesFloat64) {
   for (auto dtype : {torch::kBFloat16, torch::kFloat16}) {
     auto ref = make_layer(s, torch::kDouble, c);
     auto m = make_layer(s, torch::kDouble, c);
-    {
-      torch::NoGradGuard no_grad;
-      auto src = ref->named_parameters(), dst = m->named_parameters();
-      for (const auto& kv : src) dst[kv.key()].copy_(kv.value());
-    }
+    copy_state(ref, m);
     m->to(cuda, dtype);
     const int64_t B = 2, T = 301;
     const Tensor x = torch::randn({B, T, s.d}, torch::kDouble), pos = positions_of(B, T);
@@ -859,13 +863,7 @@ TEST_F(PSALayer, CudaFusedWindowPackMatchesTwoNodes) {
   for (auto dtype : {torch::kBFloat16, torch::kFloat16}) {
     auto fused = make_layer(s, torch::kFloat, c);
     auto two = make_layer(s, torch::kFloat, c);
-    {
-      torch::NoGradGuard no_grad;
-      auto src = fused->named_parameters(), dst = two->named_parameters();
-      for (const auto& kv : src) dst[kv.key()].copy_(kv.value());
-      auto bsrc = fused->named_buffers(), bdst = two->named_buffers();  // route_bias
-      for (const auto& kv : bsrc) bdst[kv.key()].copy_(kv.value());
-    }
+    copy_state(fused, two);  // route_bias included: the same routes
     fused->to(cuda, dtype);
     two->to(cuda, dtype);
     two->set_fused_window_pack(false);
@@ -922,12 +920,7 @@ TEST_F(PSALayer, CudaFusedDecodeMatchesComposition) {
         ref->route_bias[3].add_(1.5);  // more signal tokens: several attention blocks
       }
       auto fused = make_layer(s, torch::kFloat);
-      {
-        torch::NoGradGuard no_grad;
-        auto src = ref->named_parameters(), dst = fused->named_parameters();
-        for (const auto& kv : src) dst[kv.key()].copy_(kv.value());
-        fused->route_bias.copy_(ref->route_bias);
-      }
+      copy_state(ref, fused);
       ref->to(cuda, dtype);
       fused->to(cuda, dtype);
       ref->eval();

@@ -19,7 +19,9 @@
 //                             inverse index: packs and unpacks the signal tokens
 //   pad_head_dim              [B, T, H, D] -> [B, T, H, D + pad] with a per-token
 //                             value in column D and zeros after it: the
-//                             window's operands with the key bias (CUDA: one pass)
+//                             window's operands with the key bias at head
+//                             dims window_attention's kernels do not take
+//                             (CUDA: one pass)
 //   unpad_head_dim            its inverse, a view whose gradient comes back
 //                             padded in one pass (the window's output)
 //   gate_tokens               y[b,t,c] = g[b,t] x[b,t,c]: the local stream's
