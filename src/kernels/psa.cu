@@ -108,7 +108,8 @@ __global__ void conv_forward_kernel(const T* __restrict__ x, const acc_t<T>* __r
 
 template <typename T, int KP>
 __global__ void conv_backward_kernel(const T* __restrict__ x, const acc_t<T>* __restrict__ w,
-                                     const T* __restrict__ dy, T* __restrict__ dx, acc_t<T>* __restrict__ dw_partial,
+                                     const T* __restrict__ dy, T* __restrict__ dx, const T* __restrict__ dx_addend,
+                                     acc_t<T>* __restrict__ dw_partial,
                                      acc_t<T>* __restrict__ db_partial, int64_t time, int64_t channels, int K,
                                      int64_t tile, int64_t tiles, int64_t threads) {
   using A = acc_t<T>;
@@ -129,7 +130,9 @@ __global__ void conv_backward_kernel(const T* __restrict__ x, const acc_t<T>* __
   A db = 0;
   // Step s reads dy_s (zero past T). pending[i] is dx at s - KP + 1 + i, to
   // which dy_s adds w_i dy_s; pending[0] is then complete. Steps past t1 only
-  // finish the tile's last KP - 1 outputs.
+  // finish the tile's last KP - 1 outputs. (Unrolling this loop by 4 made it
+  // slower on an H100: 3.8 ms for the [128k, 2048] bf16 backward with
+  // dx_addend against 2.9 rolled; both latency-bound, docs/psa.md.)
   for (int64_t s = t0; s < t1 + KP - 1; ++s) {
     const A d = s < time ? A(to_f(dyc[s * channels])) : A(0);
     if (s < t1) {
@@ -144,7 +147,9 @@ __global__ void conv_backward_kernel(const T* __restrict__ x, const acc_t<T>* __
 #pragma unroll
       for (int i = 0; i < KP; ++i) pending[i] += wr[i] * d;
       const int64_t done = s - (KP - 1);
-      if (done >= t0) dx[off + done * channels] = from_f<T>(pending[0]);
+      if (done >= t0)
+        dx[off + done * channels] =
+            from_f<T>(dx_addend != nullptr ? pending[0] + A(to_f(dx_addend[off + done * channels])) : pending[0]);
 #pragma unroll
       for (int i = 0; i < KP - 1; ++i) pending[i] = pending[i + 1];
       pending[KP - 1] = A(0);
@@ -180,7 +185,8 @@ __global__ void conv_forward_any_kernel(const T* __restrict__ x, const acc_t<T>*
 template <typename T>
 __global__ void conv_backward_any_kernel(const T* __restrict__ x, const acc_t<T>* __restrict__ w,
                                          const T* __restrict__ dy, T* __restrict__ dx,
-                                         acc_t<T>* __restrict__ dw_partial, acc_t<T>* __restrict__ db_partial,
+                                         const T* __restrict__ dx_addend, acc_t<T>* __restrict__ dw_partial,
+                                         acc_t<T>* __restrict__ db_partial,
                                          int64_t time, int64_t channels, int K, int64_t tile, int64_t tiles,
                                          int64_t threads) {
   using A = acc_t<T>;
@@ -192,7 +198,7 @@ __global__ void conv_backward_any_kernel(const T* __restrict__ x, const acc_t<T>
   const A* wc = w + q.c * K;
   if (dx != nullptr)
     for (int64_t t = t0; t < t1; ++t) {
-      A acc = 0;
+      A acc = dx_addend != nullptr ? A(to_f(dx_addend[off + t * channels])) : A(0);
       for (int64_t j = t + K - 1 < time ? 0 : t + K - time; j < K; ++j)
         acc += wc[j] * A(to_f(dy[off + (t + K - 1 - j) * channels]));
       dx[off + t * channels] = from_f<T>(acc);
@@ -371,6 +377,35 @@ __global__ void scan_forward_kernel(ScanIn<T, kEma> in, const acc_t<T>* __restri
   if (last != nullptr && e == time) last[q.b * channels + q.c] = h;
 }
 
+// Sums 16 per-step values over a warp's 32 lanes (channels) by a
+// reduce-scatter: each xor stage sends the half of its values the partner
+// keeps, so 8 + 4 + 2 + 1 + 1 shuffles serve 16 steps (an all-reduce per step
+// takes 5 each); the pairings are the all-reduce's, so the sums are bit for bit
+// the same. Lane l ends with the sum of step 8 l4 + 4 l3 + 2 l2 + l1 (l_k:
+// bit k of l), returned; reduce_scatter16_step(lane) names it, and the even
+// lanes hold the sums that are stored.
+template <typename A>
+__device__ __forceinline__ A reduce_scatter16(const A (&v)[kScanSubLen], int lane) {
+  static_assert(kScanSubLen == 16, "the reduce-scatter assumes 16 steps per sub-chunk");
+  A r[kScanSubLen];
+#pragma unroll
+  for (int i = 0; i < kScanSubLen; ++i) r[i] = v[i];
+#pragma unroll
+  for (int width = kScanSubLen / 2, m = 16; width >= 1; width /= 2, m /= 2) {
+    const bool upper = lane & m;
+#pragma unroll
+    for (int j = 0; j < width; ++j) {
+      const A keep = upper ? r[width + j] : r[j];
+      const A send = upper ? r[j] : r[width + j];
+      r[j] = keep + __shfl_xor_sync(0xffffffffu, send, m);
+    }
+  }
+  return r[0] + __shfl_xor_sync(0xffffffffu, r[0], 1);
+}
+__device__ __forceinline__ int reduce_scatter16_step(int lane) {
+  return ((lane >> 4) & 1) * 8 + ((lane >> 3) & 1) * 4 + ((lane >> 2) & 1) * 2 + ((lane >> 1) & 1);
+}
+
 // Pass 3, backward (see the file comment). dh0 = a_0 g_0 from chunk 0.
 // Plain scan: dx_t = g_t, da_t = g_t h_{t-1}. Gated EMA (dx is dv):
 //   dv_t = b_t g_t,  db_t = g_t (v_t - h_{t-1}),
@@ -378,12 +413,18 @@ __global__ void scan_forward_kernel(ScanIn<T, kEma> in, const acc_t<T>* __restri
 //   df_c = sum_t z_t db_t  (one partial per chunk: df_part [B, chunks, C]),
 // so the caller's sums are deterministic. The EMA form needs C % 32 == 0, so
 // every warp lies in one (b, chunk) and its shuffles see the same steps.
-template <typename T, bool kEma>
+// kGate (EMA only): v also feeds u_t = gate_t v_t, whose gradient du arrives:
+//   dv_t += gate_t du_t,  dgate_t = sum_c du_t v_t  (partials as dz's),
+// so dv leaves in one pass instead of three tensors summed by autograd.
+template <typename T, bool kEma, bool kGate = false>
 __global__ void scan_backward_kernel(ScanIn<T, kEma> in, const T* __restrict__ dh,
                                      const acc_t<T>* __restrict__ h_carry, const acc_t<T>* __restrict__ g_carry,
                                      T* __restrict__ da, T* __restrict__ dx, acc_t<T>* __restrict__ dh0,
-                                     acc_t<T>* __restrict__ dz_part, acc_t<T>* __restrict__ df_part, int64_t time,
-                                     int64_t channels, int64_t chunks, int64_t threads) {
+                                     acc_t<T>* __restrict__ dz_part, acc_t<T>* __restrict__ df_part,
+                                     const acc_t<T>* __restrict__ gate, const T* __restrict__ du,
+                                     acc_t<T>* __restrict__ dgate_part, int64_t time, int64_t channels,
+                                     int64_t chunks, int64_t threads) {
+  static_assert(kEma || !kGate, "the gate term belongs to the gated EMA");
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
@@ -391,6 +432,7 @@ __global__ void scan_backward_kernel(ScanIn<T, kEma> in, const T* __restrict__ d
   const int64_t s = q.tile * kScanChunk, e = min64(time, s + kScanChunk);
   const int64_t off = q.b * time * channels + q.c, zoff = q.b * time;
   const A fc = in.rate(q.c);
+  const int lane = threadIdx.x & 31;
   // checkpoint[u] = h just before sub-chunk u. The sub-chunk loops are not
   // unrolled (checkpoint[] then lives in local memory, 16 values per thread):
   // fully unrolled, ptxas gave the fp32 kernel 242 registers, one block of
@@ -419,18 +461,28 @@ __global__ void scan_backward_kernel(ScanIn<T, kEma> in, const T* __restrict__ d
     if (su >= e) continue;
     // Per step of the sub-chunk: a_t (the EMA keeps b_t = z_t f_c instead, a_t
     // being 1 - b_t) and w_t = v_t - h_{t-1} (the EMA; the plain scan keeps
-    // h_{t-1}), so two arrays live in registers, not four.
+    // h_{t-1}), so two arrays live in registers, not four. kGate: du_t v_t
+    // in the same walk, summed over the warp before the reverse walk (so its
+    // array is dead there; du_t is read again below, from L1).
     A cs[kScanSubLen], ws[kScanSubLen];
+    A gc[kGate ? kScanSubLen : 1];
     A hh = checkpoint[u];
 #pragma unroll
     for (int i = 0; i < kScanSubLen; ++i) {
       const int64_t t = su + i;
+      if constexpr (kGate) gc[i] = A(0);
       if (t < e) {
         const auto st = in.load(off + t * channels, zoff + t, fc);
         if constexpr (kEma) cs[i] = st.b, ws[i] = st.v - hh;
         else cs[i] = st.a, ws[i] = hh;
+        if constexpr (kGate) gc[i] = A(to_f(du[off + t * channels])) * st.v;
         hh = st.a * hh + st.x;
       }
+    }
+    if constexpr (kGate) {
+      const int step = reduce_scatter16_step(lane);
+      const A dgate = reduce_scatter16(gc, lane);
+      if ((lane & 1) == 0 && su + step < e) dgate_part[(zoff + su + step) * (channels / 32) + q.c / 32] = dgate;
     }
     A zc[kEma ? kScanSubLen : 1];
 #pragma unroll
@@ -440,7 +492,11 @@ __global__ void scan_backward_kernel(ScanIn<T, kEma> in, const T* __restrict__ d
       if (t < e) {
         g = A(to_f(dh[off + t * channels])) + a_next * g;
         if constexpr (kEma) {
-          if (dx != nullptr) dx[off + t * channels] = from_f<T>(cs[i] * g);
+          if (dx != nullptr) {
+            A dv = cs[i] * g;
+            if constexpr (kGate) dv += gate[zoff + t] * A(to_f(du[off + t * channels]));
+            dx[off + t * channels] = from_f<T>(dv);
+          }
           const A db = g * ws[i];
           df += in.z[zoff + t] * db;
           zc[i] = fc * db;
@@ -453,30 +509,11 @@ __global__ void scan_backward_kernel(ScanIn<T, kEma> in, const T* __restrict__ d
       }
     }
     if constexpr (kEma) {
-      // dz of the sub-chunk's 16 steps: a reduce-scatter over the warp's 32
-      // channels. Each xor stage sends the half of its values the partner
-      // keeps, so 8 + 4 + 2 + 1 + 1 shuffles serve 16 steps (an all-reduce per
-      // step takes 5 each); the pairings are the all-reduce's, so the sums are
-      // bit for bit the same. Lane l ends with step 8 l4 + 4 l3 + 2 l2 + l1
-      // (l_k: bit k of l); the even lanes store it.
-      static_assert(kScanSubLen == 16, "the reduce-scatter below assumes 16 steps per sub-chunk");
-      const int lane = threadIdx.x & 31;
-      A r[kScanSubLen];
-#pragma unroll
-      for (int i = 0; i < kScanSubLen; ++i) r[i] = zc[i];
-#pragma unroll
-      for (int width = kScanSubLen / 2, m = 16; width >= 1; width /= 2, m /= 2) {
-        const bool upper = lane & m;
-#pragma unroll
-        for (int j = 0; j < width; ++j) {
-          const A keep = upper ? r[width + j] : r[j];
-          const A send = upper ? r[j] : r[width + j];
-          r[j] = keep + __shfl_xor_sync(0xffffffffu, send, m);
-        }
-      }
-      r[0] += __shfl_xor_sync(0xffffffffu, r[0], 1);
-      const int step = ((lane >> 4) & 1) * 8 + ((lane >> 3) & 1) * 4 + ((lane >> 2) & 1) * 2 + ((lane >> 1) & 1);
-      if ((lane & 1) == 0 && su + step < e) dz_part[(zoff + su + step) * (channels / 32) + q.c / 32] = r[0];
+      // dz of the sub-chunk's 16 steps, summed over the warp's 32 channels;
+      // the even lanes store one step each.
+      const int step = reduce_scatter16_step(lane);
+      const A dz = reduce_scatter16(zc, lane);
+      if ((lane & 1) == 0 && su + step < e) dz_part[(zoff + su + step) * (channels / 32) + q.c / 32] = dz;
     }
   }
   if (q.tile == 0 && dh0 != nullptr) dh0[q.b * channels + q.c] = a_next * g;
@@ -522,16 +559,17 @@ void causal_conv_backward_cuda(const CausalConvParams& p, void* stream) {
     const auto* w = static_cast<const A*>(p.weight);
     const auto* dy = static_cast<const T*>(p.dy);
     auto* dx = static_cast<T*>(p.dx);
+    const auto* dx_addend = static_cast<const T*>(p.dx_addend);
     auto* dw = static_cast<A*>(p.dweight_partial);
     auto* db = static_cast<A*>(p.dbias_partial);
     dispatch_window(window_for(p.taps), [&](auto kp) {
       constexpr int KP = decltype(kp)::value;
       if constexpr (KP == 0)
         conv_backward_any_kernel<T><<<blocks_for(threads), kThreads, 0, s>>>(
-            x, w, dy, dx, dw, db, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
+            x, w, dy, dx, dx_addend, dw, db, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
       else
         conv_backward_kernel<T, KP><<<blocks_for(threads), kThreads, 0, s>>>(
-            x, w, dy, dx, dw, db, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
+            x, w, dy, dx, dx_addend, dw, db, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
     });
   });
   check_launch("causal_conv backward");
@@ -576,9 +614,19 @@ void scan_backward(const LinearScanParams& p, cudaStream_t s) {
   scan_carry_forward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(E, P, static_cast<const A*>(p.h0), p.channels,
                                                                       chunks, rows);
   scan_carry_backward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(Eg, Qg, p.channels, chunks, rows);
-  scan_backward_kernel<T, kEma><<<blocks_for(threads), kThreads, 0, s>>>(
-      in, dh, E, Eg, static_cast<T*>(p.da), static_cast<T*>(p.dx), static_cast<A*>(p.dh0),
-      static_cast<A*>(p.dz_partial), static_cast<A*>(p.df_partial), p.time, p.channels, chunks, threads);
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks_for(threads), kThreads, 0, s>>>(
+        in, dh, E, Eg, static_cast<T*>(p.da), static_cast<T*>(p.dx), static_cast<A*>(p.dh0),
+        static_cast<A*>(p.dz_partial), static_cast<A*>(p.df_partial), static_cast<const A*>(p.gate),
+        static_cast<const T*>(p.gate_grad), static_cast<A*>(p.dgate_partial), p.time, p.channels, chunks, threads);
+  };
+  if constexpr (kEma) {
+    if (p.gate != nullptr) {
+      launch(scan_backward_kernel<T, true, true>);
+      return;
+    }
+  }
+  launch(scan_backward_kernel<T, kEma, false>);
 }
 
 }  // namespace
@@ -599,6 +647,8 @@ void linear_scan_backward_cuda(const LinearScanParams& p, void* stream) {
   if (p.batch * p.time * p.channels == 0) return;
   if (p.z != nullptr && p.channels % 32 != 0)
     throw std::invalid_argument("unswag: gated EMA scan on CUDA needs channels % 32 == 0");
+  if (p.gate != nullptr && (p.z == nullptr || p.gate_grad == nullptr || p.dgate_partial == nullptr || p.dx == nullptr))
+    throw std::invalid_argument("unswag: the scan's gate term needs the EMA form, gate_grad, dgate_partial and dx");
   dispatch_cuda(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (p.z != nullptr) scan_backward<T, true>(p, static_cast<cudaStream_t>(stream));

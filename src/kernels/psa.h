@@ -48,6 +48,7 @@ struct CausalConvParams {
   void* y = nullptr;              // forward: [B, T, C]
   const void* dy = nullptr;       // backward: [B, T, C]
   void* dx = nullptr;             // backward: [B, T, C], or null (not wanted)
+  const void* dx_addend = nullptr;  // backward: [B, T, C] added to dx (another tensor), or null
   void* dweight_partial = nullptr;  // backward: [conv_groups, K, C] in A, or null
   void* dbias_partial = nullptr;    // backward: [conv_groups, C] in A, or null
 };
@@ -103,6 +104,13 @@ struct LinearScanParams {
   void* last = nullptr;      // CUDA forward, either form: h at t = T - 1 [B, C] in A, or null (the CPU ignores it)
   void* dz_partial = nullptr;
   void* df_partial = nullptr;
+  // EMA backward, optional (CUDA only): v also feeds u = g[b,t] v (the PSA
+  // layer's local stream) whose gradient du [B, T, C] arrives here, so one
+  // pass writes the whole dv = b g_scan + g du and the partials of
+  // dg = sum_c du v, dgate_partial [B, T, C / 32] (summed like dz_partial).
+  const void* gate = nullptr;       // g [B, T] in A
+  const void* gate_grad = nullptr;  // du [B, T, C]
+  void* dgate_partial = nullptr;
 };
 
 inline int64_t scan_chunks(int64_t time) { return (time + kScanChunk - 1) / kScanChunk; }

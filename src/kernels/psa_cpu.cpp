@@ -58,6 +58,7 @@ void conv_backward_impl(const CausalConvParams& p, int64_t g0, int64_t g1) {
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
+  const T* dx_addend = static_cast<const T*>(p.dx_addend);
   M* dw_partial = static_cast<M*>(p.dweight_partial);
   M* db_partial = static_cast<M*>(p.dbias_partial);
   const std::vector<M> wt = taps_by_channel<M>(p);
@@ -69,7 +70,12 @@ void conv_backward_impl(const CausalConvParams& p, int64_t g0, int64_t g1) {
     if (dx) {
       // dx_t = sum_j w_j dy_{t+K-1-j}: the transposed (anti-causal) conv.
       for (int64_t t = t0; t < t1; ++t) {
-        std::fill(acc.begin(), acc.end(), M(0));
+        if (dx_addend != nullptr) {
+          const T* ar = dx_addend + (b * T_ + t) * C;
+          for (int64_t c = 0; c < C; ++c) acc[size_t(c)] = M(to_float(ar[c]));
+        } else {
+          std::fill(acc.begin(), acc.end(), M(0));
+        }
         for (int64_t j = std::max<int64_t>(0, t + K - T_); j < K; ++j) {
           const T* dr = dyb + (t + K - 1 - j) * C;
           const M* wj = wt.data() + j * C;

@@ -601,6 +601,18 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
   const Tensor k = unswag::rotary_embedding(k_lin, cos, sin).transpose(1, 2);  // [B, Hkv, T, D]
   const Tensor v_heads = v.view({B, T, Hkv, D}).transpose(1, 2);
 
+  // Training on CUDA: the value streams, the window and the signal packing
+  // in one autograd node (window_streams_and_signal), then the signal
+  // attention and the combine.
+  if (fused_window_pack_ && cache == nullptr && window > 0 && B * T > 0 && config_.summary == "ema" &&
+      !config_.all_tokens_read_signal && !config_.joint_softmax && unswag::value_streams_fused(v) &&
+      unswag::window_attention_fused(q, k, v_heads) && unswag::window_attention_fused(q, v_heads, v_heads)) {
+    const Tensor rate = torch::sigmoid(-summary_decay.to(acc));  // 1 - sigmoid(theta), [kv_dim]
+    const auto r = window_streams_and_signal(q, k, v, rate, routing);
+    return o_proj(unswag::psa_combine(r.signal, routing.gates.select(-1, kSignal), r.window, r.local, lambda_local,
+                                      r.summary, lambda_summary));
+  }
+
   // Local: every non-pruned token writes its value into the conv stream,
   // gated by 1 - z_prune (one in value; the router's straight-through
   // gradient), one pass each way on CUDA (unswag::gate_tokens).
@@ -655,14 +667,8 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
     if (win.defined()) attn = attn + win.transpose(1, 2).reshape({B, T, H * D});
     read = attn + lambda_local * expand(local) + lambda_summary * summary_read();
   } else {
-    Tensor win, sig;
-    if (fused_window_pack_ && cache == nullptr && window > 0 && B * T > 0 &&
-        unswag::window_attention_fused(q, k, u_heads) && unswag::window_attention_fused(q, v_heads, v_heads)) {
-      std::tie(win, sig) = window_and_signal(q, k, u_heads, v_heads, routing);
-    } else {
-      win = window > 0 ? window_attention(q, k, u_heads, routing, cache) : Tensor();
-      sig = signal_attention(q, k, v_heads, routing, cache);
-    }
+    const Tensor win = window > 0 ? window_attention(q, k, u_heads, routing, cache) : Tensor();
+    const Tensor sig = signal_attention(q, k, v_heads, routing, cache);
     // z_sig: one on the signal tokens and zero elsewhere in value (the gates
     // are one-hot), the straight-through gradient. No mask by route is needed:
     // sig's rows off the signal route are zero, so d gate = sum_c dy sig is
@@ -712,47 +718,64 @@ Tensor token_rows(const Tensor& t) {
   return t.transpose(1, 2).reshape({t.size(0) * t.size(2), t.size(1) * t.size(3)});
 }
 
-// The window read and the signal tokens' packing as one autograd node (CUDA,
-// the window kernels' operands): forward returns the window's output and the
-// packed q, k z_sig, v z_sig rows [B * S, heads * D]; backward adds the packed
-// rows' dq and dk into the window's, in place at the S signal rows
-// (unswag::add_rows_), where two autograd nodes would each write a [B, T,
-// heads, D] gradient, the signal side's mostly zero rows, and autograd would
-// sum the two (docs/psa.md).
-struct WindowAndSignalPack : public torch::autograd::Function<WindowAndSignalPack> {
+// The value streams, the window read and the signal tokens' packing as one
+// autograd node (CUDA, the window kernels' operands). Forward: u = (1 -
+// z_prune) v, local = conv(u), summary = EMA scan of v (unswag's ops), the
+// window over (q, k, u), and the packed q, k z_sig, v z_sig rows [B * S,
+// heads * D]. Backward: the window's kernels; the packed rows' dq, dk added
+// into the window's in place at the S signal rows (unswag::add_rows_); the
+// conv's backward adding the window's du; the scan's backward adding (1 -
+// z_prune) du' into dv and summing d z_prune; the packed rows' dv added in
+// place. Separate nodes would each write a [B, T, heads, D] gradient of q, k,
+// u and v (the signal side's mostly zero rows) and autograd would sum them:
+// about ten more passes over [T, kv_dim] tensors (docs/psa.md).
+struct WindowStreamsAndPack : public torch::autograd::Function<WindowStreamsAndPack> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
-                                                const Tensor& k, const Tensor& u, const Tensor& v, const Tensor& z,
-                                                const Tensor& bias, const Tensor& pack_rows,
-                                                const Tensor& unpack_rows, double scale, int64_t window) {
-    auto [o, lse] = unswag::window_attention_cuda_forward(q, k, u, bias, scale, window);
-    const int64_t BT = q.size(0) * q.size(2);
-    const Tensor zp = torch::where(pack_rows >= 0, z.reshape({BT}).index_select(0, pack_rows.clamp_min(0)), 0)
+                                                const Tensor& k, const Tensor& v, const Tensor& gates,
+                                                const Tensor& rate, const Tensor& conv_weight, const Tensor& bias,
+                                                const Tensor& pack_rows, const Tensor& unpack_rows, double scale,
+                                                int64_t window) {
+    const int64_t B = q.size(0), T = q.size(2), D = q.size(3), Hkv = k.size(1), BT = B * T;
+    const Tensor keep = (1 - gates.select(-1, kPrune)).contiguous();  // [B, T] fp32
+    const Tensor z_sum = gates.select(-1, kSummary).contiguous();
+    const Tensor u = unswag::gate_tokens(v, keep);
+    const Tensor local = unswag::causal_depthwise_conv1d(u, conv_weight);
+    const Tensor summary = std::get<0>(unswag::gated_ema_scan(v, z_sum, rate));
+    const Tensor u_heads = u.view({B, T, Hkv, D}).transpose(1, 2);
+    auto [o, lse] = unswag::window_attention_cuda_forward(q, k, u_heads, bias, scale, window);
+    const Tensor v_heads = v.view({B, T, Hkv, D}).transpose(1, 2);
+    const Tensor zp = torch::where(pack_rows >= 0,
+                                   gates.select(-1, kSignal).reshape({BT}).index_select(0, pack_rows.clamp_min(0)), 0)
                           .to(q.scalar_type())
                           .unsqueeze(1);  // [B * S, 1]
     const Tensor qp = unswag::gather_rows(token_rows(q), pack_rows, unpack_rows);
     const Tensor kraw = unswag::gather_rows(token_rows(k), pack_rows, unpack_rows);
-    const Tensor vraw = unswag::gather_rows(token_rows(v), pack_rows, unpack_rows);
-    ctx->save_for_backward({q, k, u, bias, o, lse, pack_rows, unpack_rows, kraw, vraw, zp});
+    const Tensor vraw = unswag::gather_rows(token_rows(v_heads), pack_rows, unpack_rows);
+    ctx->save_for_backward({q, k, v, u, keep, z_sum, rate, conv_weight, bias, o, lse, pack_rows, unpack_rows, kraw,
+                            vraw, zp});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window"] = window;
-    return {o, qp, kraw * zp, vraw * zp};
+    return {o, qp, kraw * zp, vraw * zp, local, summary};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto sv = ctx->get_saved_variables();
-    const Tensor &q = sv[0], &k = sv[1], &u = sv[2], &bias = sv[3], &o = sv[4], &lse = sv[5], &pack_rows = sv[6],
-                 &unpack_rows = sv[7], &kraw = sv[8], &vraw = sv[9], &zp = sv[10];
-    const Tensor &d_o = grads[0], &d_qp = grads[1], &d_kp = grads[2], &d_vp = grads[3];
-    const int64_t B = q.size(0), T = q.size(2), D = q.size(3), Hkv = k.size(1);
+    const Tensor &q = sv[0], &k = sv[1], &v = sv[2], &u = sv[3], &keep = sv[4], &z_sum = sv[5], &rate = sv[6],
+                 &conv_weight = sv[7], &bias = sv[8], &o = sv[9], &lse = sv[10], &pack_rows = sv[11],
+                 &unpack_rows = sv[12], &kraw = sv[13], &vraw = sv[14], &zp = sv[15];
+    const Tensor &d_o = grads[0], &d_qp = grads[1], &d_kp = grads[2], &d_vp = grads[3], &d_local = grads[4],
+                 &d_summary = grads[5];
+    const int64_t B = q.size(0), T = q.size(2), D = q.size(3), Hkv = k.size(1), C = Hkv * D;
+    const Tensor u_heads = u.view({B, T, Hkv, D}).transpose(1, 2);
     Tensor dq, dk, du;
     if (d_o.defined()) {
       std::tie(dq, dk, du) = unswag::window_attention_cuda_backward(
-          d_o, q, k, u, bias, o, lse, ctx->saved_data["scale"].toDouble(), ctx->saved_data["window"].toInt());
+          d_o, q, k, u_heads, bias, o, lse, ctx->saved_data["scale"].toDouble(), ctx->saved_data["window"].toInt());
+      du = du.transpose(1, 2).reshape({B, T, C});  // token-major storage: a view
     } else {
       dq = torch::zeros({B, T, q.size(1), D}, q.options()).transpose(1, 2);
       dk = torch::zeros({B, T, Hkv, D}, k.options()).transpose(1, 2);
-      du = torch::zeros({B, T, Hkv, D}, u.options()).transpose(1, 2);
     }
     // dq, dk are [B, heads, T, D] views of fresh token-major storage: their
     // rows are views too. Padding rows (index -1) are skipped.
@@ -764,42 +787,51 @@ struct WindowAndSignalPack : public torch::autograd::Function<WindowAndSignalPac
       Tensor rows = token_rows(dk);
       unswag::add_rows_(rows, pack_rows, d_kp * zp);
     }
-    Tensor dv, dz;
-    if (d_vp.defined())
-      dv = unswag::gather_rows(d_vp * zp, unpack_rows, pack_rows).view({B, T, Hkv, D}).transpose(1, 2);
+    auto streams = unswag::value_streams_cuda_backward(v, u, keep, z_sum, rate, conv_weight, du, d_local, d_summary);
+    if (d_vp.defined()) {
+      Tensor rows = streams.dv.view({B * T, C});
+      unswag::add_rows_(rows, pack_rows, d_vp * zp);
+    }
     // d z_sig of a signal token: sum_c (dkp kraw + dvp vraw) over its packed row.
     Tensor dzp = torch::zeros({pack_rows.size(0)}, q.options().dtype(torch::kFloat));
     if (d_kp.defined()) dzp = dzp + (d_kp * kraw).sum(1, false, torch::kFloat);
     if (d_vp.defined()) dzp = dzp + (d_vp * vraw).sum(1, false, torch::kFloat);
-    dz = torch::where(unpack_rows >= 0, dzp.index_select(0, unpack_rows.clamp_min(0)), 0).view({B, T});
-    return {dq, dk, du, dv, dz, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const Tensor dz_sig = torch::where(unpack_rows >= 0, dzp.index_select(0, unpack_rows.clamp_min(0)), 0);
+    // Route columns: prune (u = (1 - z_prune) v), local (no write here), summary, signal.
+    const Tensor d_gates = torch::stack({-streams.dgate, torch::zeros_like(streams.dgate), streams.dz,
+                                         dz_sig.view({B, T}).to(streams.dz.scalar_type())},
+                                        -1);
+    return {dq, dk, streams.dv, d_gates, streams.drate, streams.dweight, Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor()};
   }
 };
 
 }  // namespace
 
-// The window read and the packed signal attention in one pass (see
-// WindowAndSignalPack): -> (window [B, H, T, D], signal [B, H, T, D]).
-std::pair<Tensor, Tensor> PacketSwitchedAttentionImpl::window_and_signal(const Tensor& q, const Tensor& k,
-                                                                         const Tensor& u, const Tensor& v,
-                                                                         const Routing& routing) {
+// Training on CUDA (see WindowStreamsAndPack): the window read, the local and
+// summary streams and the signal attention over the packed signal tokens.
+PacketSwitchedAttentionImpl::FusedReads PacketSwitchedAttentionImpl::window_streams_and_signal(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rate, const Routing& routing) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
   const double scale = 1.0 / std::sqrt(double(D));
   const Tensor signal = routing.index == kSignal;  // [B, T] bool
   const int64_t S_max = routing.max_signal ? routing.max_signal() : signal.sum(1).max().item<int64_t>();
-  if (S_max == 0) return {window_attention(q, k, u, routing, nullptr), torch::zeros_like(q)};
-  const int64_t S = packed_length(S_max, T);
+  const int64_t S = S_max == 0 ? 0 : packed_length(S_max, T);
   const auto [pack_rows, unpack_rows] = signal_packing(signal, S);
   const Tensor bias = (routing.index == kPrune).to(torch::kFloat) * kPrunedKeyBias;  // [B, T]
-  const auto outs = WindowAndSignalPack::apply(q, k, u, v, routing.gates.select(-1, kSignal), bias, pack_rows,
-                                               unpack_rows, scale, window);
+  const auto outs = WindowStreamsAndPack::apply(q, k, v, routing.gates, rate, conv_weight, bias, pack_rows,
+                                                unpack_rows, scale, window);
+  FusedReads r{outs[0], Tensor(), outs[4], outs[5]};
+  if (S == 0) {
+    r.signal = torch::zeros_like(q);
+    return r;
+  }
   auto packed = [&](const Tensor& rows, int64_t Hx) { return rows.view({B, S, Hx, D}).transpose(1, 2); };
   // SDPA's own choice of backend on the packed sequence, as in signal_attention.
   const Tensor op = at::scaled_dot_product_attention(packed(outs[1], H), packed(outs[2], Hkv), packed(outs[3], Hkv),
                                                      {}, 0.0, /*is_causal=*/true, scale, /*enable_gqa=*/H != Hkv);
-  const Tensor sig =
-      unswag::gather_rows(token_rows(op), unpack_rows, pack_rows).view({B, T, H, D}).transpose(1, 2);
-  return {outs[0], sig};
+  r.signal = unswag::gather_rows(token_rows(op), unpack_rows, pack_rows).view({B, T, H, D}).transpose(1, 2);
+  return r;
 }
 
 Tensor PacketSwitchedAttentionImpl::signal_attention(const Tensor& q, const Tensor& k, const Tensor& v,

@@ -629,6 +629,98 @@ std::tuple<at::Tensor, at::Tensor> gated_ema_scan(const at::Tensor& v, const at:
   return {h.to(v.scalar_type()), last};
 }
 
+bool value_streams_fused(const at::Tensor& v) {
+#ifndef UNSWAG_WITH_CUDA
+  return false;
+#endif
+  const auto dt = v.scalar_type();
+  return v.is_cuda() && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) && v.dim() == 3 &&
+         v.is_contiguous() && v.size(2) % 32 == 0;
+}
+
+ValueStreamsGrads value_streams_cuda_backward(const at::Tensor& v, const at::Tensor& u, const at::Tensor& gate,
+                                              const at::Tensor& z, const at::Tensor& rate, const at::Tensor& weight,
+                                              const at::Tensor& du, const at::Tensor& dlocal,
+                                              const at::Tensor& dsummary) {
+  constexpr const char* op = "value_streams_cuda_backward";
+  TORCH_CHECK(value_streams_fused(v), op, ": argument 'v' must be a contiguous CUDA [B, T, C] fp32/fp16/bf16 ",
+              "tensor with C % 32 == 0 (value_streams_fused), got ", v.sizes(), " ", v.scalar_type(), " on ",
+              v.device());
+  const int64_t B = v.size(0), T = v.size(1), C = v.size(2);
+  auto check_like_v = [&](const at::Tensor& t, const char* arg) {
+    if (!t.defined()) return;
+    TORCH_CHECK(t.sizes() == v.sizes() && t.scalar_type() == v.scalar_type() && t.device() == v.device(), op,
+                ": argument '", arg, "' must match v (", v.sizes(), " ", v.scalar_type(), "), got ", t.sizes(), " ",
+                t.scalar_type());
+  };
+  check_like_v(u, "u");
+  check_like_v(du, "du");
+  check_like_v(dlocal, "dlocal");
+  check_like_v(dsummary, "dsummary");
+  TORCH_CHECK(u.defined(), op, ": argument 'u' is required");
+  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == B && gate.size(1) == T && z.sizes() == gate.sizes(), op,
+              ": arguments 'gate' and 'z' must be [B, T] = [", B, ", ", T, "], got ", gate.sizes(), " and ",
+              z.sizes());
+  TORCH_CHECK(rate.dim() == 1 && rate.size(0) == C, op, ": argument 'rate' must be [", C, "], got ", rate.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == C && weight.size(1) >= 1, op,
+              ": argument 'weight' must be [C, K] with C = ", C, ", got ", weight.sizes());
+  const auto acc = ops::opmath_type(v);
+  const at::Tensor w_acc = weight.to(acc).contiguous();
+  const at::Tensor g = gate.to(acc).contiguous(), za = z.to(acc).contiguous(), fa = rate.to(acc).contiguous();
+  ValueStreamsGrads out;
+#ifdef UNSWAG_WITH_CUDA
+  void* stream = ops::current_cuda_stream(v.device());
+  // du' = du + conv^T(dlocal): the conv's backward adds du as it writes dx.
+  at::Tensor du_total;
+  if (dlocal.defined() && v.numel() > 0) {
+    const at::Tensor dl = dlocal.contiguous(), du_in = du.defined() ? du.contiguous() : at::Tensor();
+    const at::Tensor uc = u.contiguous();  // outlives the params that point into it
+    auto p = CausalConvFunction::params(uc, w_acc);
+    const at::Tensor dw_partial = at::empty({kernels::conv_groups(p), weight.size(1), C}, v.options().dtype(acc));
+    du_total = at::empty_like(v);
+    p.dy = dl.const_data_ptr();
+    p.dx = du_total.data_ptr();
+    p.dx_addend = du_in.defined() ? du_in.const_data_ptr() : nullptr;
+    p.dweight_partial = dw_partial.data_ptr();
+    kernels::causal_conv_backward_cuda(p, stream);
+    out.dweight = dw_partial.sum(0).t().contiguous().to(weight.scalar_type());
+  } else {
+    du_total = du.defined() ? du.contiguous() : at::zeros_like(v);
+    out.dweight = at::zeros_like(weight);
+  }
+  // dv = b g_scan + gate du' and the partial sums of dz, drate, dgate in one replay.
+  out.dv = at::empty_like(v);
+  if (v.numel() == 0) {
+    out.dgate = at::zeros({B, T}, g.options());
+    out.dz = at::zeros({B, T}, g.options());
+    out.drate = at::zeros({C}, g.options());
+    return out;
+  }
+  const at::Tensor dh = dsummary.defined() ? dsummary.contiguous() : at::zeros_like(v);
+  auto p = GatedEmaScanFunction::params(v, za, fa, at::Tensor());
+  const at::Tensor dz_part = at::empty({B, T, C / 32}, g.options());
+  const at::Tensor dgate_part = at::empty({B, T, C / 32}, g.options());
+  const at::Tensor df_part = at::empty({B * kernels::scan_chunks(T), C}, g.options());
+  const at::Tensor ws = at::empty({kernels::scan_cuda_workspace_elems(p, true)}, g.options());
+  p.dh = dh.const_data_ptr();
+  p.dx = out.dv.data_ptr();
+  p.dz_partial = dz_part.data_ptr();
+  p.df_partial = df_part.data_ptr();
+  p.workspace = ws.data_ptr();
+  p.gate = g.const_data_ptr();
+  p.gate_grad = du_total.const_data_ptr();
+  p.dgate_partial = dgate_part.data_ptr();
+  kernels::linear_scan_backward_cuda(p, stream);
+  out.dgate = dgate_part.sum(-1);
+  out.dz = dz_part.sum(-1);
+  out.drate = df_part.sum(0);
+#else
+  (void)g, (void)za, (void)fa, (void)w_acc, (void)du, (void)dlocal, (void)dsummary;
+  TORCH_CHECK(false, op, ": this build has no CUDA");
+#endif
+  return out;
+}
+
 at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::Tensor& win, const at::Tensor& local,
                        const at::Tensor& lambda_local, const at::Tensor& summary, const at::Tensor& lambda_summary) {
   constexpr const char* op = "psa_combine";

@@ -28,7 +28,9 @@ class PsaCombine : public DeviceTest {};
 class GatherRows : public DeviceTest {};
 class PadHeadDim : public DeviceTest {};
 class GateTokens : public DeviceTest {};
+class ValueStreams : public DeviceTest {};
 UNSWAG_INSTANTIATE_DEVICES(GateTokens);
+UNSWAG_INSTANTIATE_DEVICES(ValueStreams);
 UNSWAG_INSTANTIATE_DEVICES(GatherRows);
 UNSWAG_INSTANTIATE_DEVICES(PadHeadDim);
 UNSWAG_INSTANTIATE_DEVICES(PsaConv);
@@ -900,6 +902,81 @@ TEST_P(GateTokens, ZeroOneGatesAreExactAndEmptyAndErrors) {
   expect_error([&] { gate_tokens(x, g.narrow(1, 0, 3)); }, {"argument 'g' must be [B, T] = [2, 33]", "[2, 3]"});
   expect_error([&] { gate_tokens(x, g.to(torch::kInt)); }, {"argument 'g' must be float"});
   if (device().is_cuda()) expect_error([&] { gate_tokens(x, g.cpu()); }, {"argument 'g' must be on the device of 'x'"});
+}
+
+// ---- value_streams_cuda_backward -------------------------------------------------
+
+// The PSA layer's fused value-stream backward against float64 autograd of
+// the ops it replaces: u = gate v, local = conv(u, w), summary = the gated
+// EMA of v, with du, dlocal and dsummary arriving (each also absent).
+// Shapes: two scan chunks with a ragged last sub-chunk and K = 8 (the
+// register-ring conv); T = 17 with K = 3; K = 20 (the plain-loop conv).
+// Gates and z soft (anywhere in [0, 1]), so no term vanishes. du' is stored
+// once in the activations' dtype before dv and dgate read it: within 4 u
+// (u = unit roundoff) in 16-bit types; fp32 within its summation order.
+TEST_P(ValueStreams, BackwardMatchesFloat64AutogradOfTheComposition) {
+  if (!device().is_cuda()) {
+    auto v = torch::randn({1, 4, 32}, opts(torch::kFloat32));
+    EXPECT_FALSE(value_streams_fused(v));
+    test::expect_error([&] { value_streams_cuda_backward(v, v, {}, {}, {}, {}, {}, {}, {}); },
+                       {"argument 'v' must be a contiguous CUDA [B, T, C]"});
+    return;
+  }
+  struct Case {
+    int64_t B, T, C, K;
+  };
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+    for (const Case& c : {Case{2, 300, 64, 8}, Case{1, 17, 32, 3}, Case{1, 513, 96, 20}}) {
+      for (int absent = 0; absent < 4; ++absent) {  // 1: no du, 2: no dlocal, 3: no dsummary
+        SCOPED_TRACE(::testing::Message() << dtype << " B " << c.B << " T " << c.T << " C " << c.C << " K " << c.K
+                                          << " absent " << absent << " seed " << seed_);
+        const auto f32 = opts(torch::kFloat32);
+        const auto v = torch::randn({c.B, c.T, c.C}, opts(dtype));
+        const auto gate = torch::rand({c.B, c.T}, f32), z = torch::rand({c.B, c.T}, f32);
+        const auto rate = torch::rand({c.C}, f32) * 0.5;
+        const auto w = torch::randn({c.C, c.K}, f32) / c.K;
+        const auto u = gate_tokens(v, gate);
+        auto grad = [&](bool present) { return present ? torch::randn({c.B, c.T, c.C}, opts(dtype)) : torch::Tensor(); };
+        const auto du = grad(absent != 1), dlocal = grad(absent != 2), dsummary = grad(absent != 3);
+        const auto got = value_streams_cuda_backward(v, u, gate, z, rate, w, du, dlocal, dsummary);
+
+        auto vd = f64_leaf(v), gd = f64_leaf(gate), zd = f64_leaf(z), rd = f64_leaf(rate), wd = f64_leaf(w);
+        const auto ud = vd * gd.unsqueeze(-1);
+        const auto b = zd.unsqueeze(-1) * rd;
+        torch::Tensor loss = torch::zeros({}, vd.options());
+        auto term = [&](const torch::Tensor& y, const torch::Tensor& dy) {
+          if (dy.defined()) loss = loss + (y * dy.to(torch::kCPU, torch::kDouble)).sum();
+        };
+        term(ud, du);
+        term(conv_reference(ud, wd, {}), dlocal);
+        term(scan_reference(1 - b, b * vd, {}), dsummary);
+        const auto rg = torch::autograd::grad({loss}, {vd, gd, zd, rd, wd}, {}, false, false, true);
+        auto ref = [](const torch::Tensor& t, const torch::Tensor& like) {
+          return t.defined() ? t : torch::zeros(like.sizes(), like.options().dtype(torch::kDouble).device(torch::kCPU));
+        };
+        const double tol = dtype == torch::kFloat32 ? 1e-5 : 4 * test::unit_roundoff(dtype);
+        ASSERT_EQ(got.dv.scalar_type(), dtype);
+        ASSERT_EQ(got.dweight.scalar_type(), w.scalar_type());
+        EXPECT_LE(rel_l2(got.dv, ref(rg[0], v)), tol) << "dv";
+        EXPECT_LE(rel_l2(got.dgate, ref(rg[1], gate)), tol) << "dgate";
+        EXPECT_LE(rel_l2(got.dz, ref(rg[2], z)), dtype == torch::kFloat32 ? 1e-5 : 1e-4) << "dz";
+        EXPECT_LE(rel_l2(got.drate, ref(rg[3], rate)), dtype == torch::kFloat32 ? 1e-5 : 1e-4) << "drate";
+        if (absent == 2) {
+          EXPECT_TRUE(torch::equal(got.dweight, torch::zeros_like(w))) << "dweight without dlocal";
+        } else {
+          EXPECT_LE(rel_l2(got.dweight, ref(rg[4], w)), tol) << "dweight (u rounded to the activations' dtype)";
+        }
+      }
+    }
+  }
+  const auto v = torch::randn({1, 8, 32}, opts(torch::kBFloat16));
+  const auto g = torch::rand({1, 8}, opts(torch::kFloat32));
+  const auto w = torch::randn({32, 4}, opts(torch::kFloat32));
+  test::expect_error([&] { value_streams_cuda_backward(v, v, g, g, g[0].narrow(0, 0, 3), w, {}, {}, {}); },
+                     {"argument 'rate' must be [32]"});
+  test::expect_error([&] { value_streams_cuda_backward(v, v.to(torch::kHalf), g, g, torch::rand({32}, opts(torch::kFloat32)), w, {}, {}, {}); },
+                     {"argument 'u' must match v"});
+  EXPECT_FALSE(value_streams_fused(torch::randn({1, 8, 48}, opts(torch::kBFloat16))));  // C % 32 != 0
 }
 
 }  // namespace

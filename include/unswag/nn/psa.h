@@ -193,9 +193,10 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
                                const torch::Tensor& sin, PSACache& cache);
   void set_fused_decode(bool on) { fused_decode_ = on; }
   bool fused_decode() const { return fused_decode_; }
-  // Training on CUDA runs the window read and the signal tokens' packing as
-  // one autograd node (no full-size gradient sums; window_and_signal) unless
-  // set_fused_window_pack(false): two nodes, the composition it fuses.
+  // Training on CUDA runs the local and summary streams, the window read and
+  // the signal tokens' packing as one autograd node (no full-size gradient
+  // sums; window_streams_and_signal) unless set_fused_window_pack(false): a
+  // node per op, the composition it fuses.
   void set_fused_window_pack(bool on) { fused_window_pack_ = on; }
 
   // The parameters PSA adds over Llama attention, initialised as docs/psa.md
@@ -270,12 +271,16 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   // gated by 1 - z_prune -> [B, H, T, D].
   torch::Tensor window_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                  const Routing& routing, PSACache* cache);
-  // Training without a cache on CUDA: window_attention (values u) and
-  // signal_attention (values v) with one autograd node for the window and the
-  // packing -> (window, signal), each [B, H, T, D].
-  std::pair<torch::Tensor, torch::Tensor> window_and_signal(const torch::Tensor& q, const torch::Tensor& k,
-                                                            const torch::Tensor& u, const torch::Tensor& v,
-                                                            const Routing& routing);
+  // Training without a cache on CUDA: the local and summary streams of v
+  // [B, T, kv_dim], window_attention (values u) and signal_attention (values
+  // v) with one autograd node for the streams, the window and the packing.
+  // rate = 1 - sigmoid(summary_decay) in fp32.
+  struct FusedReads {
+    torch::Tensor window, signal;  // [B, H, T, D]
+    torch::Tensor local, summary;  // [B, T, kv_dim]
+  };
+  FusedReads window_streams_and_signal(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                       const torch::Tensor& rate, const Routing& routing);
   // The fused CUDA decode step (kernels/psa_decode.h) over one token, or an
   // undefined tensor when this layer, dtype or device cannot take it.
   torch::Tensor decode_fused(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,

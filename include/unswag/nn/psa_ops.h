@@ -68,6 +68,28 @@ at::Tensor linear_scan(const at::Tensor& a, const at::Tensor& x, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> gated_ema_scan(const at::Tensor& v, const at::Tensor& z, const at::Tensor& rate,
                                                    const at::Tensor& h0 = {});
 
+// The PSA layer's value streams, u = gate_tokens(v, gate) (the local stream
+// and the window's values), local = causal_depthwise_conv1d(u, weight) and
+// summary = gated_ema_scan(v, z, rate), as one backward without autograd (for
+// the layer's own autograd node, which runs the forward with those ops).
+// Given du (u's gradient from its other reader, the window; or undefined),
+// dlocal and dsummary (either may be undefined: zero):
+//   du' = du + conv^T(dlocal),  dv = gate du' + (the scan's dv),
+//   dgate = sum_c du' v,  dz and drate as gated_ema_scan's,  dweight as the conv's,
+// in two CUDA passes (the conv's backward adds du; the scan's backward adds
+// gate du' and sums dgate), where autograd would write dv and du in three and
+// two tensors and add them. value_streams_fused says whether v qualifies (a
+// CUDA build, v on CUDA, contiguous [B, T, C] fp32/fp16/bf16, C % 32 == 0);
+// gate, z [B, T] and rate [C] in any float dtype, weight [C, K].
+struct ValueStreamsGrads {
+  at::Tensor dv, dgate, dz, drate, dweight;  // dgate, dz, drate in fp32; dweight in weight's dtype
+};
+bool value_streams_fused(const at::Tensor& v);
+ValueStreamsGrads value_streams_cuda_backward(const at::Tensor& v, const at::Tensor& u, const at::Tensor& gate,
+                                              const at::Tensor& z, const at::Tensor& rate, const at::Tensor& weight,
+                                              const at::Tensor& du, const at::Tensor& dlocal,
+                                              const at::Tensor& dsummary);
+
 // y[b,t,h*D+d] = sig[b,h,t,d] gate[b,t] + win[b,h,t,d]
 //                + lambda_local[h*D+d] local[b,t,(h/Gl)*D+d] + lambda_summary[h*D+d] summary[b,t,(h/Gs)*D+d]
 // sig and win (optional) [B, H, T, D] in any layout (the attention outputs'
