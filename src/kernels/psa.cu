@@ -4,11 +4,11 @@
 // consecutive channels (coalesced rows of [B, T, C]). A thread walks its tile
 // keeping the last K inputs in registers (K padded up to a power of two KP <=
 // 16 with leading zero taps, so each tap count is one of five unrolled
-// templates; larger K takes a plain loop). The backward walks forward once,
-// reading x and dy once: dw_j and dbias accumulate in registers, and dx_t =
-// sum_j w_j dy_{t+K-1-j} accumulates in a register ring of KP pending outputs,
-// the oldest of which is complete (and stored) at each step. dw/dbias leave as
-// per-(b, tile) partials, summed by the caller (deterministic).
+// templates; larger K takes a plain loop). The backward is two such walks:
+// dx_t = sum_j w_j dy_{t+K-1-j} (plus an optional addend) from a register
+// window of the next KP values of dy, and dw_j, dbias accumulated in
+// registers from x's window and dy. dw/dbias leave as per-(b, tile)
+// partials, summed by the caller (deterministic).
 //
 // linear_scan: a three-pass chunked scan over chunks of kScanChunk steps,
 // one thread per (b, chunk, c):
@@ -66,6 +66,19 @@ __device__ __forceinline__ Coord coord(int64_t idx, int64_t channels, int64_t ti
 
 // ---- causal depthwise conv1d ----------------------------------------------
 
+// Thread idx's (b, time tile, c), its steps [t0, t1) and its channel's offset
+// in [B, T, C].
+struct ConvTile {
+  Coord q;
+  int64_t t0, t1, off;
+};
+__device__ __forceinline__ ConvTile conv_tile(int64_t idx, int64_t time, int64_t channels, int64_t tile,
+                                              int64_t tiles) {
+  const Coord q = coord(idx, channels, tiles);
+  const int64_t t0 = q.tile * tile;
+  return {q, t0, min64(time, t0 + tile), q.b * time * channels + q.c};
+}
+
 // KP >= K taps in registers, the first KP - K zero.
 template <typename A, int KP>
 __device__ __forceinline__ void load_taps(const A* __restrict__ w, int64_t c, int K, A (&wr)[KP]) {
@@ -80,10 +93,9 @@ __global__ void conv_forward_kernel(const T* __restrict__ x, const acc_t<T>* __r
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
-  const Coord q = coord(idx, channels, tiles);
-  const int64_t t0 = q.tile * tile, t1 = min64(time, t0 + tile);
-  const T* xc = x + q.b * time * channels + q.c;
-  T* yc = y + q.b * time * channels + q.c;
+  const auto [q, t0, t1, off] = conv_tile(idx, time, channels, tile, tiles);
+  const T* xc = x + off;
+  T* yc = y + off;
   A wr[KP];
   load_taps(w, q.c, K, wr);
   // win[j] = x[t - KP + 1 + j]; the halo before t0 (zeros before 0).
@@ -106,54 +118,71 @@ __global__ void conv_forward_kernel(const T* __restrict__ x, const acc_t<T>* __r
   }
 }
 
+// The backward as two kernels walking time like the forward (unrolled by 4,
+// so four steps' loads are in flight): dx, the anti-causal conv of dy (plus
+// dx_addend), and the per-tile partial sums of dw and dbias. One kernel
+// doing both kept a ring of pending outputs and ran rolled, each step
+// waiting out its own loads: 2.9 ms for a [128k, 2048] bf16 backward with
+// dx_addend on an H100, about 4x its traffic (unrolled by 4: 3.8 ms).
+//
+// dx_t = sum_{j<K} w_j dy_{t+K-1-j} = sum_{j<KP} wr[j] ahead[KP-1-j] with
+// ahead[i] = dy_{t+i} (zero past T) and wr the taps padded in front.
 template <typename T, int KP>
-__global__ void conv_backward_kernel(const T* __restrict__ x, const acc_t<T>* __restrict__ w,
-                                     const T* __restrict__ dy, T* __restrict__ dx, const T* __restrict__ dx_addend,
-                                     acc_t<T>* __restrict__ dw_partial,
-                                     acc_t<T>* __restrict__ db_partial, int64_t time, int64_t channels, int K,
-                                     int64_t tile, int64_t tiles, int64_t threads) {
+__global__ void conv_backward_dx_kernel(const acc_t<T>* __restrict__ w, const T* __restrict__ dy,
+                                        T* __restrict__ dx,
+                                        const T* __restrict__ dx_addend, int64_t time, int64_t channels, int K,
+                                        int64_t tile, int64_t tiles, int64_t threads) {
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
-  const Coord q = coord(idx, channels, tiles);
-  const int64_t t0 = q.tile * tile, t1 = min64(time, t0 + tile);
-  const int64_t off = q.b * time * channels + q.c;
-  const T *xc = x + off, *dyc = dy + off;
-  A wr[KP], win[KP], pending[KP], dw[KP];
+  const auto [q, t0, t1, off] = conv_tile(idx, time, channels, tile, tiles);
+  const T* dyc = dy + off;
+  A wr[KP], ahead[KP];
   load_taps(w, q.c, K, wr);
+#pragma unroll
+  for (int i = 0; i < KP - 1; ++i) ahead[i] = t0 + i < time ? A(to_f(dyc[(t0 + i) * channels])) : A(0);
+#pragma unroll 4
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t la = t + KP - 1;
+    ahead[KP - 1] = la < time ? A(to_f(dyc[la * channels])) : A(0);
+    A acc = dx_addend != nullptr ? A(to_f(dx_addend[off + t * channels])) : A(0);
+#pragma unroll
+    for (int j = 0; j < KP; ++j) acc += wr[j] * ahead[KP - 1 - j];
+    dx[off + t * channels] = from_f<T>(acc);
+#pragma unroll
+    for (int i = 0; i < KP - 1; ++i) ahead[i] = ahead[i + 1];
+  }
+}
+
+// dw_j = sum_t dy_t x_{t-K+1+j} and dbias = sum_t dy_t over the tile (the
+// forward's window of the last KP inputs).
+template <typename T, int KP>
+__global__ void conv_backward_dw_kernel(const T* __restrict__ x, const T* __restrict__ dy,
+                                        acc_t<T>* __restrict__ dw_partial, acc_t<T>* __restrict__ db_partial,
+                                        int64_t time, int64_t channels, int K, int64_t tile, int64_t tiles,
+                                        int64_t threads) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= threads) return;
+  const auto [q, t0, t1, off] = conv_tile(idx, time, channels, tile, tiles);
+  const T *xc = x + off, *dyc = dy + off;
+  A win[KP], dw[KP];
 #pragma unroll
   for (int j = 0; j < KP; ++j) {
     const int64_t t = t0 - (KP - 1) + j;
     win[j] = j < KP - 1 && t >= 0 ? A(to_f(xc[t * channels])) : A(0);
-    pending[j] = dw[j] = A(0);
+    dw[j] = A(0);
   }
   A db = 0;
-  // Step s reads dy_s (zero past T). pending[i] is dx at s - KP + 1 + i, to
-  // which dy_s adds w_i dy_s; pending[0] is then complete. Steps past t1 only
-  // finish the tile's last KP - 1 outputs. (Unrolling this loop by 4 made it
-  // slower on an H100: 3.8 ms for the [128k, 2048] bf16 backward with
-  // dx_addend against 2.9 rolled; both latency-bound, docs/psa.md.)
-  for (int64_t s = t0; s < t1 + KP - 1; ++s) {
-    const A d = s < time ? A(to_f(dyc[s * channels])) : A(0);
-    if (s < t1) {
-      win[KP - 1] = to_f(xc[s * channels]);
-      db += d;
+#pragma unroll 4
+  for (int64_t t = t0; t < t1; ++t) {
+    const A d = to_f(dyc[t * channels]);
+    win[KP - 1] = to_f(xc[t * channels]);
+    db += d;
 #pragma unroll
-      for (int j = 0; j < KP; ++j) dw[j] += d * win[j];
+    for (int j = 0; j < KP; ++j) dw[j] += d * win[j];
 #pragma unroll
-      for (int j = 0; j < KP - 1; ++j) win[j] = win[j + 1];
-    }
-    if (dx != nullptr) {
-#pragma unroll
-      for (int i = 0; i < KP; ++i) pending[i] += wr[i] * d;
-      const int64_t done = s - (KP - 1);
-      if (done >= t0)
-        dx[off + done * channels] =
-            from_f<T>(dx_addend != nullptr ? pending[0] + A(to_f(dx_addend[off + done * channels])) : pending[0]);
-#pragma unroll
-      for (int i = 0; i < KP - 1; ++i) pending[i] = pending[i + 1];
-      pending[KP - 1] = A(0);
-    }
+    for (int j = 0; j < KP - 1; ++j) win[j] = win[j + 1];
   }
   if (dw_partial != nullptr) {
 #pragma unroll
@@ -171,9 +200,7 @@ __global__ void conv_forward_any_kernel(const T* __restrict__ x, const acc_t<T>*
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
-  const Coord q = coord(idx, channels, tiles);
-  const int64_t t0 = q.tile * tile, t1 = min64(time, t0 + tile);
-  const int64_t off = q.b * time * channels + q.c;
+  const auto [q, t0, t1, off] = conv_tile(idx, time, channels, tile, tiles);
   const A* wc = w + q.c * K;
   for (int64_t t = t0; t < t1; ++t) {
     A acc = bias != nullptr ? bias[q.c] : A(0);
@@ -192,9 +219,7 @@ __global__ void conv_backward_any_kernel(const T* __restrict__ x, const acc_t<T>
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
-  const Coord q = coord(idx, channels, tiles);
-  const int64_t t0 = q.tile * tile, t1 = min64(time, t0 + tile);
-  const int64_t off = q.b * time * channels + q.c;
+  const auto [q, t0, t1, off] = conv_tile(idx, time, channels, tile, tiles);
   const A* wc = w + q.c * K;
   if (dx != nullptr)
     for (int64_t t = t0; t < t1; ++t) {
@@ -564,12 +589,17 @@ void causal_conv_backward_cuda(const CausalConvParams& p, void* stream) {
     auto* db = static_cast<A*>(p.dbias_partial);
     dispatch_window(window_for(p.taps), [&](auto kp) {
       constexpr int KP = decltype(kp)::value;
-      if constexpr (KP == 0)
+      if constexpr (KP == 0) {
         conv_backward_any_kernel<T><<<blocks_for(threads), kThreads, 0, s>>>(
             x, w, dy, dx, dx_addend, dw, db, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
-      else
-        conv_backward_kernel<T, KP><<<blocks_for(threads), kThreads, 0, s>>>(
-            x, w, dy, dx, dx_addend, dw, db, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
+      } else {
+        if (dx != nullptr)
+          conv_backward_dx_kernel<T, KP><<<blocks_for(threads), kThreads, 0, s>>>(
+              w, dy, dx, dx_addend, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
+        if (dw != nullptr || db != nullptr)
+          conv_backward_dw_kernel<T, KP><<<blocks_for(threads), kThreads, 0, s>>>(
+              x, dy, dw, db, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
+      }
     });
   });
   check_launch("causal_conv backward");

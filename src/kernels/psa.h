@@ -149,6 +149,9 @@ struct PsaCombineParams {
   int64_t local_group = 1, summary_group = 1;
   const void* sig = nullptr;
   int64_t sig_stride[3] = {0, 0, 0};  // of b, h, t (elements)
+  // Or packed: sig (and dsig) are [N, C] rows and row r = (b, t) reads row
+  // sig_rows[r] (< 0: zeros; dsig's row is then not written).
+  const int64_t* sig_rows = nullptr;
   const float* gate = nullptr;        // [B, T]
   const void* win = nullptr;          // or null
   int64_t win_stride[3] = {0, 0, 0};

@@ -38,6 +38,24 @@ __device__ __forceinline__ Columns columns(const PsaCombineParams& p, int tid) {
   return c;
 }
 
+// Row r = (b, t) of sig: strided [B, H, T, D], or packed row sig_rows[r] of
+// [N, C] (zeros where it is < 0).
+template <typename T>
+__device__ __forceinline__ void load_sig(const PsaCombineParams& p, const T* sig, int64_t r, int64_t b, int64_t t,
+                                         const Columns& col, float (&s)[8]) {
+  if (p.sig_rows != nullptr) {
+    const int64_t n = p.sig_rows[r];
+    if (n >= 0) {
+      load8<true>(sig + n * p.heads * p.head_dim + col.c0, 0, 8, s);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) s[j] = 0.f;
+    }
+    return;
+  }
+  load8<true>(sig + b * p.sig_stride[0] + col.h * p.sig_stride[1] + t * p.sig_stride[2] + col.d0, 0, 8, s);
+}
+
 template <typename T>
 __global__ void combine_forward_kernel(PsaCombineParams p) {
   const int64_t C = p.heads * p.head_dim, rows = p.batch * p.time;
@@ -56,7 +74,7 @@ __global__ void combine_forward_kernel(PsaCombineParams p) {
   for (int64_t r = int64_t(blockIdx.x) * rpb; r < r_end; ++r) {
     const int64_t b = r / p.time, t = r % p.time;
     float s[8], l[8], m[8], out[8];
-    load8<true>(sig + b * p.sig_stride[0] + col.h * p.sig_stride[1] + t * p.sig_stride[2] + col.d0, 0, 8, s);
+    load_sig(p, sig, r, b, t, col, s);
     load8<true>(local + r * Cl + col.local, 0, 8, l);
     load8<true>(summary + r * Cs + col.summary, 0, 8, m);
     const float g = p.gate[r];
@@ -96,15 +114,18 @@ __global__ void combine_backward_kernel(PsaCombineParams p) {
     float g[8], tmp[8];
     load8<true>(dy + r * C + col.c0, 0, 8, g);
     const float gate = p.gate[r];
-    if (dsig != nullptr) {
+    const int64_t packed_row = p.sig_rows != nullptr ? p.sig_rows[r] : 0;
+    if (dsig != nullptr && packed_row >= 0) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) tmp[j] = g[j] * gate;
-      store8<true>(dsig + b * p.dsig_stride[0] + col.h * p.dsig_stride[1] + t * p.dsig_stride[2] + col.d0, 0, 8,
-                   tmp);
+      const int64_t at = p.sig_rows != nullptr
+                             ? packed_row * C + col.c0
+                             : b * p.dsig_stride[0] + col.h * p.dsig_stride[1] + t * p.dsig_stride[2] + col.d0;
+      store8<true>(dsig + at, 0, 8, tmp);
     }
     if (p.dgate != nullptr) {
       float s[8], acc = 0.f;
-      load8<true>(sig + b * p.sig_stride[0] + col.h * p.sig_stride[1] + t * p.sig_stride[2] + col.d0, 0, 8, s);
+      load_sig(p, sig, r, b, t, col, s);
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc = fmaf(g[j], s[j], acc);
 #pragma unroll

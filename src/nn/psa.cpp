@@ -609,8 +609,8 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
       unswag::window_attention_fused(q, k, v_heads) && unswag::window_attention_fused(q, v_heads, v_heads)) {
     const Tensor rate = torch::sigmoid(-summary_decay.to(acc));  // 1 - sigmoid(theta), [kv_dim]
     const auto r = window_streams_and_signal(q, k, v, rate, routing);
-    return o_proj(unswag::psa_combine(r.signal, routing.gates.select(-1, kSignal), r.window, r.local, lambda_local,
-                                      r.summary, lambda_summary));
+    return o_proj(unswag::psa_combine_packed(r.signal, r.signal_rows, r.pack_rows, routing.gates.select(-1, kSignal),
+                                             r.window, r.local, lambda_local, r.summary, lambda_summary));
   }
 
   // Local: every non-pruned token writes its value into the conv stream,
@@ -821,16 +821,17 @@ PacketSwitchedAttentionImpl::FusedReads PacketSwitchedAttentionImpl::window_stre
   const Tensor bias = (routing.index == kPrune).to(torch::kFloat) * kPrunedKeyBias;  // [B, T]
   const auto outs = WindowStreamsAndPack::apply(q, k, v, routing.gates, rate, conv_weight, bias, pack_rows,
                                                 unpack_rows, scale, window);
-  FusedReads r{outs[0], Tensor(), outs[4], outs[5]};
+  FusedReads r{outs[0], Tensor(), unpack_rows, pack_rows, outs[4], outs[5]};
   if (S == 0) {
-    r.signal = torch::zeros_like(q);
+    r.signal = torch::zeros({0, H, D}, q.options());
     return r;
   }
   auto packed = [&](const Tensor& rows, int64_t Hx) { return rows.view({B, S, Hx, D}).transpose(1, 2); };
-  // SDPA's own choice of backend on the packed sequence, as in signal_attention.
+  // SDPA's own choice of backend on the packed sequence, as in signal_attention;
+  // its output stays packed (psa_combine_packed reads it through unpack_rows).
   const Tensor op = at::scaled_dot_product_attention(packed(outs[1], H), packed(outs[2], Hkv), packed(outs[3], Hkv),
                                                      {}, 0.0, /*is_causal=*/true, scale, /*enable_gqa=*/H != Hkv);
-  r.signal = unswag::gather_rows(token_rows(op), unpack_rows, pack_rows).view({B, T, H, D}).transpose(1, 2);
+  r.signal = token_rows(op).view({B * S, H, D});
   return r;
 }
 

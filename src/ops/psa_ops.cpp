@@ -268,22 +268,27 @@ struct GatedEmaScanFunction : public torch::autograd::Function<GatedEmaScanFunct
 
 // The CUDA kernels of kernels::psa_combine_*: one pass forward, one backward.
 // Inputs as psa_combine's (gate and lambdas already fp32); win a placeholder
-// unless has_win.
+// unless has_win. Packed (psa_combine_packed): sig [N, H, D] rows read through
+// sig_rows [B * T] (a placeholder otherwise), and dsig comes back packed.
 struct PsaCombineFunction : public torch::autograd::Function<PsaCombineFunction> {
-  static kernels::PsaCombineParams params(const at::Tensor& sig, const at::Tensor& gate, const at::Tensor& local,
-                                          const at::Tensor& lam_l, const at::Tensor& summary,
-                                          const at::Tensor& lam_s) {
+  static kernels::PsaCombineParams params(const at::Tensor& sig, const at::Tensor& sig_rows, bool packed,
+                                          const at::Tensor& gate, const at::Tensor& local, const at::Tensor& lam_l,
+                                          const at::Tensor& summary, const at::Tensor& lam_s) {
     kernels::PsaCombineParams p;
     p.dtype = ops::to_kernel_dtype(sig.scalar_type());
-    p.batch = sig.size(0);
+    p.batch = gate.size(0);
+    p.time = gate.size(1);
     p.heads = sig.size(1);
-    p.time = sig.size(2);
-    p.head_dim = sig.size(3);
+    p.head_dim = packed ? sig.size(2) : sig.size(3);
     const int64_t C = p.heads * p.head_dim;
     p.local_group = C / local.size(2);
     p.summary_group = C / summary.size(2);
     p.sig = sig.const_data_ptr();
-    p.sig_stride[0] = sig.stride(0), p.sig_stride[1] = sig.stride(1), p.sig_stride[2] = sig.stride(2);
+    if (packed) {
+      p.sig_rows = sig_rows.const_data_ptr<int64_t>();
+    } else {
+      p.sig_stride[0] = sig.stride(0), p.sig_stride[1] = sig.stride(1), p.sig_stride[2] = sig.stride(2);
+    }
     p.gate = gate.const_data_ptr<float>();
     p.local = local.const_data_ptr();
     p.lambda_local = lam_l.const_data_ptr<float>();
@@ -292,12 +297,12 @@ struct PsaCombineFunction : public torch::autograd::Function<PsaCombineFunction>
     return p;
   }
 
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& sig, const at::Tensor& gate,
-                            const at::Tensor& win, const at::Tensor& local, const at::Tensor& lam_l,
-                            const at::Tensor& summary, const at::Tensor& lam_s, bool has_win) {
-    const int64_t B = sig.size(0), H = sig.size(1), T = sig.size(2), D = sig.size(3);
-    at::Tensor y = at::empty({B, T, H * D}, sig.options());
-    auto p = params(sig, gate, local, lam_l, summary, lam_s);
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& sig, const at::Tensor& sig_rows,
+                            const at::Tensor& gate, const at::Tensor& win, const at::Tensor& local,
+                            const at::Tensor& lam_l, const at::Tensor& summary, const at::Tensor& lam_s, bool packed,
+                            bool has_win) {
+    auto p = params(sig, sig_rows, packed, gate, local, lam_l, summary, lam_s);
+    at::Tensor y = at::empty({p.batch, p.time, p.heads * p.head_dim}, sig.options());
     if (has_win) {
       p.win = win.const_data_ptr();
       p.win_stride[0] = win.stride(0), p.win_stride[1] = win.stride(1), p.win_stride[2] = win.stride(2);
@@ -306,37 +311,40 @@ struct PsaCombineFunction : public torch::autograd::Function<PsaCombineFunction>
 #ifdef UNSWAG_WITH_CUDA
     kernels::psa_combine_forward_cuda(p, ops::current_cuda_stream(sig.device()));
 #endif
-    ctx->save_for_backward({sig, gate, local, lam_l, summary, lam_s});
+    ctx->save_for_backward({sig, sig_rows, gate, local, lam_l, summary, lam_s});
     ctx->saved_data["has_win"] = has_win;
+    ctx->saved_data["packed"] = packed;
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &sig = saved[0], &gate = saved[1], &local = saved[2], &lam_l = saved[3], &summary = saved[4],
-                     &lam_s = saved[5];
-    const int64_t B = sig.size(0), H = sig.size(1), T = sig.size(2), D = sig.size(3), C = H * D;
-    const bool has_win = ctx->saved_data["has_win"].toBool();
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-                                     at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor &sig = saved[0], &sig_rows = saved[1], &gate = saved[2], &local = saved[3], &lam_l = saved[4],
+                     &summary = saved[5], &lam_s = saved[6];
+    const bool has_win = ctx->saved_data["has_win"].toBool(), packed = ctx->saved_data["packed"].toBool();
+    if (!grads[0].defined()) return variable_list(10);
     const at::Tensor dy = grads[0].contiguous();
-    auto p = params(sig, gate, local, lam_l, summary, lam_s);
+    auto p = params(sig, sig_rows, packed, gate, local, lam_l, summary, lam_s);
+    const int64_t B = p.batch, T = p.time, H = p.heads, D = p.head_dim, C = H * D;
     // dsig in sig's layout (the signal attention's output arrives token-major,
-    // and its gradient should leave so, not transposed).
+    // and its gradient should leave so, not transposed). Packed: rows that no
+    // token reads (padding) get zeros.
     at::Tensor dsig;
-    if (ctx->needs_input_grad(0))
-      dsig = sig.is_non_overlapping_and_dense() ? at::empty_like(sig) : at::empty({B, H, T, D}, sig.options());
-    at::Tensor dgate = ctx->needs_input_grad(1) ? at::empty({B, T}, gate.options()) : at::Tensor();
+    if (ctx->needs_input_grad(0)) {
+      if (packed) dsig = at::zeros_like(sig);
+      else dsig = sig.is_non_overlapping_and_dense() ? at::empty_like(sig) : at::empty({B, H, T, D}, sig.options());
+    }
+    at::Tensor dgate = ctx->needs_input_grad(2) ? at::empty({B, T}, gate.options()) : at::Tensor();
     // Per query column where a local/summary head serves several query heads.
     auto grad_buffer = [&](const at::Tensor& t, int64_t group, bool wanted) {
       return wanted ? at::empty({B, T, group == 1 ? t.size(2) : C}, t.options()) : at::Tensor();
     };
-    at::Tensor dlocal = grad_buffer(local, p.local_group, ctx->needs_input_grad(3));
-    at::Tensor dsummary = grad_buffer(summary, p.summary_group, ctx->needs_input_grad(5));
+    at::Tensor dlocal = grad_buffer(local, p.local_group, ctx->needs_input_grad(4));
+    at::Tensor dsummary = grad_buffer(summary, p.summary_group, ctx->needs_input_grad(6));
     const at::Tensor partial = at::empty({kernels::psa_combine_blocks(p), 2, C}, gate.options());
     p.dy = dy.const_data_ptr();
     p.dsig = dsig.defined() ? dsig.data_ptr() : nullptr;
-    if (dsig.defined())
+    if (dsig.defined() && !packed)
       p.dsig_stride[0] = dsig.stride(0), p.dsig_stride[1] = dsig.stride(1), p.dsig_stride[2] = dsig.stride(2);
     p.dgate = dgate.defined() ? dgate.data_ptr<float>() : nullptr;
     p.dlocal = dlocal.defined() ? dlocal.data_ptr() : nullptr;
@@ -351,8 +359,8 @@ struct PsaCombineFunction : public torch::autograd::Function<PsaCombineFunction>
     };
     const at::Tensor dlam = partial.sum(0);  // [2, C]
     const at::Tensor dwin = has_win ? dy.view({B, T, H, D}).transpose(1, 2) : at::Tensor();
-    return {dsig, dgate, dwin, fold(dlocal, local, p.local_group), dlam[0], fold(dsummary, summary, p.summary_group),
-            dlam[1], at::Tensor()};
+    return {dsig,   at::Tensor(), dgate, dwin,         fold(dlocal, local, p.local_group), dlam[0],
+            fold(dsummary, summary, p.summary_group), dlam[1], at::Tensor(), at::Tensor()};
   }
 };
 
@@ -547,20 +555,22 @@ struct GateTokensFunction : public torch::autograd::Function<GateTokensFunction>
 };
 
 // Whether psa_combine's CUDA kernels take these tensors (else the composition).
+// Packed: sig is [N, H, D] rows (psa_combine_packed).
 bool combine_fusable(const at::Tensor& sig, const at::Tensor& win, const at::Tensor& local,
-                     const at::Tensor& summary) {
+                     const at::Tensor& summary, bool packed = false) {
 #ifndef UNSWAG_WITH_CUDA
   return false;
 #endif
   const auto dt = sig.scalar_type();
   if (!sig.is_cuda() || !(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16)) return false;
-  const int64_t C = sig.size(1) * sig.size(3);
-  if (sig.size(3) % 8 != 0 || C % 256 != 0 || C > 8192) return false;
+  const int64_t D = sig.size(packed ? 2 : 3), C = sig.size(1) * D;
+  if (D % 8 != 0 || C % 256 != 0 || C > 8192) return false;
   auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
   auto heads_layout_ok = [&](const at::Tensor& t) {
     return t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 && aligned(t);
   };
-  if (!heads_layout_ok(sig) || (win.defined() && !heads_layout_ok(win))) return false;
+  if (packed ? !(sig.is_contiguous() && aligned(sig)) : !heads_layout_ok(sig)) return false;
+  if (win.defined() && !heads_layout_ok(win)) return false;
   return local.is_contiguous() && summary.is_contiguous() && aligned(local) && aligned(summary);
 }
 
@@ -754,10 +764,11 @@ at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::
   if (combine_fusable(sig, win, lc, sc)) {
     // The kernels index gate and the lambdas densely: a strided view (the
     // layer's gate is gates[..., signal], stride 4) is copied first.
-    return PsaCombineFunction::apply(sig, gate.to(at::kFloat).contiguous(),
+    return PsaCombineFunction::apply(sig, at::empty({0}, gate.options().dtype(at::kLong)),
+                                     gate.to(at::kFloat).contiguous(),
                                      win.defined() ? win : at::empty({0}, sig.options()), lc,
                                      lambda_local.to(at::kFloat).contiguous(), sc,
-                                     lambda_summary.to(at::kFloat).contiguous(), win.defined());
+                                     lambda_summary.to(at::kFloat).contiguous(), false, win.defined());
   }
   // Elsewhere the composition it fuses, in sig's dtype.
   const auto dt = sig.scalar_type();
@@ -769,6 +780,52 @@ at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::
   if (win.defined()) heads = heads + win;
   return heads.transpose(1, 2).reshape({B, T, C}) + lambda_local.to(dt) * expand(local) +
          lambda_summary.to(dt) * expand(summary);
+}
+
+at::Tensor psa_combine_packed(const at::Tensor& sig, const at::Tensor& sig_rows, const at::Tensor& pack_rows,
+                              const at::Tensor& gate, const at::Tensor& win, const at::Tensor& local,
+                              const at::Tensor& lambda_local, const at::Tensor& summary,
+                              const at::Tensor& lambda_summary) {
+  constexpr const char* op = "psa_combine_packed";
+  ops::check_float_tensor(sig, op, "sig");
+  TORCH_CHECK(sig.dim() == 3, op, ": argument 'sig' must be [N, H, D] rows, got ", sig.sizes());
+  TORCH_CHECK(gate.dim() == 2, op, ": argument 'gate' must be [B, T], got ", gate.sizes());
+  const int64_t N = sig.size(0), H = sig.size(1), D = sig.size(2), B = gate.size(0), T = gate.size(1);
+  TORCH_CHECK(sig_rows.scalar_type() == at::kLong && sig_rows.dim() == 1 && sig_rows.size(0) == B * T &&
+                  sig_rows.device() == sig.device(),
+              op, ": argument 'sig_rows' must be a 1-dim int64 tensor of B * T = ", B * T, " entries on ",
+              sig.device(), ", got ", sig_rows.scalar_type(), " ", sig_rows.sizes());
+  TORCH_CHECK(pack_rows.scalar_type() == at::kLong && pack_rows.dim() == 1 && pack_rows.size(0) == N &&
+                  pack_rows.device() == sig.device(),
+              op, ": argument 'pack_rows' must be a 1-dim int64 tensor of N = ", N, " entries on ", sig.device(),
+              ", got ", pack_rows.scalar_type(), " ", pack_rows.sizes());
+  // The unpacked signal read, for the checks and the composition.
+  auto unpacked = [&] {
+    return gather_rows(sig.reshape({N, H * D}), sig_rows, pack_rows).view({B, T, H, D}).transpose(1, 2);
+  };
+  const at::Tensor lc = local.contiguous(), sc = summary.contiguous();
+  if (!combine_fusable(sig, win, lc, sc, /*packed=*/true) || !sig_rows.is_contiguous())
+    return psa_combine(unpacked(), gate, win, local, lambda_local, summary, lambda_summary);
+  // psa_combine's checks on a [B, H, T, D]-shaped view of the packed rows'
+  // metadata (no data is read): gate, win, local, summary and the lambdas.
+  TORCH_CHECK(!win.defined() || (win.dim() == 4 && win.size(0) == B && win.size(1) == H && win.size(2) == T &&
+                                 win.size(3) == D && win.scalar_type() == sig.scalar_type()),
+              op, ": argument 'win' must be [B, H, T, D] = [", B, ", ", H, ", ", T, ", ", D, "] in sig's dtype, got ",
+              win.sizes());
+  for (const auto& [t, arg] : {std::pair<const at::Tensor&, const char*>{lc, "local"},
+                               std::pair<const at::Tensor&, const char*>{sc, "summary"}})
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == T && t.size(2) > 0 && t.size(2) % D == 0 &&
+                    H % (t.size(2) / D) == 0 && t.scalar_type() == sig.scalar_type() && t.device() == sig.device(),
+                op, ": argument '", arg, "' must be [B, T, Hx * D] in sig's dtype and device with Hx dividing H = ",
+                H, ", got ", t.sizes());
+  for (const auto& [t, arg] : {std::pair<const at::Tensor&, const char*>{lambda_local, "lambda_local"},
+                               std::pair<const at::Tensor&, const char*>{lambda_summary, "lambda_summary"}})
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == H * D && t.device() == sig.device(), op, ": argument '", arg,
+                "' must be [H * D] = [", H * D, "] on sig's device, got ", t.sizes());
+  return PsaCombineFunction::apply(sig, sig_rows, gate.to(at::kFloat).contiguous(),
+                                   win.defined() ? win : at::empty({0}, sig.options()), lc,
+                                   lambda_local.to(at::kFloat).contiguous(), sc,
+                                   lambda_summary.to(at::kFloat).contiguous(), true, win.defined());
 }
 
 at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& index, const at::Tensor& inverse) {

@@ -841,9 +841,10 @@ TEST_F(PSALayer, CudaHalfPrecisionMatchesFloat64) {
 
 namespace {
 
-// Training on CUDA runs the window read and the signal packing as one
-// autograd node (WindowAndSignalPack: the window's kernels, the packed rows'
-// dq and dk added in place). Against the two nodes it replaces, on the same
+// Training on CUDA runs the value streams, the window read and the signal
+// packing as one autograd node (WindowStreamsAndPack: the window's kernels,
+// the packed rows' dq, dk and dv added in place, the conv's and the scan's
+// backward writing dv and du' once). Against a node per op, on the same
 // layer, inputs and Gumbel noise (so the same routes): the output, the input
 // gradient and every parameter's, the router's (through z_sig) included.
 TEST_F(PSALayer, CudaFusedWindowPackMatchesTwoNodes) {

@@ -579,6 +579,62 @@ TEST_P(PsaCombine, ForwardAndGradientsMatchFloat64) {
   }
 }
 
+// psa_combine_packed reads the signal rows through the token -> packed row
+// index (the layer's packed attention output, right-padded per batch row)
+// and must equal psa_combine of the unpacked rows, gradients included; the
+// packed sig's gradient is zero on padding rows that no token reads. On CUDA
+// the kernels' packed mode against their unpacked mode (the same fp32 sums,
+// rounded once); elsewhere the composition against itself (the plumbing).
+TEST_P(PsaCombine, PackedSignalRowsEqualTheUnpackedRead) {
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    for (bool with_win : {true, false}) {
+      SCOPED_TRACE(::testing::Message() << dtype << " win " << with_win << " seed " << seed_);
+      const CombineShape s{2, 4, 37, 64, 2, 4};
+      const int64_t B = s.B, T = s.T, H = s.H, D = s.D, C = H * D;
+      const auto in = combine_inputs(s, dtype, opts(dtype), with_win);
+      const auto signal = torch::rand({B, T}) < 0.4;
+      const int64_t S = signal.sum(1).max().item<int64_t>() + 1;  // at least one padding row per batch row
+      std::vector<int64_t> rows(size_t(B * T), -1), pack(size_t(B * S), -1);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0, n = 0; t < T; ++t)
+          if (signal[b][t].item<bool>()) {
+            rows[size_t(b * T + t)] = b * S + n;
+            pack[size_t(b * S + n)] = b * T + t;
+            ++n;
+          }
+      const auto sig_rows = torch::tensor(rows, opts(torch::kLong)), pack_rows = torch::tensor(pack, opts(torch::kLong));
+      const auto sig = torch::randn({B * S, H, D}, opts(dtype));
+      std::vector<torch::Tensor> a, r;
+      for (const auto& t : std::vector<torch::Tensor>{sig, in[1], in[2], in[3], in[4], in[5], in[6]}) {
+        a.push_back(leaf(t));
+        r.push_back(leaf(t));
+      }
+      const auto y = psa_combine_packed(a[0], sig_rows, pack_rows, a[1], a[2], a[3], a[4], a[5], a[6]);
+      const auto unpacked = gather_rows(r[0].view({B * S, C}), sig_rows, pack_rows).view({B, T, H, D}).transpose(1, 2);
+      const auto y_ref = psa_combine(unpacked, r[1], r[2], r[3], r[4], r[5], r[6]);
+      const double tol = dtype == torch::kFloat32 ? 1e-6 : test::unit_roundoff(dtype);
+      EXPECT_LE(rel_l2(y, y_ref), tol) << "output";
+      const auto dy = torch::randn_like(y);
+      y.backward(dy);
+      y_ref.backward(dy);
+      const char* names[] = {"sig", "gate", "win", "local", "lambda_local", "summary", "lambda_summary"};
+      for (size_t i = 0; i < a.size(); ++i) {
+        if (!a[i].defined()) continue;
+        ASSERT_TRUE(a[i].grad().defined()) << names[i];
+        EXPECT_LE(rel_l2(a[i].grad(), r[i].grad()), 4 * tol) << "gradient of " << names[i];
+      }
+      const auto padding = (pack_rows < 0).nonzero().squeeze(1);
+      EXPECT_TRUE(torch::equal(a[0].grad().index_select(0, padding), torch::zeros({padding.size(0), H, D}, opts(dtype))));
+    }
+  }
+  const auto g = torch::rand({1, 4}, opts(torch::kFloat32));
+  const auto x = torch::randn({1, 4, 256}, opts(torch::kFloat32));
+  const auto lam = torch::zeros({256}, opts(torch::kFloat32));
+  test::expect_error([&] { psa_combine_packed(torch::randn({2, 4, 64}, opts(torch::kFloat32)), torch::zeros({3}, opts(torch::kLong)),
+                                              torch::zeros({2}, opts(torch::kLong)), g, {}, x, lam, x, lam); },
+                     {"argument 'sig_rows' must be a 1-dim int64 tensor of B * T = 4 entries"});
+}
+
 // The signal attention hands sig over token-major; its gradient must come back
 // in that layout (not transposed), so nothing downstream copies it.
 TEST_P(PsaCombine, SigGradientKeepsSigLayout) {

@@ -276,8 +276,10 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   // v) with one autograd node for the streams, the window and the packing.
   // rate = 1 - sigmoid(summary_decay) in fp32.
   struct FusedReads {
-    torch::Tensor window, signal;  // [B, H, T, D]
-    torch::Tensor local, summary;  // [B, T, kv_dim]
+    torch::Tensor window;                  // [B, H, T, D]
+    torch::Tensor signal;                  // packed [B * S, H, D] rows (S = 0: none)
+    torch::Tensor signal_rows, pack_rows;  // token row -> packed row (-1: none) [B * T]; its inverse [B * S]
+    torch::Tensor local, summary;          // [B, T, kv_dim]
   };
   FusedReads window_streams_and_signal(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                        const torch::Tensor& rate, const Routing& routing);

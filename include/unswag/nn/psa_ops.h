@@ -103,6 +103,19 @@ ValueStreamsGrads value_streams_cuda_backward(const at::Tensor& v, const at::Ten
 at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::Tensor& win, const at::Tensor& local,
                        const at::Tensor& lambda_local, const at::Tensor& summary, const at::Tensor& lambda_summary);
 
+// psa_combine with the signal read packed: sig [N, H, D] holds the signal
+// rows (the packed attention's output), token row r = b T + t reads sig row
+// sig_rows[r] (zeros where it is out of range) and pack_rows [N] is its
+// inverse (gather_rows' contract), so the result equals
+// psa_combine(gather_rows(sig, sig_rows, pack_rows) as [B, H, T, D], ...).
+// The CUDA kernels read the packed rows in place and write sig's gradient
+// packed (zeros on rows no token reads): no full-size signal tensor either
+// way. Elsewhere that composition.
+at::Tensor psa_combine_packed(const at::Tensor& sig, const at::Tensor& sig_rows, const at::Tensor& pack_rows,
+                              const at::Tensor& gate, const at::Tensor& win, const at::Tensor& local,
+                              const at::Tensor& lambda_local, const at::Tensor& summary,
+                              const at::Tensor& lambda_summary);
+
 // src [N, C] (any dtype, rows with unit column stride or copied to it), index
 // [M] and inverse [N] int64 on src's device. Returns [M, C]: row m is
 // src[index[m]], or zeros where index[m] is outside [0, N). The backward is
