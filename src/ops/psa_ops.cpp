@@ -907,6 +907,13 @@ std::tuple<at::Tensor, at::Tensor> gated_ema_scan_op(const at::Tensor& v, const 
 at::Tensor pad_head_dim_op(const at::Tensor& x, int64_t pad, const std::optional<at::Tensor>& first) {
   return pad_head_dim(x, pad, first.value_or(at::Tensor()));
 }
+at::Tensor psa_combine_packed_op(const at::Tensor& sig, const at::Tensor& sig_rows, const at::Tensor& pack_rows,
+                                 const at::Tensor& gate, const std::optional<at::Tensor>& win, const at::Tensor& local,
+                                 const at::Tensor& lambda_local, const at::Tensor& summary,
+                                 const at::Tensor& lambda_summary) {
+  return psa_combine_packed(sig, sig_rows, pack_rows, gate, win.value_or(at::Tensor()), local, lambda_local, summary,
+                            lambda_summary);
+}
 at::Tensor psa_combine_op(const at::Tensor& sig, const at::Tensor& gate, const std::optional<at::Tensor>& win,
                           const at::Tensor& local, const at::Tensor& lambda_local, const at::Tensor& summary,
                           const at::Tensor& lambda_summary) {
@@ -921,6 +928,7 @@ TORCH_LIBRARY_IMPL(unswag, CompositeImplicitAutograd, m) {
   m.impl("causal_depthwise_conv1d", &unswag::causal_depthwise_conv1d_op);
   m.impl("linear_scan", &unswag::linear_scan_op);
   m.impl("psa_combine", &unswag::psa_combine_op);
+  m.impl("psa_combine_packed", &unswag::psa_combine_packed_op);
   m.impl("gather_rows", &unswag::gather_rows);
   m.impl("pad_head_dim", &unswag::pad_head_dim_op);
   m.impl("gate_tokens", &unswag::gate_tokens);

@@ -36,6 +36,8 @@ TORCH_LIBRARY(unswag, m) {
   m.def("gated_ema_scan(Tensor v, Tensor z, Tensor rate, Tensor? h0=None) -> (Tensor h, Tensor last)");
   m.def("psa_combine(Tensor sig, Tensor gate, Tensor? win, Tensor local, Tensor lambda_local, Tensor summary, "
         "Tensor lambda_summary) -> Tensor");
+  m.def("psa_combine_packed(Tensor sig, Tensor sig_rows, Tensor pack_rows, Tensor gate, Tensor? win, Tensor local, "
+        "Tensor lambda_local, Tensor summary, Tensor lambda_summary) -> Tensor");
   m.def("gather_rows(Tensor src, Tensor index, Tensor inverse) -> Tensor");
   m.def("pad_head_dim(Tensor x, int pad, Tensor? first=None) -> Tensor");
   m.def("gate_tokens(Tensor x, Tensor g) -> Tensor");

@@ -15,6 +15,38 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_psa_combine_packed_equals_the_unpacked_combine(device):
+    """The signal read as packed rows through a token -> row index: equal to
+    psa_combine of the gathered rows, gradients included (fp32, C = 256 so
+    CUDA runs the kernels' packed mode)."""
+    g = torch.Generator(device="cpu").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    b, t, h, d = 2, 9, 4, 64
+    signal = torch.rand(b, t, generator=g) < 0.5
+    s = int(signal.sum(1).max()) + 1
+    rows, pack = torch.full((b * t,), -1), torch.full((b * s,), -1)
+    for i in range(b):
+        for n, j in enumerate(signal[i].nonzero().flatten().tolist()):
+            rows[i * t + j], pack[i * s + n] = i * s + n, i * t + j
+    rows, pack = rows.to(device), pack.to(device)
+    def leaves():
+        return [x.to(device).requires_grad_() for x in (
+            torch.randn(b * s, h, d, generator=g), torch.rand(b, t, generator=g),
+            torch.randn(b, h, t, d, generator=g), torch.randn(b, t, 2 * d, generator=g),
+            torch.randn(h * d, generator=g), torch.randn(b, t, h * d, generator=g), torch.randn(h * d, generator=g))]
+    a = leaves()
+    r = [x.detach().clone().requires_grad_() for x in a]
+    y = ops.psa_combine_packed(a[0], rows, pack, *a[1:])
+    unpacked = ops.gather_rows(r[0].reshape(b * s, h * d), rows, pack).view(b, t, h, d).transpose(1, 2)
+    want = ops.psa_combine(unpacked, *r[1:])
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    want.backward(dy)
+    for x, xr in zip(a, r):
+        torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_relu_1bit_matches_torch_bit_for_bit(device, dtype):
     x = torch.randn(4099, device=device, dtype=dtype)

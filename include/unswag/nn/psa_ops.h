@@ -14,6 +14,9 @@
 //   psa_combine               the layer's read side: gated signal attention,
 //                             window, lambda-scaled local conv and summary
 //                             summed into [B, T, H * D] in one pass (CUDA)
+//   psa_combine_packed        the same with the signal read as packed rows
+//                             and the token -> row index (the layer's packed
+//                             attention output, never unpacked on CUDA)
 //   gather_rows               out[m] = src[index[m]] (a zero row where index[m]
 //                             is out of range), differentiable through the
 //                             inverse index: packs and unpacks the signal tokens
@@ -36,8 +39,12 @@
 //   psa_route                 the router's training step: Gumbel-max routes,
 //                             straight-through gates, aux losses and routing
 //                             statistics in two kernels forward, one backward
+//   value_streams_cuda_backward  the backward of gate_tokens + the conv + the
+//                             EMA scan over one v in two CUDA passes (no
+//                             autograd; C++ only: the layer's fused node)
 //
-// All but add_rows_ are also registered as torch.ops.unswag.<name>.
+// All but add_rows_ and value_streams_cuda_backward are also registered as
+// torch.ops.unswag.<name>.
 #pragma once
 
 #include <ATen/ATen.h>
