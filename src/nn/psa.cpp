@@ -587,7 +587,6 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
                                                                       : (routing.index == kSignal).sum(1).max());
   }
   const auto dt = x.scalar_type(), acc = accumulate_type(dt);
-  const Tensor z_summary = routing.gates.select(-1, kSummary).unsqueeze(-1);  // [B, T, 1] in acc
   // Token-major [B, T, heads, D] as the projections write it; RoPE runs on
   // that layout in one pass (unswag::rotary_embedding), and q and k are its
   // [B, heads, T, D] views, the layout FlashAttention reads without a copy.
@@ -606,7 +605,7 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
   // attention and the combine.
   if (fused_window_pack_ && cache == nullptr && window > 0 && B * T > 0 && config_.summary == "ema" &&
       !config_.all_tokens_read_signal && !config_.joint_softmax && unswag::value_streams_fused(v) &&
-      unswag::window_attention_fused(q, k, v_heads) && unswag::window_attention_fused(q, v_heads, v_heads)) {
+      unswag::window_attention_fused(q, k, v_heads)) {  // (u, the window's values, is laid out as v)
     const Tensor rate = torch::sigmoid(-summary_decay.to(acc));  // 1 - sigmoid(theta), [kv_dim]
     const auto r = window_streams_and_signal(q, k, v, rate, routing);
     return o_proj(unswag::psa_combine_packed(r.signal, r.signal_rows, r.pack_rows, routing.gates.select(-1, kSignal),
@@ -633,13 +632,14 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
   auto expand = [&](const Tensor& t) {
     return t.view({B, T, Hkv, 1, D}).expand({B, T, Hkv, G, D}).reshape({B, T, H * D});
   };
+  const Tensor z_summary = routing.gates.select(-1, kSummary);  // [B, T] in acc
   const Tensor h0 = cache != nullptr ? cache->summary : Tensor();
   Tensor summary;  // [B, T, kv_dim] (the EMA register) or [B, T, H * D] (linear attention's read)
   if (config_.summary == "linear_attention") {
     // Pre-RoPE q and k: the register is position-free, as a summary should be.
     auto [m, state] = summary_linear_attention(q_lin.transpose(1, 2).to(acc), k_lin.transpose(1, 2).to(acc),
                                                v_heads.to(acc),
-                                               z_summary.squeeze(-1), torch::log_sigmoid(summary_decay.to(acc)), h0);
+                                               z_summary, torch::log_sigmoid(summary_decay.to(acc)), h0);
     if (cache != nullptr) cache->summary = state;
     summary = m.to(dt).transpose(1, 2).reshape({B, T, H * D});
   } else {
@@ -647,7 +647,7 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
     // state in fp32: unswag::gated_ema_scan forms 1 - b and b v inside the
     // scan (on CUDA no [B, T, kv_dim] fp32 tensor is written either way).
     const Tensor rate = torch::sigmoid(-summary_decay.to(acc));  // 1 - sigmoid(theta), [kv_dim]
-    auto [s, last] = unswag::gated_ema_scan(v, z_summary.squeeze(-1), rate, h0);
+    auto [s, last] = unswag::gated_ema_scan(v, z_summary, rate, h0);
     if (cache != nullptr) cache->summary = last;
     summary = s;
   }

@@ -731,20 +731,23 @@ ValueStreamsGrads value_streams_cuda_backward(const at::Tensor& v, const at::Ten
   return out;
 }
 
-at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::Tensor& win, const at::Tensor& local,
-                       const at::Tensor& lambda_local, const at::Tensor& summary, const at::Tensor& lambda_summary) {
-  constexpr const char* op = "psa_combine";
-  ops::check_float_tensor(sig, op, "sig");
-  TORCH_CHECK(sig.dim() == 4, op, ": argument 'sig' must be [B, H, T, D], got ", sig.sizes());
-  const int64_t B = sig.size(0), H = sig.size(1), T = sig.size(2), D = sig.size(3), C = H * D;
+namespace {
+// psa_combine's arguments besides sig: gate [B, T]; win (optional) [B, H, T,
+// D]; local / summary [B, T, Hx * D] with Hx dividing H (Hx heads serving H /
+// Hx query heads each); lambdas [H * D]. The reads in sig's dtype and device.
+void check_combine_args(const char* op, const at::Tensor& sig, int64_t B, int64_t H, int64_t T, int64_t D,
+                        const at::Tensor& gate, const at::Tensor& win, const at::Tensor& local,
+                        const at::Tensor& lambda_local, const at::Tensor& summary, const at::Tensor& lambda_summary) {
+  const int64_t C = H * D;
   check_parameter(gate, sig, op, "gate", "sig");
   TORCH_CHECK(gate.dim() == 2 && gate.size(0) == B && gate.size(1) == T, op, ": argument 'gate' must be [B, T] = [",
               B, ", ", T, "], got ", gate.sizes());
   if (win.defined()) {
     ops::check_float_tensor(win, op, "win");
-    ops::check_same(win, sig, op, "win", "sig", true);
+    ops::check_same(win, sig, op, "win", "sig", false);
+    TORCH_CHECK(win.dim() == 4 && win.size(0) == B && win.size(1) == H && win.size(2) == T && win.size(3) == D, op,
+                ": argument 'win' must be [B, H, T, D] = [", B, ", ", H, ", ", T, ", ", D, "], got ", win.sizes());
   }
-  // local / summary: [B, T, Hx * D] with Hx dividing H (Hx heads serving H / Hx query heads each).
   auto check_read = [&](const at::Tensor& t, const at::Tensor& lam, const char* arg, const char* lam_arg) {
     ops::check_float_tensor(t, op, arg);
     TORCH_CHECK(t.device() == sig.device() && t.scalar_type() == sig.scalar_type(), op, ": argument '", arg,
@@ -760,6 +763,16 @@ at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::
   };
   check_read(local, lambda_local, "local", "lambda_local");
   check_read(summary, lambda_summary, "summary", "lambda_summary");
+}
+}  // namespace
+
+at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::Tensor& win, const at::Tensor& local,
+                       const at::Tensor& lambda_local, const at::Tensor& summary, const at::Tensor& lambda_summary) {
+  constexpr const char* op = "psa_combine";
+  ops::check_float_tensor(sig, op, "sig");
+  TORCH_CHECK(sig.dim() == 4, op, ": argument 'sig' must be [B, H, T, D], got ", sig.sizes());
+  const int64_t B = sig.size(0), H = sig.size(1), T = sig.size(2), D = sig.size(3), C = H * D;
+  check_combine_args(op, sig, B, H, T, D, gate, win, local, lambda_local, summary, lambda_summary);
   const at::Tensor lc = local.contiguous(), sc = summary.contiguous();
   if (combine_fusable(sig, win, lc, sc)) {
     // The kernels index gate and the lambdas densely: a strided view (the
@@ -791,6 +804,7 @@ at::Tensor psa_combine_packed(const at::Tensor& sig, const at::Tensor& sig_rows,
   TORCH_CHECK(sig.dim() == 3, op, ": argument 'sig' must be [N, H, D] rows, got ", sig.sizes());
   TORCH_CHECK(gate.dim() == 2, op, ": argument 'gate' must be [B, T], got ", gate.sizes());
   const int64_t N = sig.size(0), H = sig.size(1), D = sig.size(2), B = gate.size(0), T = gate.size(1);
+  check_combine_args(op, sig, B, H, T, D, gate, win, local, lambda_local, summary, lambda_summary);
   TORCH_CHECK(sig_rows.scalar_type() == at::kLong && sig_rows.dim() == 1 && sig_rows.size(0) == B * T &&
                   sig_rows.device() == sig.device(),
               op, ": argument 'sig_rows' must be a 1-dim int64 tensor of B * T = ", B * T, " entries on ",
@@ -799,29 +813,13 @@ at::Tensor psa_combine_packed(const at::Tensor& sig, const at::Tensor& sig_rows,
                   pack_rows.device() == sig.device(),
               op, ": argument 'pack_rows' must be a 1-dim int64 tensor of N = ", N, " entries on ", sig.device(),
               ", got ", pack_rows.scalar_type(), " ", pack_rows.sizes());
-  // The unpacked signal read, for the checks and the composition.
-  auto unpacked = [&] {
-    return gather_rows(sig.reshape({N, H * D}), sig_rows, pack_rows).view({B, T, H, D}).transpose(1, 2);
-  };
   const at::Tensor lc = local.contiguous(), sc = summary.contiguous();
-  if (!combine_fusable(sig, win, lc, sc, /*packed=*/true) || !sig_rows.is_contiguous())
-    return psa_combine(unpacked(), gate, win, local, lambda_local, summary, lambda_summary);
-  // psa_combine's checks on a [B, H, T, D]-shaped view of the packed rows'
-  // metadata (no data is read): gate, win, local, summary and the lambdas.
-  TORCH_CHECK(!win.defined() || (win.dim() == 4 && win.size(0) == B && win.size(1) == H && win.size(2) == T &&
-                                 win.size(3) == D && win.scalar_type() == sig.scalar_type()),
-              op, ": argument 'win' must be [B, H, T, D] = [", B, ", ", H, ", ", T, ", ", D, "] in sig's dtype, got ",
-              win.sizes());
-  for (const auto& [t, arg] : {std::pair<const at::Tensor&, const char*>{lc, "local"},
-                               std::pair<const at::Tensor&, const char*>{sc, "summary"}})
-    TORCH_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == T && t.size(2) > 0 && t.size(2) % D == 0 &&
-                    H % (t.size(2) / D) == 0 && t.scalar_type() == sig.scalar_type() && t.device() == sig.device(),
-                op, ": argument '", arg, "' must be [B, T, Hx * D] in sig's dtype and device with Hx dividing H = ",
-                H, ", got ", t.sizes());
-  for (const auto& [t, arg] : {std::pair<const at::Tensor&, const char*>{lambda_local, "lambda_local"},
-                               std::pair<const at::Tensor&, const char*>{lambda_summary, "lambda_summary"}})
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == H * D && t.device() == sig.device(), op, ": argument '", arg,
-                "' must be [H * D] = [", H * D, "] on sig's device, got ", t.sizes());
+  if (!combine_fusable(sig, win, lc, sc, /*packed=*/true) || !sig_rows.is_contiguous()) {
+    // The composition: the unpacked signal read, then psa_combine.
+    const at::Tensor unpacked =
+        gather_rows(sig.reshape({N, H * D}), sig_rows, pack_rows).view({B, T, H, D}).transpose(1, 2);
+    return psa_combine(unpacked, gate, win, local, lambda_local, summary, lambda_summary);
+  }
   return PsaCombineFunction::apply(sig, sig_rows, gate.to(at::kFloat).contiguous(),
                                    win.defined() ? win : at::empty({0}, sig.options()), lc,
                                    lambda_local.to(at::kFloat).contiguous(), sc,

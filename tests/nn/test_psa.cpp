@@ -782,7 +782,7 @@ TEST_F(PSALayer, CudaHalfPrecisionMatchesFloat64) {
   s.d = 48;
   s.H = 4;
   s.Hkv = 2;
-  s.D = 64;  // FlashAttention: a multiple of 8
+  s.D = 64;  // a head dim the window kernels take (64 or 128)
   s.window = 37;
   PSAConfig c;
   c.random_router = true;

@@ -16,9 +16,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_psa_combine_packed_equals_the_unpacked_combine(device):
-    """The signal read as packed rows through a token -> row index: equal to
-    psa_combine of the gathered rows, gradients included (fp32, C = 256 so
-    CUDA runs the kernels' packed mode)."""
+    """The signal read as packed rows through a token -> row index, against
+    the combine's formula in float64 on rows unpacked by plain indexing,
+    gradients included (C = 256: CUDA runs the kernels' packed mode)."""
     g = torch.Generator(device="cpu").manual_seed(int.from_bytes(os.urandom(4), "little"))
     b, t, h, d = 2, 9, 4, 64
     signal = torch.rand(b, t, generator=g) < 0.5
@@ -27,23 +27,23 @@ def test_psa_combine_packed_equals_the_unpacked_combine(device):
     for i in range(b):
         for n, j in enumerate(signal[i].nonzero().flatten().tolist()):
             rows[i * t + j], pack[i * s + n] = i * s + n, i * t + j
-    rows, pack = rows.to(device), pack.to(device)
-    def leaves():
-        return [x.to(device).requires_grad_() for x in (
-            torch.randn(b * s, h, d, generator=g), torch.rand(b, t, generator=g),
-            torch.randn(b, h, t, d, generator=g), torch.randn(b, t, 2 * d, generator=g),
-            torch.randn(h * d, generator=g), torch.randn(b, t, h * d, generator=g), torch.randn(h * d, generator=g))]
-    a = leaves()
-    r = [x.detach().clone().requires_grad_() for x in a]
-    y = ops.psa_combine_packed(a[0], rows, pack, *a[1:])
-    unpacked = ops.gather_rows(r[0].reshape(b * s, h * d), rows, pack).view(b, t, h, d).transpose(1, 2)
-    want = ops.psa_combine(unpacked, *r[1:])
-    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    want.backward(dy)
+    inputs = (torch.randn(b * s, h, d, generator=g), torch.rand(b, t, generator=g),
+              torch.randn(b, h, t, d, generator=g), torch.randn(b, t, 2 * d, generator=g),
+              torch.randn(h * d, generator=g), torch.randn(b, t, h * d, generator=g), torch.randn(h * d, generator=g))
+    a = [x.to(device).requires_grad_() for x in inputs]
+    r = [x.detach().double().requires_grad_() for x in inputs]
+    y = ops.psa_combine_packed(a[0], rows.to(device), pack.to(device), *a[1:])
+    sig, gate, win, local, lam_l, summary, lam_s = r
+    unpacked = torch.where((rows >= 0)[:, None], sig.reshape(b * s, h * d)[rows.clamp(min=0)], 0.0)
+    heads = unpacked.view(b, t, h, d) * gate[:, :, None, None] + win.transpose(1, 2)
+    local_q = local.view(b, t, 2, 1, d).expand(b, t, 2, 2, d).reshape(b, t, h * d)
+    want = heads.reshape(b, t, h * d) + lam_l * local_q + lam_s * summary
+    torch.testing.assert_close(y.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy.to(device))
+    want.backward(dy.double())
     for x, xr in zip(a, r):
-        torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad.double().cpu(), xr.grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
