@@ -23,7 +23,9 @@
 //      last sub-chunk first, recomputes 16 steps of h into registers and runs
 //      the reverse scan over them, writing dx = g and da = g h_{t-1} (the
 //      gated EMA: dv, and dz summed over each warp's 32 channels by one
-//      reduce-scatter per 16 steps).
+//      reduce-scatter per 16 steps). Given the forward's stored h (the
+//      EMA form's h_saved), the backward skips the replay: one reverse walk
+//      per chunk reads h_{t-1} back, and pass 1 forms only the reverse maps.
 // All state is fp32 (fp64 for fp64) whatever the storage dtype.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -296,33 +298,54 @@ struct ScanIn {
   }
 };
 
+// Thread idx's (b, chunk, c), the chunk's steps [s, e), and where step t
+// lies: element (b, t, c) of [B, T, C] at off + t C, (b, t) of [B, T] at zoff + t.
+struct ScanChunk {
+  Coord q;
+  int64_t s, e, off, zoff;
+};
+__device__ __forceinline__ ScanChunk scan_chunk(int64_t idx, int64_t time, int64_t channels, int64_t chunks) {
+  const Coord q = coord(idx, channels, chunks);
+  const int64_t s = q.tile * kScanChunk;
+  return {q, s, min64(time, s + kScanChunk), q.b * time * channels + q.c, q.b * time};
+}
+
 // Pass 1. Forward map of the chunk [s, e): h_{e-1} = P h_{s-1} + E. Backward
 // also the reverse map g_s = Eg + Qg g_e with Eg = sum_t w_t dh_t,
 // w_t = a_{s+1} ... a_t, Qg = w_{e-1} a_e (0 when e = T, where g_T = 0).
-template <typename T, bool kEma, bool kBackward>
+// kForwardMap false (backward from a saved h): the reverse map only, reading
+// a (for the EMA: z alone) and dh.
+template <typename T, bool kEma, bool kBackward, bool kForwardMap = true>
 __global__ void scan_summary_kernel(ScanIn<T, kEma> in, const T* __restrict__ dh, acc_t<T>* __restrict__ E,
                                     acc_t<T>* __restrict__ P, acc_t<T>* __restrict__ Eg, acc_t<T>* __restrict__ Qg,
                                     int64_t time, int64_t channels, int64_t chunks, int64_t threads) {
+  static_assert(kBackward || kForwardMap, "the forward needs the forward map");
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
-  const Coord q = coord(idx, channels, chunks);
-  const int64_t s = q.tile * kScanChunk, e = min64(time, s + kScanChunk);
-  const int64_t off = q.b * time * channels + q.c, zoff = q.b * time;
+  const auto [q, s, e, off, zoff] = scan_chunk(idx, time, channels, chunks);
   const A fc = in.rate(q.c);
   A h = 0, p = 1, eg = 0, wt = 1;
 #pragma unroll 4
   for (int64_t t = s; t < e; ++t) {
-    const auto st = in.load(off + t * channels, zoff + t, fc);
-    h = st.a * h + st.x;
-    p *= st.a;
+    A a;
+    if constexpr (kForwardMap) {
+      const auto st = in.load(off + t * channels, zoff + t, fc);
+      h = st.a * h + st.x;
+      p *= st.a;
+      a = st.a;
+    } else {
+      a = in.coef(off + t * channels, zoff + t, fc);
+    }
     if (kBackward) {
-      if (t > s) wt *= st.a;
+      if (t > s) wt *= a;
       eg += wt * A(to_f(dh[off + t * channels]));
     }
   }
-  E[idx] = h;  // idx = (b * chunks + chunk) * C + c: the [B, chunks, C] layout
-  P[idx] = p;
+  if (kForwardMap) {
+    E[idx] = h;  // idx = (b * chunks + chunk) * C + c: the [B, chunks, C] layout
+    P[idx] = p;
+  }
   if (kBackward) {
     Eg[idx] = eg;
     Qg[idx] = e < time ? wt * in.coef(off + e * channels, zoff + e, fc) : A(0);
@@ -388,9 +411,7 @@ __global__ void scan_forward_kernel(ScanIn<T, kEma> in, const acc_t<T>* __restri
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
-  const Coord q = coord(idx, channels, chunks);
-  const int64_t s = q.tile * kScanChunk, e = min64(time, s + kScanChunk);
-  const int64_t off = q.b * time * channels + q.c, zoff = q.b * time;
+  const auto [q, s, e, off, zoff] = scan_chunk(idx, time, channels, chunks);
   const A fc = in.rate(q.c);
   A h = carry[idx];
 #pragma unroll 4
@@ -453,9 +474,7 @@ __global__ void scan_backward_kernel(ScanIn<T, kEma> in, const T* __restrict__ d
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
-  const Coord q = coord(idx, channels, chunks);
-  const int64_t s = q.tile * kScanChunk, e = min64(time, s + kScanChunk);
-  const int64_t off = q.b * time * channels + q.c, zoff = q.b * time;
+  const auto [q, s, e, off, zoff] = scan_chunk(idx, time, channels, chunks);
   const A fc = in.rate(q.c);
   const int lane = threadIdx.x & 31;
   // checkpoint[u] = h just before sub-chunk u. The sub-chunk loops are not
@@ -543,6 +562,73 @@ __global__ void scan_backward_kernel(ScanIn<T, kEma> in, const T* __restrict__ d
   }
   if (q.tile == 0 && dh0 != nullptr) dh0[q.b * channels + q.c] = a_next * g;
   if (kEma) df_part[idx] = df;
+}
+
+// Pass 3, backward of the gated EMA from the forward's stored h: the same
+// outputs as scan_backward_kernel<T, true, kGate> but no replay, so each
+// chunk is one reverse walk whose loads (dh, v, h_{t-1}, du, z) do not wait
+// on the recurrence g_t = dh_t + a_{t+1} g_{t+1}: 16 steps of them are in
+// flight at once, where the replay kept one dependent chain per thread and
+// 16 checkpoints in local memory (ncu: latency-bound at 25% occupancy).
+template <typename T, bool kGate>
+__global__ void scan_backward_saved_kernel(ScanIn<T, true> in, const T* __restrict__ h_saved,
+                                           const acc_t<T>* __restrict__ h0, const T* __restrict__ dh,
+                                           const acc_t<T>* __restrict__ g_carry, T* __restrict__ dx,
+                                           acc_t<T>* __restrict__ dh0, acc_t<T>* __restrict__ dz_part,
+                                           acc_t<T>* __restrict__ df_part, const acc_t<T>* __restrict__ gate,
+                                           const T* __restrict__ du, acc_t<T>* __restrict__ dgate_part,
+                                           int64_t time, int64_t channels, int64_t chunks, int64_t threads) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= threads) return;
+  const auto [q, s, e, off, zoff] = scan_chunk(idx, time, channels, chunks);
+  const A fc = in.rate(q.c);
+  const A h_init = h0 != nullptr ? h0[q.b * channels + q.c] : A(0);  // h_{-1}
+  const int lane = threadIdx.x & 31;
+  A g = g_carry[idx];
+  A a_next = e < time ? in.coef(off + e * channels, zoff + e, fc) : A(0);
+  A df = 0;
+#pragma unroll 1
+  for (int u = kScanSub - 1; u >= 0; --u) {
+    const int64_t su = s + u * kScanSubLen;
+    if (su >= e) continue;
+    A zc[kScanSubLen], gc[kGate ? kScanSubLen : 1];
+#pragma unroll
+    for (int i = kScanSubLen - 1; i >= 0; --i) {
+      const int64_t t = su + i, it = off + t * channels;
+      zc[i] = A(0);
+      if constexpr (kGate) gc[i] = A(0);
+      if (t < e) {
+        const A v = to_f(in.x[it]);
+        const A h_prev = t > 0 ? A(to_f(h_saved[it - channels])) : h_init;
+        const A zt = in.z[zoff + t];
+        const A b = mul_rn(zt, fc);  // as the forward rounds it (ScanIn::load)
+        g = A(to_f(dh[it])) + a_next * g;
+        A dv = b * g;
+        if constexpr (kGate) {
+          const A dut = to_f(du[it]);
+          dv += gate[zoff + t] * dut;
+          gc[i] = dut * v;
+        }
+        if (dx != nullptr) dx[it] = from_f<T>(dv);
+        const A db = g * (v - h_prev);
+        df += zt * db;
+        zc[i] = fc * db;
+        a_next = add_rn(A(1), -b);
+      }
+    }
+    const int step = reduce_scatter16_step(lane);
+    const bool store = (lane & 1) == 0 && su + step < e;
+    const int64_t part = (zoff + su + step) * (channels / 32) + q.c / 32;
+    const A dz = reduce_scatter16(zc, lane);
+    if (store) dz_part[part] = dz;
+    if constexpr (kGate) {
+      const A dgate = reduce_scatter16(gc, lane);
+      if (store) dgate_part[part] = dgate;
+    }
+  }
+  if (q.tile == 0 && dh0 != nullptr) dh0[q.b * channels + q.c] = a_next * g;
+  df_part[idx] = df;
 }
 
 }  // namespace
@@ -639,6 +725,23 @@ void scan_backward(const LinearScanParams& p, cudaStream_t s) {
   const auto* dh = static_cast<const T*>(p.dh);
   A* E = static_cast<A*>(p.workspace);
   A *P = E + threads, *Eg = P + threads, *Qg = Eg + threads;
+  if constexpr (kEma) {
+    if (p.h_saved != nullptr) {
+      scan_summary_kernel<T, true, true, false><<<blocks_for(threads), kThreads, 0, s>>>(
+          in, dh, nullptr, nullptr, Eg, Qg, p.time, p.channels, chunks, threads);
+      scan_carry_backward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(Eg, Qg, p.channels, chunks, rows);
+      auto launch = [&](auto kernel) {
+        kernel<<<blocks_for(threads), kThreads, 0, s>>>(
+            in, static_cast<const T*>(p.h_saved), static_cast<const A*>(p.h0), dh, Eg, static_cast<T*>(p.dx),
+            static_cast<A*>(p.dh0), static_cast<A*>(p.dz_partial), static_cast<A*>(p.df_partial),
+            static_cast<const A*>(p.gate), static_cast<const T*>(p.gate_grad), static_cast<A*>(p.dgate_partial),
+            p.time, p.channels, chunks, threads);
+      };
+      if (p.gate != nullptr) launch(scan_backward_saved_kernel<T, true>);
+      else launch(scan_backward_saved_kernel<T, false>);
+      return;
+    }
+  }
   scan_summary_kernel<T, kEma, true><<<blocks_for(threads), kThreads, 0, s>>>(in, dh, E, P, Eg, Qg, p.time,
                                                                               p.channels, chunks, threads);
   scan_carry_forward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(E, P, static_cast<const A*>(p.h0), p.channels,
@@ -679,6 +782,8 @@ void linear_scan_backward_cuda(const LinearScanParams& p, void* stream) {
     throw std::invalid_argument("unswag: gated EMA scan on CUDA needs channels % 32 == 0");
   if (p.gate != nullptr && (p.z == nullptr || p.gate_grad == nullptr || p.dgate_partial == nullptr || p.dx == nullptr))
     throw std::invalid_argument("unswag: the scan's gate term needs the EMA form, gate_grad, dgate_partial and dx");
+  if (p.h_saved != nullptr && p.z == nullptr)
+    throw std::invalid_argument("unswag: the scan's backward from a saved h needs the EMA form");
   dispatch_cuda(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (p.z != nullptr) scan_backward<T, true>(p, static_cast<cudaStream_t>(stream));

@@ -111,6 +111,13 @@ struct LinearScanParams {
   const void* gate = nullptr;       // g [B, T] in A
   const void* gate_grad = nullptr;  // du [B, T, C]
   void* dgate_partial = nullptr;
+  // EMA backward, optional (CUDA only): the forward's output h [B, T, C] (in
+  // the storage dtype). Given it, the backward reads h_{t-1} back instead of
+  // replaying the forward: one reverse walk per chunk, no checkpoint walk, v
+  // read once fewer. dz and df then read h as stored (rounded to 16 bits in
+  // fp16/bf16, as autograd of the ATen composition would save it); dv does not
+  // depend on h.
+  const void* h_saved = nullptr;
 };
 
 inline int64_t scan_chunks(int64_t time) { return (time + kScanChunk - 1) / kScanChunk; }
@@ -211,6 +218,13 @@ struct AddRowsParams {
   const int64_t* index = nullptr;  // [rows]
   void* dst = nullptr;  // [dst_rows, cols], row stride dst_stride
   int64_t dst_stride = 0;
+  // Optional: also dot[n] += sum_c src[m, c] other[n, c] (fp32, summed in
+  // fp32) for n = index[m]: the PSA layer's gradient of the signal gate,
+  // sum_c (dk_packed k + dv_packed v), formed as the rows are added. other
+  // [dst_rows, cols] of src's dtype, row stride other_stride, aligned as dst.
+  const void* other = nullptr;
+  int64_t other_stride = 0;
+  float* dot = nullptr;  // [dst_rows]
 };
 
 // ---- head-dim padding (the window attention's operands) -------------------------

@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <stdexcept>
+#include <string>
 
 #include "cuda_common.cuh"
 #include "psa.h"
@@ -168,12 +169,12 @@ __global__ void combine_backward_kernel(PsaCombineParams p) {
 }
 
 template <typename Fn>
-void dispatch_combine(DType dtype, Fn&& fn) {
+void dispatch_float(DType dtype, const char* what, Fn&& fn) {
   switch (dtype) {
     case DType::kFloat32: fn(float{}); break;
     case DType::kFloat16: fn(__half{}); break;
     case DType::kBFloat16: fn(__nv_bfloat16{}); break;
-    default: throw std::invalid_argument("unswag: psa_combine CUDA kernels take fp32/fp16/bf16");
+    default: throw std::invalid_argument(std::string("unswag: ") + what + " CUDA kernels take fp32/fp16/bf16");
   }
 }
 
@@ -190,7 +191,7 @@ void psa_combine_forward_cuda(const PsaCombineParams& p, void* stream) {
   if (p.batch * p.time * p.heads * p.head_dim == 0) return;
   check_shape(p);
   const unsigned threads = unsigned(p.heads * p.head_dim / 8);
-  dispatch_combine(p.dtype, [&](auto tag) {
+  dispatch_float(p.dtype, "psa_combine", [&](auto tag) {
     using T = decltype(tag);
     combine_forward_kernel<T><<<unsigned(psa_combine_blocks(p)), threads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   });
@@ -201,7 +202,7 @@ void psa_combine_backward_cuda(const PsaCombineParams& p, void* stream) {
   if (p.batch * p.time * p.heads * p.head_dim == 0) return;
   check_shape(p);
   const unsigned threads = unsigned(p.heads * p.head_dim / 8);
-  dispatch_combine(p.dtype, [&](auto tag) {
+  dispatch_float(p.dtype, "psa_combine", [&](auto tag) {
     using T = decltype(tag);
     combine_backward_kernel<T><<<unsigned(psa_combine_blocks(p)), threads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   });
@@ -285,20 +286,54 @@ __global__ void add_rows_kernel(AddRowsParams p, int64_t total) {
     *dp = d;
   }
 }
+
+// With the dot: one warp per src row (its sum is a warp reduction).
+template <typename T>
+__global__ void add_rows_dot_kernel(AddRowsParams p) {
+  constexpr int kPer = 16 / int(sizeof(T));
+  const int64_t vecs = p.cols / kPer;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t m = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; m < p.rows; m += warps) {
+    const int64_t n = p.index[m];
+    if (n < 0 || n >= p.dst_rows) continue;  // the same for the whole warp
+    const T* sp = static_cast<const T*>(p.src) + m * p.src_stride;
+    const T* op = static_cast<const T*>(p.other) + n * p.other_stride;
+    T* dp = static_cast<T*>(p.dst) + n * p.dst_stride;
+    float dot = 0.f;
+    for (int64_t j = lane; j < vecs; j += 32) {
+      const uint4 a = *reinterpret_cast<const uint4*>(sp + j * kPer);
+      const uint4 o = *reinterpret_cast<const uint4*>(op + j * kPer);
+      uint4 d = *reinterpret_cast<const uint4*>(dp + j * kPer);
+      const T* ae = reinterpret_cast<const T*>(&a);
+      const T* oe = reinterpret_cast<const T*>(&o);
+      T* de = reinterpret_cast<T*>(&d);
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) {
+        de[e] = from_f<T>(to_f(de[e]) + to_f(ae[e]));
+        dot = fmaf(to_f(ae[e]), to_f(oe[e]), dot);
+      }
+      *reinterpret_cast<uint4*>(dp + j * kPer) = d;
+    }
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    if (lane == 0) p.dot[n] += dot;
+  }
+}
 }  // namespace
 
 void add_rows_cuda(const AddRowsParams& p, void* stream) {
   const int64_t es = p.dtype == DType::kFloat32 ? 4 : 2;
   const int64_t total = p.rows * (p.cols * es / 16);
   if (total == 0) return;
-  const int64_t blocks = min(int64_t(1) << 20, (total + 255) / 256);
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case DType::kFloat32: add_rows_kernel<float><<<unsigned(blocks), 256, 0, s>>>(p, total); break;
-    case DType::kFloat16: add_rows_kernel<__half><<<unsigned(blocks), 256, 0, s>>>(p, total); break;
-    case DType::kBFloat16: add_rows_kernel<__nv_bfloat16><<<unsigned(blocks), 256, 0, s>>>(p, total); break;
-    default: throw std::invalid_argument("unswag: add_rows CUDA kernel takes fp32, fp16 or bf16");
-  }
+  dispatch_float(p.dtype, "add_rows", [&](auto tag) {
+    using T = decltype(tag);
+    if (p.dot != nullptr)  // 8 warps (rows) per block
+      add_rows_dot_kernel<T><<<unsigned(min(int64_t(1) << 20, (p.rows + 7) / 8)), 256, 0, s>>>(p);
+    else
+      add_rows_kernel<T><<<unsigned(min(int64_t(1) << 20, (total + 255) / 256)), 256, 0, s>>>(p, total);
+  });
   check_launch("add_rows");
 }
 
@@ -343,7 +378,7 @@ void pad_head_dim_cuda(const PadHeadDimParams& p, void* stream) {
     pad_head_dim_kernel<T><<<unsigned(blocks), 256, 0, static_cast<cudaStream_t>(stream)>>>(
         p, row_vecs, p.head_dim / kPerVec, total);
   };
-  dispatch_combine(p.dtype, run);
+  dispatch_float(p.dtype, "pad_head_dim", run);
   check_launch("pad_head_dim");
 }
 
@@ -406,7 +441,7 @@ void gate_tokens_forward_cuda(const GateTokensParams& p, void* stream) {
   if (p.rows * p.cols == 0) return;
   check_gate_shape(p);
   const int64_t blocks = min(int64_t(1) << 20, (p.rows * p.cols / 8 + 255) / 256);
-  dispatch_combine(p.dtype, [&](auto tag) {
+  dispatch_float(p.dtype, "gate_tokens", [&](auto tag) {
     gate_tokens_forward_kernel<decltype(tag)><<<unsigned(blocks), 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
   });
   check_launch("gate_tokens forward");
@@ -416,7 +451,7 @@ void gate_tokens_backward_cuda(const GateTokensParams& p, void* stream) {
   if (p.rows == 0) return;
   check_gate_shape(p);
   const int64_t blocks = min(int64_t(1) << 20, (p.rows + 7) / 8);
-  dispatch_combine(p.dtype, [&](auto tag) {
+  dispatch_float(p.dtype, "gate_tokens", [&](auto tag) {
     gate_tokens_backward_kernel<decltype(tag)><<<unsigned(blocks), 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
   });
   check_launch("gate_tokens backward");

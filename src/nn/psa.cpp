@@ -724,11 +724,17 @@ Tensor token_rows(const Tensor& t) {
 // window over (q, k, u), and the packed q, k z_sig, v z_sig rows [B * S,
 // heads * D]. Backward: the window's kernels; the packed rows' dq, dk added
 // into the window's in place at the S signal rows (unswag::add_rows_); the
-// conv's backward adding the window's du; the scan's backward adding (1 -
-// z_prune) du' into dv and summing d z_prune; the packed rows' dv added in
-// place. Separate nodes would each write a [B, T, heads, D] gradient of q, k,
-// u and v (the signal side's mostly zero rows) and autograd would sum them:
-// about ten more passes over [T, kv_dim] tensors (docs/psa.md).
+// conv's backward adding the window's du; the scan's backward (from the
+// saved summary, no replay) adding (1 - z_prune) du' into dv and summing
+// d z_prune; the packed rows' dv added in place. Separate nodes would each
+// write a [B, T, heads, D] gradient of q, k, u and v (the signal side's
+// mostly zero rows) and autograd would sum them: about ten more passes over
+// [T, kv_dim] tensors (docs/psa.md).
+// The gates are one-hot in value (psa_route's straight-through gates, and
+// one_hot in eval and for the random router), so a packed token's z_sig is
+// exactly 1: k z_sig and v z_sig are its own rows, packed as they are, and
+// only the gradient d z_sig = sum_c (dk_packed k + dv_packed v) is formed, as
+// dk and dv take the packed rows (unswag::add_rows_dot_).
 struct WindowStreamsAndPack : public torch::autograd::Function<WindowStreamsAndPack> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
                                                 const Tensor& k, const Tensor& v, const Tensor& gates,
@@ -743,19 +749,14 @@ struct WindowStreamsAndPack : public torch::autograd::Function<WindowStreamsAndP
     const Tensor summary = std::get<0>(unswag::gated_ema_scan(v, z_sum, rate));
     const Tensor u_heads = u.view({B, T, Hkv, D}).transpose(1, 2);
     auto [o, lse] = unswag::window_attention_cuda_forward(q, k, u_heads, bias, scale, window);
-    const Tensor v_heads = v.view({B, T, Hkv, D}).transpose(1, 2);
-    const Tensor zp = torch::where(pack_rows >= 0,
-                                   gates.select(-1, kSignal).reshape({BT}).index_select(0, pack_rows.clamp_min(0)), 0)
-                          .to(q.scalar_type())
-                          .unsqueeze(1);  // [B * S, 1]
     const Tensor qp = unswag::gather_rows(token_rows(q), pack_rows, unpack_rows);
-    const Tensor kraw = unswag::gather_rows(token_rows(k), pack_rows, unpack_rows);
-    const Tensor vraw = unswag::gather_rows(token_rows(v_heads), pack_rows, unpack_rows);
-    ctx->save_for_backward({q, k, v, u, keep, z_sum, rate, conv_weight, bias, o, lse, pack_rows, unpack_rows, kraw,
-                            vraw, zp});
+    const Tensor kp = unswag::gather_rows(token_rows(k), pack_rows, unpack_rows);
+    const Tensor vp = unswag::gather_rows(v.view({BT, Hkv * D}), pack_rows, unpack_rows);
+    // summary is an output, kept for the scan's backward (the combine keeps it too).
+    ctx->save_for_backward({q, k, v, u, keep, z_sum, rate, conv_weight, bias, o, lse, pack_rows, summary});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window"] = window;
-    return {o, qp, kraw * zp, vraw * zp, local, summary};
+    return {o, qp, kp, vp, local, summary};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -763,7 +764,7 @@ struct WindowStreamsAndPack : public torch::autograd::Function<WindowStreamsAndP
     const auto sv = ctx->get_saved_variables();
     const Tensor &q = sv[0], &k = sv[1], &v = sv[2], &u = sv[3], &keep = sv[4], &z_sum = sv[5], &rate = sv[6],
                  &conv_weight = sv[7], &bias = sv[8], &o = sv[9], &lse = sv[10], &pack_rows = sv[11],
-                 &unpack_rows = sv[12], &kraw = sv[13], &vraw = sv[14], &zp = sv[15];
+                 &summary = sv[12];
     const Tensor &d_o = grads[0], &d_qp = grads[1], &d_kp = grads[2], &d_vp = grads[3], &d_local = grads[4],
                  &d_summary = grads[5];
     const int64_t B = q.size(0), T = q.size(2), D = q.size(3), Hkv = k.size(1), C = Hkv * D;
@@ -779,28 +780,26 @@ struct WindowStreamsAndPack : public torch::autograd::Function<WindowStreamsAndP
     }
     // dq, dk are [B, heads, T, D] views of fresh token-major storage: their
     // rows are views too. Padding rows (index -1) are skipped.
+    // d z_sig of a signal token: sum_c (dkp k + dvp v) over its row (z_sig = 1, see above).
+    Tensor dz_sig = torch::zeros({B * T}, q.options().dtype(torch::kFloat));
     if (d_qp.defined()) {
       Tensor rows = token_rows(dq);
       unswag::add_rows_(rows, pack_rows, d_qp.contiguous());
     }
     if (d_kp.defined()) {
       Tensor rows = token_rows(dk);
-      unswag::add_rows_(rows, pack_rows, d_kp * zp);
+      unswag::add_rows_dot_(rows, pack_rows, d_kp.contiguous(), token_rows(k), dz_sig);
     }
-    auto streams = unswag::value_streams_cuda_backward(v, u, keep, z_sum, rate, conv_weight, du, d_local, d_summary);
+    auto streams = unswag::value_streams_cuda_backward(v, u, keep, z_sum, rate, conv_weight, du, d_local, d_summary,
+                                                       summary);
     if (d_vp.defined()) {
       Tensor rows = streams.dv.view({B * T, C});
-      unswag::add_rows_(rows, pack_rows, d_vp * zp);
+      unswag::add_rows_dot_(rows, pack_rows, d_vp.contiguous(), v.view({B * T, C}), dz_sig);
     }
-    // d z_sig of a signal token: sum_c (dkp kraw + dvp vraw) over its packed row.
-    Tensor dzp = torch::zeros({pack_rows.size(0)}, q.options().dtype(torch::kFloat));
-    if (d_kp.defined()) dzp = dzp + (d_kp * kraw).sum(1, false, torch::kFloat);
-    if (d_vp.defined()) dzp = dzp + (d_vp * vraw).sum(1, false, torch::kFloat);
-    const Tensor dz_sig = torch::where(unpack_rows >= 0, dzp.index_select(0, unpack_rows.clamp_min(0)), 0);
     // Route columns: prune (u = (1 - z_prune) v), local (no write here), summary, signal.
-    const Tensor d_gates = torch::stack({-streams.dgate, torch::zeros_like(streams.dgate), streams.dz,
-                                         dz_sig.view({B, T}).to(streams.dz.scalar_type())},
-                                        -1);
+    const Tensor d_gates = torch::stack(
+        {-streams.dgate, torch::zeros_like(streams.dgate), streams.dz, dz_sig.view({B, T}).to(streams.dz.scalar_type())},
+        -1);
     return {dq, dk, streams.dv, d_gates, streams.drate, streams.dweight, Tensor(), Tensor(), Tensor(), Tensor(),
             Tensor()};
   }

@@ -397,21 +397,34 @@ at::Tensor gather_rows_raw(const at::Tensor& src, const at::Tensor& index) {
 
 }  // namespace
 
-void add_rows_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
-  constexpr const char* op = "add_rows_";
+namespace {
+// add_rows_ and add_rows_dot_ (other and dot defined).
+void add_rows_impl(const char* op, at::Tensor& dst, const at::Tensor& index, const at::Tensor& src,
+                   const at::Tensor& other, at::Tensor* dot) {
   TORCH_CHECK(dst.dim() == 2 && src.dim() == 2 && src.size(1) == dst.size(1), op,
               ": arguments 'dst' and 'src' must be [N, C] and [M, C], got ", dst.sizes(), " and ", src.sizes());
   TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == src.size(0), op,
               ": argument 'index' must be a 1-dim int64 tensor of ", src.size(0), " entries, got ", index.sizes());
   TORCH_CHECK(src.scalar_type() == dst.scalar_type(), op, ": argument 'src' must have dst's dtype ",
               dst.scalar_type(), ", got ", src.scalar_type());
+  if (dot != nullptr) {
+    TORCH_CHECK(other.sizes() == dst.sizes() && other.scalar_type() == dst.scalar_type() &&
+                    other.device() == dst.device(),
+                op, ": argument 'other' must match dst (", dst.sizes(), " ", dst.scalar_type(), "), got ",
+                other.sizes(), " ", other.scalar_type());
+    TORCH_CHECK(dot->scalar_type() == at::kFloat && dot->dim() == 1 && dot->size(0) == dst.size(0) &&
+                    dot->is_contiguous() && dot->device() == dst.device(),
+                op, ": argument 'dot' must be a contiguous float32 [", dst.size(0), "] tensor on dst's device, got ",
+                dot->sizes(), " ", dot->scalar_type());
+  }
   const auto dt = dst.scalar_type();
   const int64_t es = int64_t(dst.element_size());
   auto fits = [&](const at::Tensor& t) {
     return t.stride(1) == 1 && (t.stride(0) * es) % 16 == 0 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
   };
   const bool kernel = dst.is_cuda() && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) &&
-                      (dst.size(1) * es) % 16 == 0 && fits(dst) && fits(src) && index.is_contiguous();
+                      (dst.size(1) * es) % 16 == 0 && fits(dst) && fits(src) && index.is_contiguous() &&
+                      (dot == nullptr || fits(other));
 #ifdef UNSWAG_WITH_CUDA
   if (kernel) {
     kernels::AddRowsParams p;
@@ -420,6 +433,10 @@ void add_rows_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) 
     p.src = src.const_data_ptr(), p.src_stride = src.stride(0);
     p.index = index.const_data_ptr<int64_t>();
     p.dst = dst.data_ptr(), p.dst_stride = dst.stride(0);
+    if (dot != nullptr) {
+      p.other = other.const_data_ptr(), p.other_stride = other.stride(0);
+      p.dot = dot->data_ptr<float>();
+    }
     kernels::add_rows_cuda(p, ops::current_cuda_stream(dst.device()));
     return;
   }
@@ -427,7 +444,20 @@ void add_rows_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) 
   (void)kernel;
 #endif
   const at::Tensor valid = index.ge(0).logical_and(index.lt(dst.size(0)));
-  dst.index_add_(0, index.masked_select(valid), src.index({valid}));
+  const at::Tensor rows = index.masked_select(valid), s = src.index({valid});
+  if (dot != nullptr)
+    dot->index_add_(0, rows, (s.to(at::kFloat) * other.index_select(0, rows).to(at::kFloat)).sum(1));
+  dst.index_add_(0, rows, s);
+}
+}  // namespace
+
+void add_rows_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
+  add_rows_impl("add_rows_", dst, index, src, at::Tensor(), nullptr);
+}
+
+void add_rows_dot_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, const at::Tensor& other,
+                   at::Tensor& dot) {
+  add_rows_impl("add_rows_dot_", dst, index, src, other, &dot);
 }
 
 namespace {
@@ -651,7 +681,7 @@ bool value_streams_fused(const at::Tensor& v) {
 ValueStreamsGrads value_streams_cuda_backward(const at::Tensor& v, const at::Tensor& u, const at::Tensor& gate,
                                               const at::Tensor& z, const at::Tensor& rate, const at::Tensor& weight,
                                               const at::Tensor& du, const at::Tensor& dlocal,
-                                              const at::Tensor& dsummary) {
+                                              const at::Tensor& dsummary, const at::Tensor& summary) {
   constexpr const char* op = "value_streams_cuda_backward";
   TORCH_CHECK(value_streams_fused(v), op, ": argument 'v' must be a contiguous CUDA [B, T, C] fp32/fp16/bf16 ",
               "tensor with C % 32 == 0 (value_streams_fused), got ", v.sizes(), " ", v.scalar_type(), " on ",
@@ -667,6 +697,7 @@ ValueStreamsGrads value_streams_cuda_backward(const at::Tensor& v, const at::Ten
   check_like_v(du, "du");
   check_like_v(dlocal, "dlocal");
   check_like_v(dsummary, "dsummary");
+  check_like_v(summary, "summary");
   TORCH_CHECK(u.defined(), op, ": argument 'u' is required");
   TORCH_CHECK(gate.dim() == 2 && gate.size(0) == B && gate.size(1) == T && z.sizes() == gate.sizes(), op,
               ": arguments 'gate' and 'z' must be [B, T] = [", B, ", ", T, "], got ", gate.sizes(), " and ",
@@ -720,12 +751,14 @@ ValueStreamsGrads value_streams_cuda_backward(const at::Tensor& v, const at::Ten
   p.gate = g.const_data_ptr();
   p.gate_grad = du_total.const_data_ptr();
   p.dgate_partial = dgate_part.data_ptr();
+  const at::Tensor h_saved = summary.defined() ? summary.contiguous() : at::Tensor();
+  p.h_saved = h_saved.defined() ? h_saved.const_data_ptr() : nullptr;
   kernels::linear_scan_backward_cuda(p, stream);
   out.dgate = dgate_part.sum(-1);
   out.dz = dz_part.sum(-1);
   out.drate = df_part.sum(0);
 #else
-  (void)g, (void)za, (void)fa, (void)w_acc, (void)du, (void)dlocal, (void)dsummary;
+  (void)g, (void)za, (void)fa, (void)w_acc, (void)du, (void)dlocal, (void)dsummary, (void)summary;
   TORCH_CHECK(false, op, ": this build has no CUDA");
 #endif
   return out;

@@ -8,7 +8,7 @@
 // gated_ema_scan against its float64 composition and, bit for bit, its fp32 one;
 // psa_combine against its float64 formula (fused CUDA kernels and composition);
 // gather_rows against index_select, its backward against the float64 adjoint,
-// add_rows_ against a float64 loop;
+// add_rows_ and add_rows_dot_ against a float64 loop;
 // pad_head_dim against zeros + cat (the CUDA kernel and the composition),
 // unpad_head_dim's padded gradient, gate_tokens against its float64 product.
 #include <functional>
@@ -916,11 +916,37 @@ TEST_P(GatherRows, AddRowsAddsAtDistinctIndicesAndSkipsOutOfRange) {
       }
       const auto untouched = touched.logical_not().nonzero().squeeze(1);
       EXPECT_TRUE(torch::equal(got.cpu().index_select(0, untouched), dst.cpu().index_select(0, untouched)));
+
+      // add_rows_dot_: the same rows added (bit for bit), and dot[n] +=
+      // sum_c src[m, c] other[n, c] at the added rows only (other a view with
+      // a wider row stride; dot starts nonzero: it accumulates). The products
+      // of 16-bit values are exact in fp32; the sums' order is the kernel's.
+      auto other = torch::randn({N, C + 16}, opts(dtype)).narrow(1, 8, C);
+      if (C % 8 != 0) other = other.contiguous();
+      const auto dot0 = torch::randn({N}, opts(torch::kFloat32));
+      auto want_dot = dot0.to(torch::kCPU, torch::kDouble).clone();
+      const auto od = other.to(torch::kCPU, torch::kDouble);
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t n = idx[m].item<int64_t>();
+        if (n >= 0 && n < N) want_dot[n] += (sd[m] * od[n]).sum();
+      }
+      auto got2 = dst.clone();
+      auto dot = dot0.clone();
+      add_rows_dot_(got2, index, src, other, dot);
+      EXPECT_TRUE(torch::equal(got2, got)) << "the rows as add_rows_ adds them";
+      EXPECT_LE(rel_l2(dot, want_dot), 1e-5) << "dot";
+      EXPECT_TRUE(torch::equal(dot.cpu().index_select(0, untouched), dot0.cpu().index_select(0, untouched)));
     }
   }
   auto d = torch::zeros({4, 8}, opts(torch::kFloat32));
   test::expect_error([&] { add_rows_(d, torch::zeros({2}, opts(torch::kLong)), torch::zeros({3, 8}, opts(torch::kFloat32))); },
                      {"argument 'index' must be a 1-dim int64 tensor of 3 entries"});
+  auto dot = torch::zeros({4}, opts(torch::kFloat32));
+  test::expect_error([&] { add_rows_dot_(d, torch::zeros({3}, opts(torch::kLong)), torch::zeros({3, 8}, opts(torch::kFloat32)), d.narrow(0, 0, 3), dot); },
+                     {"argument 'other' must match dst ([4, 8]"});
+  auto dot_half = torch::zeros({4}, opts(torch::kHalf));
+  test::expect_error([&] { add_rows_dot_(d, torch::zeros({3}, opts(torch::kLong)), torch::zeros({3, 8}, opts(torch::kFloat32)), d, dot_half); },
+                     {"argument 'dot' must be a contiguous float32 [4] tensor"});
 }
 
 // ---- gate_tokens -------------------------------------------------------------------
@@ -972,7 +998,8 @@ TEST_P(GateTokens, ZeroOneGatesAreExactAndEmptyAndErrors) {
 // EMA of v, with du, dlocal and dsummary arriving (each also absent).
 // Shapes: two scan chunks with a ragged last sub-chunk and K = 8 (the
 // register-ring conv); T = 17 with K = 3; K = 20 (the plain-loop conv).
-// Gates and z soft (anywhere in [0, 1]), so no term vanishes. du' is stored
+// Gates and z soft (anywhere in [0, 1]), so no term vanishes. Half the cases
+// pass the forward's summary (the scan's backward without a replay). du' is stored
 // once in the activations' dtype before dv and dgate read it: within 4 u
 // (u = unit roundoff) in 16-bit types; fp32 within its summation order.
 TEST_P(ValueStreams, BackwardMatchesFloat64AutogradOfTheComposition) {
@@ -999,7 +1026,11 @@ TEST_P(ValueStreams, BackwardMatchesFloat64AutogradOfTheComposition) {
         const auto u = gate_tokens(v, gate);
         auto grad = [&](bool present) { return present ? torch::randn({c.B, c.T, c.C}, opts(dtype)) : torch::Tensor(); };
         const auto du = grad(absent != 1), dlocal = grad(absent != 2), dsummary = grad(absent != 3);
-        const auto got = value_streams_cuda_backward(v, u, gate, z, rate, w, du, dlocal, dsummary);
+        // Odd cases read the forward's summary back (no replay); it is
+        // rounded to v's dtype there, so dz and drate move by about u.
+        const bool saved = (absent + c.T) % 2 == 1;
+        const auto summary = saved ? std::get<0>(gated_ema_scan(v, z, rate)) : torch::Tensor();
+        const auto got = value_streams_cuda_backward(v, u, gate, z, rate, w, du, dlocal, dsummary, summary);
 
         auto vd = f64_leaf(v), gd = f64_leaf(gate), zd = f64_leaf(z), rd = f64_leaf(rate), wd = f64_leaf(w);
         const auto ud = vd * gd.unsqueeze(-1);
@@ -1020,10 +1051,13 @@ TEST_P(ValueStreams, BackwardMatchesFloat64AutogradOfTheComposition) {
         ASSERT_EQ(got.dweight.scalar_type(), w.scalar_type());
         EXPECT_LE(rel_l2(got.dv, ref(rg[0], v)), tol) << "dv";
         EXPECT_LE(rel_l2(got.dgate, ref(rg[1], gate)), tol) << "dgate";
-        // dz and drate read v and dsummary (exact in every dtype) and no
-        // rounded intermediate: fp32's summation order alone, as in PsaScan.
-        EXPECT_LE(rel_l2(got.dz, ref(rg[2], z)), 1e-5) << "dz";
-        EXPECT_LE(rel_l2(got.drate, ref(rg[3], rate)), 1e-5) << "drate";
+        // dz and drate read v and dsummary (exact in every dtype) and, with
+        // the replay, no rounded intermediate: fp32's summation order alone,
+        // as in PsaScan. From the saved summary they read h_{t-1} rounded to
+        // v's dtype: db_t = g_t (v_t - h_{t-1}) moves by at most u |h|.
+        const double tol_h = saved && dtype != torch::kFloat32 ? 4 * test::unit_roundoff(dtype) : 1e-5;
+        EXPECT_LE(rel_l2(got.dz, ref(rg[2], z)), tol_h) << "dz" << (saved ? " (saved summary)" : "");
+        EXPECT_LE(rel_l2(got.drate, ref(rg[3], rate)), tol_h) << "drate" << (saved ? " (saved summary)" : "");
         if (absent == 2) {
           EXPECT_TRUE(torch::equal(got.dweight, torch::zeros_like(w))) << "dweight without dlocal";
         } else {
@@ -1039,6 +1073,8 @@ TEST_P(ValueStreams, BackwardMatchesFloat64AutogradOfTheComposition) {
                      {"argument 'rate' must be [32]"});
   test::expect_error([&] { value_streams_cuda_backward(v, v.to(torch::kHalf), g, g, torch::rand({32}, opts(torch::kFloat32)), w, {}, {}, {}); },
                      {"argument 'u' must match v"});
+  test::expect_error([&] { value_streams_cuda_backward(v, v, g, g, torch::rand({32}, opts(torch::kFloat32)), w, {}, {}, {}, v[0]); },
+                     {"argument 'summary' must match v"});
   EXPECT_FALSE(value_streams_fused(torch::randn({1, 8, 48}, opts(torch::kBFloat16))));  // C % 32 != 0
 }
 

@@ -35,7 +35,8 @@
 //                             of its own, chunked_attention elsewhere
 //   add_rows_                 dst[index[m]] += src[m] in place (no autograd;
 //                             C++ only): the packed signal rows' gradients
-//                             added into the window's
+//                             added into the window's (add_rows_dot_: with
+//                             each row's dot product against a third tensor)
 //   psa_route                 the router's training step: Gumbel-max routes,
 //                             straight-through gates, aux losses and routing
 //                             statistics in two kernels forward, one backward
@@ -43,8 +44,8 @@
 //                             EMA scan over one v in two CUDA passes (no
 //                             autograd; C++ only: the layer's fused node)
 //
-// All but add_rows_ and value_streams_cuda_backward are also registered as
-// torch.ops.unswag.<name>.
+// All but add_rows_, add_rows_dot_ and value_streams_cuda_backward are also
+// registered as torch.ops.unswag.<name>.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -87,7 +88,11 @@ std::tuple<at::Tensor, at::Tensor> gated_ema_scan(const at::Tensor& v, const at:
 // gate du' and sums dgate), where autograd would write dv and du in three and
 // two tensors and add them. value_streams_fused says whether v qualifies (a
 // CUDA build, v on CUDA, contiguous [B, T, C] fp32/fp16/bf16, C % 32 == 0);
-// gate, z [B, T] and rate [C] in any float dtype, weight [C, K].
+// gate, z [B, T] and rate [C] in any float dtype, weight [C, K]. summary, if
+// given, is the forward's output (like v): the scan's backward then reads
+// h_{t-1} from it instead of replaying the scan (one pass fewer over v, no
+// dependent chain per thread), and dz, drate read h as stored (rounded to
+// v's dtype, as autograd of the ATen composition saves it).
 struct ValueStreamsGrads {
   at::Tensor dv, dgate, dz, drate, dweight;  // dgate, dz, drate in fp32; dweight in weight's dtype
 };
@@ -95,7 +100,7 @@ bool value_streams_fused(const at::Tensor& v);
 ValueStreamsGrads value_streams_cuda_backward(const at::Tensor& v, const at::Tensor& u, const at::Tensor& gate,
                                               const at::Tensor& z, const at::Tensor& rate, const at::Tensor& weight,
                                               const at::Tensor& du, const at::Tensor& dlocal,
-                                              const at::Tensor& dsummary);
+                                              const at::Tensor& dsummary, const at::Tensor& summary = {});
 
 // y[b,t,h*D+d] = sig[b,h,t,d] gate[b,t] + win[b,h,t,d]
 //                + lambda_local[h*D+d] local[b,t,(h/Gl)*D+d] + lambda_summary[h*D+d] summary[b,t,(h/Gs)*D+d]
@@ -140,6 +145,15 @@ at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& index, const at:
 // atomics) where rows are 16-byte multiples; ATen's index_add_ elsewhere.
 // (The PSA layer adds the packed signal rows' gradients into the window's.)
 void add_rows_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src);
+
+// add_rows_ that also forms, for each added row, dot[index[m]] +=
+// sum_c src[m, c] other[index[m], c] (float32 dot [N], products and sums in
+// fp32): other [N, C] of dst's dtype. The PSA layer's signal-gate gradient,
+// sum_c (dk_packed k + dv_packed v), formed while dk and dv take the packed
+// rows' gradients. One CUDA pass (a warp per row) where add_rows_'s kernel
+// applies; ATen elsewhere.
+void add_rows_dot_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, const at::Tensor& other,
+                   at::Tensor& dot);
 
 // x [B, T, H, D] (fp32/fp16/bf16/fp64, any strides), pad >= 1, first [B, T]
 // (any float dtype) or undefined. Returns [B, T, H, D + pad] in x's dtype:
