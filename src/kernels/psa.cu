@@ -565,13 +565,17 @@ __global__ void scan_backward_kernel(ScanIn<T, kEma> in, const T* __restrict__ d
 }
 
 // Pass 3, backward of the gated EMA from the forward's stored h: the same
-// outputs as scan_backward_kernel<T, true, kGate> but no replay, so each
-// chunk is one reverse walk whose loads (dh, v, h_{t-1}, du, z) do not wait
-// on the recurrence g_t = dh_t + a_{t+1} g_{t+1}: 16 steps of them are in
-// flight at once, where the replay kept one dependent chain per thread and
-// 16 checkpoints in local memory (ncu: latency-bound at 25% occupancy).
+// outputs as scan_backward_kernel<T, true, kGate> but no replay. Each
+// sub-chunk of 16 steps is two walks: the first, in time order, only loads
+// (v, h_{t-1}, dh, z; du for dgate) and keeps w_t = v_t - h_{t-1}, dh_t and
+// z_t in registers; the second runs g_t = dh_t + a_{t+1} g_{t+1} backward and
+// stores dv. With no store between them, the 16 steps' loads are in flight
+// together (a single walk issued each step's loads after the previous step's
+// store, which they might alias: one memory latency per step). v, z, f come
+// as __restrict__ parameters, not through ScanIn, for the same reason.
 template <typename T, bool kGate>
-__global__ void scan_backward_saved_kernel(ScanIn<T, true> in, const T* __restrict__ h_saved,
+__global__ void scan_backward_saved_kernel(const T* __restrict__ v, const acc_t<T>* __restrict__ z,
+                                           const acc_t<T>* __restrict__ f, const T* __restrict__ h_saved,
                                            const acc_t<T>* __restrict__ h0, const T* __restrict__ dh,
                                            const acc_t<T>* __restrict__ g_carry, T* __restrict__ dx,
                                            acc_t<T>* __restrict__ dh0, acc_t<T>* __restrict__ dz_part,
@@ -582,50 +586,58 @@ __global__ void scan_backward_saved_kernel(ScanIn<T, true> in, const T* __restri
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
   const auto [q, s, e, off, zoff] = scan_chunk(idx, time, channels, chunks);
-  const A fc = in.rate(q.c);
+  const A fc = f[q.c];
   const A h_init = h0 != nullptr ? h0[q.b * channels + q.c] : A(0);  // h_{-1}
   const int lane = threadIdx.x & 31;
+  // b_t = z_t f_c and a_t = 1 - b_t, rounded as the forward rounds them (ScanIn::load).
+  auto coef_b = [&](A zt) { return mul_rn(zt, fc); };
   A g = g_carry[idx];
-  A a_next = e < time ? in.coef(off + e * channels, zoff + e, fc) : A(0);
+  A a_next = e < time ? add_rn(A(1), -coef_b(z[zoff + e])) : A(0);
   A df = 0;
 #pragma unroll 1
   for (int u = kScanSub - 1; u >= 0; --u) {
     const int64_t su = s + u * kScanSubLen;
     if (su >= e) continue;
-    A zc[kScanSubLen], gc[kGate ? kScanSubLen : 1];
+    A ws[kScanSubLen], dhs[kScanSubLen], zs[kScanSubLen], gc[kGate ? kScanSubLen : 1];
 #pragma unroll
-    for (int i = kScanSubLen - 1; i >= 0; --i) {
+    for (int i = 0; i < kScanSubLen; ++i) {
       const int64_t t = su + i, it = off + t * channels;
-      zc[i] = A(0);
+      ws[i] = dhs[i] = zs[i] = A(0);
       if constexpr (kGate) gc[i] = A(0);
       if (t < e) {
-        const A v = to_f(in.x[it]);
-        const A h_prev = t > 0 ? A(to_f(h_saved[it - channels])) : h_init;
-        const A zt = in.z[zoff + t];
-        const A b = mul_rn(zt, fc);  // as the forward rounds it (ScanIn::load)
-        g = A(to_f(dh[it])) + a_next * g;
-        A dv = b * g;
-        if constexpr (kGate) {
-          const A dut = to_f(du[it]);
-          dv += gate[zoff + t] * dut;
-          gc[i] = dut * v;
-        }
-        if (dx != nullptr) dx[it] = from_f<T>(dv);
-        const A db = g * (v - h_prev);
-        df += zt * db;
-        zc[i] = fc * db;
-        a_next = add_rn(A(1), -b);
+        const A vt = to_f(v[it]);
+        ws[i] = vt - (t > 0 ? A(to_f(h_saved[it - channels])) : h_init);
+        dhs[i] = to_f(dh[it]);
+        zs[i] = z[zoff + t];
+        if constexpr (kGate) gc[i] = A(to_f(du[it])) * vt;
       }
     }
     const int step = reduce_scatter16_step(lane);
     const bool store = (lane & 1) == 0 && su + step < e;
     const int64_t part = (zoff + su + step) * (channels / 32) + q.c / 32;
-    const A dz = reduce_scatter16(zc, lane);
-    if (store) dz_part[part] = dz;
     if constexpr (kGate) {
       const A dgate = reduce_scatter16(gc, lane);
       if (store) dgate_part[part] = dgate;
     }
+    A zc[kScanSubLen];
+#pragma unroll
+    for (int i = kScanSubLen - 1; i >= 0; --i) {
+      const int64_t t = su + i, it = off + t * channels;
+      zc[i] = A(0);
+      if (t < e) {
+        const A b = coef_b(zs[i]);
+        g = dhs[i] + a_next * g;
+        A dv = b * g;
+        if constexpr (kGate) dv += gate[zoff + t] * A(to_f(du[it]));  // du again: from L1
+        if (dx != nullptr) dx[it] = from_f<T>(dv);
+        const A db = g * ws[i];
+        df += zs[i] * db;
+        zc[i] = fc * db;
+        a_next = add_rn(A(1), -b);
+      }
+    }
+    const A dz = reduce_scatter16(zc, lane);
+    if (store) dz_part[part] = dz;
   }
   if (q.tile == 0 && dh0 != nullptr) dh0[q.b * channels + q.c] = a_next * g;
   df_part[idx] = df;
@@ -732,7 +744,8 @@ void scan_backward(const LinearScanParams& p, cudaStream_t s) {
       scan_carry_backward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(Eg, Qg, p.channels, chunks, rows);
       auto launch = [&](auto kernel) {
         kernel<<<blocks_for(threads), kThreads, 0, s>>>(
-            in, static_cast<const T*>(p.h_saved), static_cast<const A*>(p.h0), dh, Eg, static_cast<T*>(p.dx),
+            in.x, in.z, in.f, static_cast<const T*>(p.h_saved), static_cast<const A*>(p.h0), dh, Eg,
+            static_cast<T*>(p.dx),
             static_cast<A*>(p.dh0), static_cast<A*>(p.dz_partial), static_cast<A*>(p.df_partial),
             static_cast<const A*>(p.gate), static_cast<const T*>(p.gate_grad), static_cast<A*>(p.dgate_partial),
             p.time, p.channels, chunks, threads);
