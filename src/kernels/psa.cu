@@ -430,22 +430,32 @@ __global__ void scan_forward_kernel(ScanIn<T, kEma> in, const acc_t<T>* __restri
 // the same. Lane l ends with the sum of step 8 l4 + 4 l3 + 2 l2 + l1 (l_k:
 // bit k of l), returned; reduce_scatter16_step(lane) names it, and the even
 // lanes hold the sums that are stored.
+// One stage: lanes whose bit m is set keep the upper `width` values, the
+// others the lower, and each adds its partner's (lane ^ m) copy of the half
+// it keeps. Width and m are template arguments so that every index is a
+// constant: with a runtime width (a loop the compiler did not unroll) the
+// array went to local memory (ptxas: a 64-byte stack frame, 16 LDL per call).
+template <int kWidth, int kMask, typename A>
+__device__ __forceinline__ void reduce_scatter_stage(A (&r)[kScanSubLen], int lane) {
+  const bool upper = lane & kMask;
+#pragma unroll
+  for (int j = 0; j < kWidth; ++j) {
+    const A lo = r[j], hi = r[kWidth + j];
+    const A keep = upper ? hi : lo;
+    const A send = upper ? lo : hi;
+    r[j] = keep + __shfl_xor_sync(0xffffffffu, send, kMask);
+  }
+}
 template <typename A>
 __device__ __forceinline__ A reduce_scatter16(const A (&v)[kScanSubLen], int lane) {
   static_assert(kScanSubLen == 16, "the reduce-scatter assumes 16 steps per sub-chunk");
   A r[kScanSubLen];
 #pragma unroll
   for (int i = 0; i < kScanSubLen; ++i) r[i] = v[i];
-#pragma unroll
-  for (int width = kScanSubLen / 2, m = 16; width >= 1; width /= 2, m /= 2) {
-    const bool upper = lane & m;
-#pragma unroll
-    for (int j = 0; j < width; ++j) {
-      const A keep = upper ? r[width + j] : r[j];
-      const A send = upper ? r[j] : r[width + j];
-      r[j] = keep + __shfl_xor_sync(0xffffffffu, send, m);
-    }
-  }
+  reduce_scatter_stage<8, 16>(r, lane);
+  reduce_scatter_stage<4, 8>(r, lane);
+  reduce_scatter_stage<2, 4>(r, lane);
+  reduce_scatter_stage<1, 2>(r, lane);
   return r[0] + __shfl_xor_sync(0xffffffffu, r[0], 1);
 }
 __device__ __forceinline__ int reduce_scatter16_step(int lane) {
@@ -574,7 +584,7 @@ __global__ void scan_backward_kernel(ScanIn<T, kEma> in, const T* __restrict__ d
 // store, which they might alias: one memory latency per step). v, z, f come
 // as __restrict__ parameters, not through ScanIn, for the same reason.
 template <typename T, bool kGate>
-__global__ void scan_backward_saved_kernel(const T* __restrict__ v, const acc_t<T>* __restrict__ z,
+__global__ void __launch_bounds__(kThreads, 2) scan_backward_saved_kernel(const T* __restrict__ v, const acc_t<T>* __restrict__ z,
                                            const acc_t<T>* __restrict__ f, const T* __restrict__ h_saved,
                                            const acc_t<T>* __restrict__ h0, const T* __restrict__ dh,
                                            const acc_t<T>* __restrict__ g_carry, T* __restrict__ dx,
@@ -598,20 +608,57 @@ __global__ void scan_backward_saved_kernel(const T* __restrict__ v, const acc_t<
   for (int u = kScanSub - 1; u >= 0; --u) {
     const int64_t su = s + u * kScanSubLen;
     if (su >= e) continue;
-    A ws[kScanSubLen], dhs[kScanSubLen], zs[kScanSubLen], gc[kGate ? kScanSubLen : 1];
+    A ws[kScanSubLen], dhs[kScanSubLen], gc[kGate ? kScanSubLen : 1], zc[kScanSubLen];
+    // Step su + i of [B, T, C] at base[i * C]: 32-bit offsets from one
+    // 64-bit base per tensor (the int64 index of each of 16 steps cost about
+    // 30 registers). z and the gate are [B, T] (one address per warp).
+    const int C = int(channels);
+    const int64_t base = off + su * channels;
+    const T *vb = v + base, *dhb = dh + base, *hb = h_saved + base - channels, *dub = du + base;
+    T* dxb = dx != nullptr ? dx + base : nullptr;
+    const A* zb = z + zoff + su;
+    // kFull: every step of the sub-chunk lies in [1, e) (all but the
+    // sequence's first and a ragged last one), so the walks have no per-step
+    // branch and the first walk's 16 steps of loads are issued before any of
+    // them is used.
+    auto load_walk = [&](auto full) {
+      constexpr bool kFull = decltype(full)::value;
 #pragma unroll
-    for (int i = 0; i < kScanSubLen; ++i) {
-      const int64_t t = su + i, it = off + t * channels;
-      ws[i] = dhs[i] = zs[i] = A(0);
-      if constexpr (kGate) gc[i] = A(0);
-      if (t < e) {
-        const A vt = to_f(v[it]);
-        ws[i] = vt - (t > 0 ? A(to_f(h_saved[it - channels])) : h_init);
-        dhs[i] = to_f(dh[it]);
-        zs[i] = z[zoff + t];
-        if constexpr (kGate) gc[i] = A(to_f(du[it])) * vt;
+      for (int i = 0; i < kScanSubLen; ++i) {
+        const int64_t t = su + i;
+        if (kFull || t < e) {
+          const A vt = to_f(vb[i * C]);
+          ws[i] = vt - (kFull || t > 0 ? A(to_f(hb[i * C])) : h_init);  // v_t - h_{t-1}
+          dhs[i] = to_f(dhb[i * C]);
+          if constexpr (kGate) gc[i] = A(to_f(dub[i * C])) * vt;
+        } else {
+          ws[i] = dhs[i] = A(0);
+          if constexpr (kGate) gc[i] = A(0);
+        }
       }
-    }
+    };
+    auto reverse_walk = [&](auto full) {
+      constexpr bool kFull = decltype(full)::value;
+#pragma unroll
+      for (int i = kScanSubLen - 1; i >= 0; --i) {
+        zc[i] = A(0);
+        if (kFull || su + i < e) {
+          const A zt = zb[i];
+          const A b = coef_b(zt);
+          g = dhs[i] + a_next * g;
+          A dv = b * g;
+          if constexpr (kGate) dv += gate[zoff + su + i] * A(to_f(dub[i * C]));  // du again: from L1
+          if (dxb != nullptr) dxb[i * C] = from_f<T>(dv);
+          const A db = g * ws[i];
+          df += zt * db;
+          zc[i] = fc * db;
+          a_next = add_rn(A(1), -b);
+        }
+      }
+    };
+    const bool full = su > 0 && su + kScanSubLen <= e;
+    if (full) load_walk(std::true_type{});
+    else load_walk(std::false_type{});
     const int step = reduce_scatter16_step(lane);
     const bool store = (lane & 1) == 0 && su + step < e;
     const int64_t part = (zoff + su + step) * (channels / 32) + q.c / 32;
@@ -619,23 +666,8 @@ __global__ void scan_backward_saved_kernel(const T* __restrict__ v, const acc_t<
       const A dgate = reduce_scatter16(gc, lane);
       if (store) dgate_part[part] = dgate;
     }
-    A zc[kScanSubLen];
-#pragma unroll
-    for (int i = kScanSubLen - 1; i >= 0; --i) {
-      const int64_t t = su + i, it = off + t * channels;
-      zc[i] = A(0);
-      if (t < e) {
-        const A b = coef_b(zs[i]);
-        g = dhs[i] + a_next * g;
-        A dv = b * g;
-        if constexpr (kGate) dv += gate[zoff + t] * A(to_f(du[it]));  // du again: from L1
-        if (dx != nullptr) dx[it] = from_f<T>(dv);
-        const A db = g * ws[i];
-        df += zs[i] * db;
-        zc[i] = fc * db;
-        a_next = add_rn(A(1), -b);
-      }
-    }
+    if (full) reverse_walk(std::true_type{});
+    else reverse_walk(std::false_type{});
     const A dz = reduce_scatter16(zc, lane);
     if (store) dz_part[part] = dz;
   }
