@@ -5,18 +5,17 @@
 // Blocks of 64 rows, 4 warps of 16 rows each; tiles of 64 keys (or, in the
 // dk/dv pass, 64 queries) staged in shared memory by cp.async, the next tile
 // in flight while the current one computes, with rows padded by 8 elements
-// so that the fragment loads below (ldmatrix: eight rows of 16 bytes at a
-// time, 272 bytes apart) fall in 32 distinct banks.
+// so that the fragment loads below (32-bit words at row g, column 2t of a
+// 16 x 16 tile; ldmatrix rows of 16 bytes) fall in 32 distinct banks.
 // Fragment layouts of m16n8k16 (g = lane / 4, t = lane % 4):
 //   A (16 x 16, row-major): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
 //   B (16 x 8, k x n):      b0 (k 2t..2t+1, n g), b1 (k 2t+8..2t+9, n g)
 //   C (16 x 8):             c0 c1 (g, 2t..2t+1), c2 c3 (g+8, 2t..2t+1)
 // so the C fragments of two neighbouring 8-column tiles are, packed to 16
 // bits, the A fragment of their 16 columns: scores become P (or dS) operands
-// without leaving registers. Shared operands come through ldmatrix: as
-// stored where k runs along a row (Q K^T and its relatives), transposed
-// where k runs along the rows' index (V in P V, K in dS K, dO and Q in the
-// key pass).
+// without leaving registers. Operands whose k runs along the stored rows'
+// index (V in P V, K in dS K, dO and Q in the key pass) come through
+// ldmatrix.trans.
 #include <cfloat>
 #include <cstdint>
 #include <stdexcept>
@@ -61,49 +60,52 @@ struct Mma {
 };
 #undef UNSWAG_MMA_M16N8K16
 
-// Four 8 x 8 matrices of 16-bit elements from a row-major shared tile: lane l
-// addresses row l % 8 of matrix m = l / 8, placed at (row0 + 8 (m & 1),
-// col0 + 8 (m >> 1)); lane (g, t) receives row g, elements 2t..2t+1 of each
-// (kTrans: of its transpose). As stored, r0..r3 are the A fragment (a0..a3)
-// of the 16 x 16 block at (row0, col0); read as B^T (tile rows are n,
-// columns k), r0 r2 are (b0, b1) of n = row0..row0+7 and r1 r3 of
-// row0+8..row0+15. Transposed, with a row-major [k][n] tile, r0 r1 are
-// (b0, b1) of columns col0..col0+7 and r2 r3 of col0+8..col0+15, for k =
-// row0..row0+15. One instruction where 32-bit loads took four.
-template <bool kTrans, typename E>
-__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const E* tile, int ld, int row0, int col0) {
+template <typename E>
+__device__ __forceinline__ uint32_t lds32(const E* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// Four 8 x 8 matrices, transposed: lane l addresses row l % 8 of matrix l / 8.
+// With matrix m at (row0 + 8 (m & 1), col0 + 8 (m >> 1)) of a row-major
+// [k][n] tile, r0 r1 are the B fragment (b0, b1) of columns col0..col0+7
+// and r2 r3 of col0+8..col0+15, for k = row0..row0+15.
+template <typename E>
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], const E* tile, int ld, int row0, int col0) {
   const int lane = threadIdx.x & 31, m = lane >> 3;
   const E* p = tile + (row0 + (m & 1) * 8 + (lane & 7)) * ld + col0 + (m >> 1) * 8;
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  if constexpr (kTrans)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a)
-                 : "memory");
-  else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a)
-                 : "memory");
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+
+// The A fragment of rows row0..row0+15, columns k0..k0+15 of a row-major tile.
+template <typename E>
+__device__ __forceinline__ void load_a(uint32_t a[4], const E* tile, int ld, int row0, int k0) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const E* p = tile + (row0 + g) * ld + k0 + 2 * t;
+  a[0] = lds32(p);
+  a[1] = lds32(p + 8 * ld);
+  a[2] = lds32(p + 8);
+  a[3] = lds32(p + 8 * ld + 8);
 }
 
 // C[16 x 8 * NT] += A[rows row0.., D] B^T, B^T's columns being rows n0.. of a
 // second row-major tile (S = Q K^T and its relatives: both operands are read
-// along their stored rows). NT even.
+// along their stored rows).
 template <typename E, int D, int NT>
 __device__ __forceinline__ void mma_abt(float c[NT][4], const E* a_tile, int a_row0, const E* b_tile, int b_row0) {
-  static_assert(NT % 2 == 0, "n-tiles come in pairs (one ldmatrix.x4 each)");
   constexpr int ld = D + 8;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[4];
-    ldsm_x4<false>(a, a_tile, ld, a_row0, kk * 16);
+    load_a(a, a_tile, ld, a_row0, kk * 16);
 #pragma unroll
-    for (int nt = 0; nt < NT; nt += 2) {
-      uint32_t b[4];
-      ldsm_x4<false>(b, b_tile, ld, b_row0 + nt * 8, kk * 16);
-      Mma<E>::run(c[nt], a, b[0], b[2]);
-      Mma<E>::run(c[nt + 1], a, b[1], b[3]);
+    for (int nt = 0; nt < NT; ++nt) {
+      const E* p = b_tile + (b_row0 + nt * 8 + g) * ld + kk * 16 + 2 * t;
+      Mma<E>::run(c[nt], a, lds32(p), lds32(p + 8));
     }
   }
 }
@@ -121,7 +123,7 @@ __device__ __forceinline__ void mma_px(float acc[D / 8][4], const float p[NT][4]
 #pragma unroll
     for (int nd = 0; nd < D / 16; ++nd) {
       uint32_t b[4];
-      ldsm_x4<true>(b, x_tile, ld, x_row0 + ks * 16, nd * 16);
+      ldsm_x4_trans(b, x_tile, ld, x_row0 + ks * 16, nd * 16);
       Mma<E>::run(acc[2 * nd], a, b[0], b[1]);
       Mma<E>::run(acc[2 * nd + 1], a, b[2], b[3]);
     }
