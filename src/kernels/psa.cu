@@ -566,10 +566,13 @@ __global__ void scan_backward_kernel(ScanIn<T, kEma> in, const T* __restrict__ d
 
 // Pass 3, backward of the gated EMA from the forward's stored h: the same
 // outputs as scan_backward_kernel<T, true, kGate> but no replay, so each
-// chunk is one reverse walk whose loads (dh, v, h_{t-1}, du, z) do not wait
-// on the recurrence g_t = dh_t + a_{t+1} g_{t+1}: 16 steps of them are in
-// flight at once, where the replay kept one dependent chain per thread and
-// 16 checkpoints in local memory (ncu: latency-bound at 25% occupancy).
+// chunk is one reverse walk (the replay walked it twice and kept 16
+// checkpoints in local memory): 2.35 ms at 128k on an H100 against 4.3 on
+// an H200 (docs/psa.md). Still about 2.5x off the copy rate; the SASS
+// shows each step behind its own `t < e` branch with its loads after the
+// previous step's store (v and z come through ScanIn, not __restrict__),
+// and reduce_scatter16's array in local memory. Branch
+// scan-backward-batched holds a variant without either, not yet measured.
 template <typename T, bool kGate>
 __global__ void scan_backward_saved_kernel(ScanIn<T, true> in, const T* __restrict__ h_saved,
                                            const acc_t<T>* __restrict__ h0, const T* __restrict__ dh,
