@@ -636,60 +636,78 @@ __global__ void scan_backward_saved_kernel(ScanIn<T, true> in, const T* __restri
 
 }  // namespace
 
-void causal_conv_forward_cuda(const CausalConvParams& p, void* stream) {
+namespace {
+// CausalConvParams' pointers, typed, and the launch geometry: one thread per
+// (b, time tile, c).
+template <typename T>
+struct ConvLaunch {
+  using Elem = T;
+  using A = acc_t<T>;
+  const T* x;
+  const A* w;
+  const A* bias;
+  T* y;
+  const T* dy;
+  T* dx;
+  const T* dx_addend;
+  A* dw;
+  A* db;
+  int64_t tiles, threads;
+  unsigned blocks() const { return blocks_for(threads); }
+};
+// fn(ConvLaunch<T>, KP) with the storage type and the register window (0:
+// the plain-loop kernels); nothing for an empty input.
+template <typename Fn>
+void launch_conv(const CausalConvParams& p, Fn&& fn) {
   const int64_t tiles = (p.time + p.time_tile - 1) / p.time_tile;
   const int64_t threads = p.batch * tiles * p.channels;
   if (threads == 0) return;
-  auto s = static_cast<cudaStream_t>(stream);
   dispatch_cuda(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
-    const auto* x = static_cast<const T*>(p.x);
-    const auto* w = static_cast<const A*>(p.weight);
-    const auto* bias = static_cast<const A*>(p.bias);
-    auto* y = static_cast<T*>(p.y);
-    dispatch_window(window_for(p.taps), [&](auto kp) {
-      constexpr int KP = decltype(kp)::value;
-      if constexpr (KP == 0)
-        conv_forward_any_kernel<T><<<blocks_for(threads), kThreads, 0, s>>>(
-            x, w, bias, y, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
-      else
-        conv_forward_kernel<T, KP><<<blocks_for(threads), kThreads, 0, s>>>(
-            x, w, bias, y, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
-    });
+    const ConvLaunch<T> c{static_cast<const T*>(p.x),         static_cast<const A*>(p.weight),
+                          static_cast<const A*>(p.bias),      static_cast<T*>(p.y),
+                          static_cast<const T*>(p.dy),        static_cast<T*>(p.dx),
+                          static_cast<const T*>(p.dx_addend), static_cast<A*>(p.dweight_partial),
+                          static_cast<A*>(p.dbias_partial),   tiles,
+                          threads};
+    dispatch_window(window_for(p.taps), [&](auto kp) { fn(c, kp); });
+  });
+}
+}  // namespace
+
+void causal_conv_forward_cuda(const CausalConvParams& p, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  launch_conv(p, [&](const auto& c, auto kp) {
+    using T = typename std::decay_t<decltype(c)>::Elem;
+    constexpr int KP = decltype(kp)::value;
+    if constexpr (KP == 0)
+      conv_forward_any_kernel<T><<<c.blocks(), kThreads, 0, s>>>(c.x, c.w, c.bias, c.y, p.time, p.channels,
+                                                                  int(p.taps), p.time_tile, c.tiles, c.threads);
+    else
+      conv_forward_kernel<T, KP><<<c.blocks(), kThreads, 0, s>>>(c.x, c.w, c.bias, c.y, p.time, p.channels,
+                                                                  int(p.taps), p.time_tile, c.tiles, c.threads);
   });
   check_launch("causal_conv forward");
 }
 
 void causal_conv_backward_cuda(const CausalConvParams& p, void* stream) {
-  const int64_t tiles = (p.time + p.time_tile - 1) / p.time_tile;
-  const int64_t threads = p.batch * tiles * p.channels;
-  if (threads == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
-  dispatch_cuda(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using A = acc_t<T>;
-    const auto* x = static_cast<const T*>(p.x);
-    const auto* w = static_cast<const A*>(p.weight);
-    const auto* dy = static_cast<const T*>(p.dy);
-    auto* dx = static_cast<T*>(p.dx);
-    const auto* dx_addend = static_cast<const T*>(p.dx_addend);
-    auto* dw = static_cast<A*>(p.dweight_partial);
-    auto* db = static_cast<A*>(p.dbias_partial);
-    dispatch_window(window_for(p.taps), [&](auto kp) {
-      constexpr int KP = decltype(kp)::value;
-      if constexpr (KP == 0) {
-        conv_backward_any_kernel<T><<<blocks_for(threads), kThreads, 0, s>>>(
-            x, w, dy, dx, dx_addend, dw, db, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
-      } else {
-        if (dx != nullptr)
-          conv_backward_dx_kernel<T, KP><<<blocks_for(threads), kThreads, 0, s>>>(
-              w, dy, dx, dx_addend, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
-        if (dw != nullptr || db != nullptr)
-          conv_backward_dw_kernel<T, KP><<<blocks_for(threads), kThreads, 0, s>>>(
-              x, dy, dw, db, p.time, p.channels, int(p.taps), p.time_tile, tiles, threads);
-      }
-    });
+  launch_conv(p, [&](const auto& c, auto kp) {
+    using T = typename std::decay_t<decltype(c)>::Elem;
+    constexpr int KP = decltype(kp)::value;
+    if constexpr (KP == 0) {
+      conv_backward_any_kernel<T><<<c.blocks(), kThreads, 0, s>>>(c.x, c.w, c.dy, c.dx, c.dx_addend, c.dw, c.db,
+                                                                   p.time, p.channels, int(p.taps), p.time_tile,
+                                                                   c.tiles, c.threads);
+    } else {
+      if (c.dx != nullptr)
+        conv_backward_dx_kernel<T, KP><<<c.blocks(), kThreads, 0, s>>>(
+            c.w, c.dy, c.dx, c.dx_addend, p.time, p.channels, int(p.taps), p.time_tile, c.tiles, c.threads);
+      if (c.dw != nullptr || c.db != nullptr)
+        conv_backward_dw_kernel<T, KP><<<c.blocks(), kThreads, 0, s>>>(
+            c.x, c.dy, c.dw, c.db, p.time, p.channels, int(p.taps), p.time_tile, c.tiles, c.threads);
+    }
   });
   check_launch("causal_conv backward");
 }
