@@ -778,12 +778,8 @@ namespace {
 TEST_F(PSALayer, CudaHalfPrecisionMatchesFloat64) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device here";
   SCOPED_TRACE("seed " + std::to_string(seed_));
-  Shape s;
-  s.d = 48;
-  s.H = 4;
-  s.Hkv = 2;
-  s.D = 64;  // a head dim the window kernels take (64 or 128)
-  s.window = 37;
+  // D: a head dim the window kernels take (64 or 128).
+  const Shape s{/*d=*/48, /*H=*/4, /*Hkv=*/2, /*D=*/64, /*Kc=*/3, /*window=*/37};
   PSAConfig c;
   c.random_router = true;
   c.seed = seed_;
@@ -850,12 +846,7 @@ namespace {
 TEST_F(PSALayer, CudaFusedWindowPackMatchesTwoNodes) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device here";
   SCOPED_TRACE("seed " + std::to_string(seed_));
-  Shape s;
-  s.d = 128;
-  s.H = 4;
-  s.Hkv = 2;
-  s.D = 64;
-  s.window = 70;
+  const Shape s{/*d=*/128, /*H=*/4, /*Hkv=*/2, /*D=*/64, /*Kc=*/3, /*window=*/70};
   PSAConfig c;
   c.seed = seed_;
   c.detach_router_input = false;
