@@ -423,6 +423,23 @@ __global__ void scan_forward_kernel(ScanIn<T, kEma> in, const acc_t<T>* __restri
   if (last != nullptr && e == time) last[q.b * channels + q.c] = h;
 }
 
+// One stage: lanes whose bit m is set keep the upper `width` values, the
+// others the lower, and each adds its partner's (lane ^ m) copy of the half
+// it keeps. Width and m are template arguments so that every index is a
+// constant: with a runtime width (a loop the compiler did not unroll) the
+// array went to local memory (ptxas: a 64-byte stack frame, 16 LDL per call).
+template <int kWidth, int kMask, typename A>
+__device__ __forceinline__ void reduce_scatter_stage(A (&r)[kScanSubLen], int lane) {
+  const bool upper = lane & kMask;
+#pragma unroll
+  for (int j = 0; j < kWidth; ++j) {
+    const A lo = r[j], hi = r[kWidth + j];
+    const A keep = upper ? hi : lo;
+    const A send = upper ? lo : hi;
+    r[j] = keep + __shfl_xor_sync(0xffffffffu, send, kMask);
+  }
+}
+
 // Sums 16 per-step values over a warp's 32 lanes (channels) by a
 // reduce-scatter: each xor stage sends the half of its values the partner
 // keeps, so 8 + 4 + 2 + 1 + 1 shuffles serve 16 steps (an all-reduce per step
@@ -436,16 +453,10 @@ __device__ __forceinline__ A reduce_scatter16(const A (&v)[kScanSubLen], int lan
   A r[kScanSubLen];
 #pragma unroll
   for (int i = 0; i < kScanSubLen; ++i) r[i] = v[i];
-#pragma unroll
-  for (int width = kScanSubLen / 2, m = 16; width >= 1; width /= 2, m /= 2) {
-    const bool upper = lane & m;
-#pragma unroll
-    for (int j = 0; j < width; ++j) {
-      const A keep = upper ? r[width + j] : r[j];
-      const A send = upper ? r[j] : r[width + j];
-      r[j] = keep + __shfl_xor_sync(0xffffffffu, send, m);
-    }
-  }
+  reduce_scatter_stage<8, 16>(r, lane);
+  reduce_scatter_stage<4, 8>(r, lane);
+  reduce_scatter_stage<2, 4>(r, lane);
+  reduce_scatter_stage<1, 2>(r, lane);
   return r[0] + __shfl_xor_sync(0xffffffffu, r[0], 1);
 }
 __device__ __forceinline__ int reduce_scatter16_step(int lane) {
@@ -565,70 +576,106 @@ __global__ void scan_backward_kernel(ScanIn<T, kEma> in, const T* __restrict__ d
 }
 
 // Pass 3, backward of the gated EMA from the forward's stored h: the same
-// outputs as scan_backward_kernel<T, true, kGate> but no replay, so each
-// chunk is one reverse walk (the replay walked it twice and kept 16
-// checkpoints in local memory): 2.35 ms at 128k on an H100 against 4.3 on
-// an H200 (docs/psa.md). Still about 2.5x off the copy rate; the SASS
-// shows each step behind its own `t < e` branch with its loads after the
-// previous step's store (v and z come through ScanIn, not __restrict__),
-// and reduce_scatter16's array in local memory. Branch
-// scan-backward-batched holds a variant without either, not yet measured.
+// outputs as scan_backward_kernel<T, true, kGate> but no replay. Each
+// sub-chunk of 16 steps is two walks: the first, in time order, only loads
+// (v, h_{t-1}, dh; du for dgate) and keeps w_t = v_t - h_{t-1} and dh_t in
+// registers; the second runs g_t = dh_t + a_{t+1} g_{t+1} backward and
+// stores dv. Where all 16 steps lie in [1, e) (every sub-chunk but the
+// sequence's first and a ragged last one) neither walk has a per-step
+// branch, so the first walk's 16 steps of loads issue as one batch (the
+// SASS). The single-walk version (main until this is measured) issued each
+// step's loads behind its own `t < e` branch and the previous step's store:
+// 2.35 ms at 128k on an H100, about 2.5x off the copy rate. v, z, f come as
+// __restrict__ parameters, not through ScanIn, so the loads may pass the
+// stores.
 template <typename T, bool kGate>
-__global__ void scan_backward_saved_kernel(ScanIn<T, true> in, const T* __restrict__ h_saved,
-                                           const acc_t<T>* __restrict__ h0, const T* __restrict__ dh,
-                                           const acc_t<T>* __restrict__ g_carry, T* __restrict__ dx,
-                                           acc_t<T>* __restrict__ dh0, acc_t<T>* __restrict__ dz_part,
-                                           acc_t<T>* __restrict__ df_part, const acc_t<T>* __restrict__ gate,
-                                           const T* __restrict__ du, acc_t<T>* __restrict__ dgate_part,
-                                           int64_t time, int64_t channels, int64_t chunks, int64_t threads) {
+__global__ void __launch_bounds__(kThreads, 2)
+    scan_backward_saved_kernel(const T* __restrict__ v, const acc_t<T>* __restrict__ z,
+                               const acc_t<T>* __restrict__ f, const T* __restrict__ h_saved,
+                               const acc_t<T>* __restrict__ h0, const T* __restrict__ dh,
+                               const acc_t<T>* __restrict__ g_carry, T* __restrict__ dx, acc_t<T>* __restrict__ dh0,
+                               acc_t<T>* __restrict__ dz_part, acc_t<T>* __restrict__ df_part,
+                               const acc_t<T>* __restrict__ gate, const T* __restrict__ du,
+                               acc_t<T>* __restrict__ dgate_part, int64_t time, int64_t channels, int64_t chunks,
+                               int64_t threads) {
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
   const auto [q, s, e, off, zoff] = scan_chunk(idx, time, channels, chunks);
-  const A fc = in.rate(q.c);
+  const A fc = f[q.c];
   const A h_init = h0 != nullptr ? h0[q.b * channels + q.c] : A(0);  // h_{-1}
   const int lane = threadIdx.x & 31;
+  // b_t = z_t f_c and a_t = 1 - b_t, rounded as the forward rounds them (ScanIn::load).
+  auto coef_b = [&](A zt) { return mul_rn(zt, fc); };
   A g = g_carry[idx];
-  A a_next = e < time ? in.coef(off + e * channels, zoff + e, fc) : A(0);
+  A a_next = e < time ? add_rn(A(1), -coef_b(z[zoff + e])) : A(0);
   A df = 0;
 #pragma unroll 1
   for (int u = kScanSub - 1; u >= 0; --u) {
     const int64_t su = s + u * kScanSubLen;
     if (su >= e) continue;
-    A zc[kScanSubLen], gc[kGate ? kScanSubLen : 1];
+    A ws[kScanSubLen], dhs[kScanSubLen], gc[kGate ? kScanSubLen : 1], zc[kScanSubLen];
+    // Step su + i of [B, T, C] at base[i * C]: 32-bit offsets from one
+    // 64-bit base per tensor (the int64 index of each of 16 steps cost about
+    // 30 registers). z and the gate are [B, T] (one address per warp).
+    const int C = int(channels);
+    const int64_t base = off + su * channels;
+    const T *vb = v + base, *dhb = dh + base, *hb = h_saved + base - channels, *dub = du + base;
+    T* dxb = dx != nullptr ? dx + base : nullptr;
+    const A* zb = z + zoff + su;
+    // kFull: every step of the sub-chunk lies in [1, e) (all but the
+    // sequence's first and a ragged last one), so the walks have no per-step
+    // branch and the first walk's 16 steps of loads are issued before any of
+    // them is used.
+    auto load_walk = [&](auto full) {
+      constexpr bool kFull = decltype(full)::value;
 #pragma unroll
-    for (int i = kScanSubLen - 1; i >= 0; --i) {
-      const int64_t t = su + i, it = off + t * channels;
-      zc[i] = A(0);
-      if constexpr (kGate) gc[i] = A(0);
-      if (t < e) {
-        const A v = to_f(in.x[it]);
-        const A h_prev = t > 0 ? A(to_f(h_saved[it - channels])) : h_init;
-        const A zt = in.z[zoff + t];
-        const A b = mul_rn(zt, fc);  // as the forward rounds it (ScanIn::load)
-        g = A(to_f(dh[it])) + a_next * g;
-        A dv = b * g;
-        if constexpr (kGate) {
-          const A dut = to_f(du[it]);
-          dv += gate[zoff + t] * dut;
-          gc[i] = dut * v;
+      for (int i = 0; i < kScanSubLen; ++i) {
+        const int64_t t = su + i;
+        if (kFull || t < e) {
+          const A vt = to_f(vb[i * C]);
+          ws[i] = vt - (kFull || t > 0 ? A(to_f(hb[i * C])) : h_init);  // v_t - h_{t-1}
+          dhs[i] = to_f(dhb[i * C]);
+          if constexpr (kGate) gc[i] = A(to_f(dub[i * C])) * vt;
+        } else {
+          ws[i] = dhs[i] = A(0);
+          if constexpr (kGate) gc[i] = A(0);
         }
-        if (dx != nullptr) dx[it] = from_f<T>(dv);
-        const A db = g * (v - h_prev);
-        df += zt * db;
-        zc[i] = fc * db;
-        a_next = add_rn(A(1), -b);
       }
-    }
+    };
+    auto reverse_walk = [&](auto full) {
+      constexpr bool kFull = decltype(full)::value;
+#pragma unroll
+      for (int i = kScanSubLen - 1; i >= 0; --i) {
+        zc[i] = A(0);
+        if (kFull || su + i < e) {
+          const A zt = zb[i];
+          const A b = coef_b(zt);
+          g = dhs[i] + a_next * g;
+          A dv = b * g;
+          if constexpr (kGate) dv += gate[zoff + su + i] * A(to_f(dub[i * C]));  // du again: from L1
+          if (dxb != nullptr) dxb[i * C] = from_f<T>(dv);
+          const A db = g * ws[i];
+          df += zt * db;
+          zc[i] = fc * db;
+          a_next = add_rn(A(1), -b);
+        }
+      }
+    };
+    const bool full = su > 0 && su + kScanSubLen <= e;
+    if (full) load_walk(std::true_type{});
+    else load_walk(std::false_type{});
     const int step = reduce_scatter16_step(lane);
     const bool store = (lane & 1) == 0 && su + step < e;
     const int64_t part = (zoff + su + step) * (channels / 32) + q.c / 32;
-    const A dz = reduce_scatter16(zc, lane);
-    if (store) dz_part[part] = dz;
     if constexpr (kGate) {
       const A dgate = reduce_scatter16(gc, lane);
       if (store) dgate_part[part] = dgate;
     }
+    if (full) reverse_walk(std::true_type{});
+    else reverse_walk(std::false_type{});
+    const A dz = reduce_scatter16(zc, lane);
+    if (store) dz_part[part] = dz;
   }
   if (q.tile == 0 && dh0 != nullptr) dh0[q.b * channels + q.c] = a_next * g;
   df_part[idx] = df;
@@ -753,7 +800,8 @@ void scan_backward(const LinearScanParams& p, cudaStream_t s) {
       scan_carry_backward_kernel<A><<<blocks_for(rows), kThreads, 0, s>>>(Eg, Qg, p.channels, chunks, rows);
       auto launch = [&](auto kernel) {
         kernel<<<blocks_for(threads), kThreads, 0, s>>>(
-            in, static_cast<const T*>(p.h_saved), static_cast<const A*>(p.h0), dh, Eg, static_cast<T*>(p.dx),
+            in.x, in.z, in.f, static_cast<const T*>(p.h_saved), static_cast<const A*>(p.h0), dh, Eg,
+            static_cast<T*>(p.dx),
             static_cast<A*>(p.dh0), static_cast<A*>(p.dz_partial), static_cast<A*>(p.df_partial),
             static_cast<const A*>(p.gate), static_cast<const T*>(p.gate_grad), static_cast<A*>(p.dgate_partial),
             p.time, p.channels, chunks, threads);
