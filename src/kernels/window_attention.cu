@@ -5,17 +5,18 @@
 // Blocks of 64 rows, 4 warps of 16 rows each; tiles of 64 keys (or, in the
 // dk/dv pass, 64 queries) staged in shared memory by cp.async, the next tile
 // in flight while the current one computes, with rows padded by 8 elements
-// so that the fragment loads below (32-bit words at row g, column 2t of a
-// 16 x 16 tile; ldmatrix rows of 16 bytes) fall in 32 distinct banks.
+// so that the fragment loads below (ldmatrix: eight rows of 16 bytes at a
+// time, 272 bytes apart) fall in 32 distinct banks.
 // Fragment layouts of m16n8k16 (g = lane / 4, t = lane % 4):
 //   A (16 x 16, row-major): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
 //   B (16 x 8, k x n):      b0 (k 2t..2t+1, n g), b1 (k 2t+8..2t+9, n g)
 //   C (16 x 8):             c0 c1 (g, 2t..2t+1), c2 c3 (g+8, 2t..2t+1)
 // so the C fragments of two neighbouring 8-column tiles are, packed to 16
 // bits, the A fragment of their 16 columns: scores become P (or dS) operands
-// without leaving registers. Operands whose k runs along the stored rows'
-// index (V in P V, K in dS K, dO and Q in the key pass) come through
-// ldmatrix.trans.
+// without leaving registers. Shared operands come through ldmatrix: as
+// stored where k runs along a row (Q K^T and its relatives), transposed
+// where k runs along the rows' index (V in P V, K in dS K, dO and Q in the
+// key pass).
 #include <cfloat>
 #include <cstdint>
 #include <stdexcept>
@@ -60,52 +61,49 @@ struct Mma {
 };
 #undef UNSWAG_MMA_M16N8K16
 
-template <typename E>
-__device__ __forceinline__ uint32_t lds32(const E* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-
-// Four 8 x 8 matrices, transposed: lane l addresses row l % 8 of matrix l / 8.
-// With matrix m at (row0 + 8 (m & 1), col0 + 8 (m >> 1)) of a row-major
-// [k][n] tile, r0 r1 are the B fragment (b0, b1) of columns col0..col0+7
-// and r2 r3 of col0+8..col0+15, for k = row0..row0+15.
-template <typename E>
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], const E* tile, int ld, int row0, int col0) {
+// Four 8 x 8 matrices of 16-bit elements from a row-major shared tile: lane l
+// addresses row l % 8 of matrix m = l / 8, placed at (row0 + 8 (m & 1),
+// col0 + 8 (m >> 1)); lane (g, t) receives row g, elements 2t..2t+1 of each
+// (kTrans: of its transpose). As stored, r0..r3 are the A fragment (a0..a3)
+// of the 16 x 16 block at (row0, col0); read as B^T (tile rows are n,
+// columns k), r0 r2 are (b0, b1) of n = row0..row0+7 and r1 r3 of
+// row0+8..row0+15. Transposed, with a row-major [k][n] tile, r0 r1 are
+// (b0, b1) of columns col0..col0+7 and r2 r3 of col0+8..col0+15, for k =
+// row0..row0+15. One instruction where 32-bit loads took four.
+template <bool kTrans, typename E>
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const E* tile, int ld, int row0, int col0) {
   const int lane = threadIdx.x & 31, m = lane >> 3;
   const E* p = tile + (row0 + (m & 1) * 8 + (lane & 7)) * ld + col0 + (m >> 1) * 8;
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a)
-               : "memory");
-}
-
-// The A fragment of rows row0..row0+15, columns k0..k0+15 of a row-major tile.
-template <typename E>
-__device__ __forceinline__ void load_a(uint32_t a[4], const E* tile, int ld, int row0, int k0) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const E* p = tile + (row0 + g) * ld + k0 + 2 * t;
-  a[0] = lds32(p);
-  a[1] = lds32(p + 8 * ld);
-  a[2] = lds32(p + 8);
-  a[3] = lds32(p + 8 * ld + 8);
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
 }
 
 // C[16 x 8 * NT] += A[rows row0.., D] B^T, B^T's columns being rows n0.. of a
 // second row-major tile (S = Q K^T and its relatives: both operands are read
-// along their stored rows).
+// along their stored rows). NT even.
 template <typename E, int D, int NT>
 __device__ __forceinline__ void mma_abt(float c[NT][4], const E* a_tile, int a_row0, const E* b_tile, int b_row0) {
+  static_assert(NT % 2 == 0, "n-tiles come in pairs (one ldmatrix.x4 each)");
   constexpr int ld = D + 8;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[4];
-    load_a(a, a_tile, ld, a_row0, kk * 16);
+    ldsm_x4<false>(a, a_tile, ld, a_row0, kk * 16);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const E* p = b_tile + (b_row0 + nt * 8 + g) * ld + kk * 16 + 2 * t;
-      Mma<E>::run(c[nt], a, lds32(p), lds32(p + 8));
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t b[4];
+      ldsm_x4<false>(b, b_tile, ld, b_row0 + nt * 8, kk * 16);
+      Mma<E>::run(c[nt], a, b[0], b[2]);
+      Mma<E>::run(c[nt + 1], a, b[1], b[3]);
     }
   }
 }
@@ -123,7 +121,7 @@ __device__ __forceinline__ void mma_px(float acc[D / 8][4], const float p[NT][4]
 #pragma unroll
     for (int nd = 0; nd < D / 16; ++nd) {
       uint32_t b[4];
-      ldsm_x4_trans(b, x_tile, ld, x_row0 + ks * 16, nd * 16);
+      ldsm_x4<true>(b, x_tile, ld, x_row0 + ks * 16, nd * 16);
       Mma<E>::run(acc[2 * nd], a, b[0], b[1]);
       Mma<E>::run(acc[2 * nd + 1], a, b[2], b[3]);
     }
@@ -336,21 +334,25 @@ __global__ void __launch_bounds__(kThreads) window_forward_kernel(WindowAttentio
 
 // ---- backward, query pass: delta = rowsum(dO o) and dq ---------------------
 //
-// Shared: Q, dO, and two buffers each of K, V and the keys' biases: the next
-// key tile lands while this one computes (the o tile needed for delta rides
-// in the second K buffer before the first prefetch). Keys in two halves of
-// 32 per tile: fewer registers for S and dP.
+// Shared: Q, dO, one tile each of K and V and the keys' biases: 70 KB at D =
+// 128, so three blocks share an SM (with at most 170 registers a thread,
+// __launch_bounds__ below) and hide each other's tile loads. Double-buffered
+// K and V (104 KB) kept two blocks per SM, whose warps, stalled on the
+// dependent tensor-core and exp chains, issued once every 5.3 cycles (ncu,
+// H100: 37% of issue slots). o, needed only for delta, is read straight
+// from global memory. Keys in two halves of 32 per tile: fewer registers
+// for S and dP.
 
 template <typename E, int D>
-__global__ void __launch_bounds__(kThreads) window_backward_dq_kernel(WindowAttentionParams p) {
+__global__ void __launch_bounds__(kThreads, 3) window_backward_dq_kernel(WindowAttentionParams p) {
   constexpr int ld = D + 8, kHalf = kRows / 2, kNT = kHalf / 8, kVec = D / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   E* Qs = reinterpret_cast<E*>(smem);
   E* dOs = Qs + kRows * ld;
-  E* Ks = dOs + kRows * ld;   // two tiles
-  E* Vs = Ks + 2 * kRows * ld;  // two tiles
-  float* bias_s = reinterpret_cast<float*>(Vs + 2 * kRows * ld);  // two vectors
-  float* delta_s = bias_s + 2 * kRows;
+  E* Ks = dOs + kRows * ld;
+  E* Vs = Ks + kRows * ld;
+  float* bias_s = reinterpret_cast<float*>(Vs + kRows * ld);
+  float* delta_s = bias_s + kRows;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t T = p.time, W = p.window, b = blockIdx.z, h = blockIdx.y, q0 = int64_t(blockIdx.x) * kRows;
@@ -360,55 +362,60 @@ __global__ void __launch_bounds__(kThreads) window_backward_dq_kernel(WindowAtte
   const float* bias = p.bias + b * T;
   const int64_t j_lo = q0 - W + 1 > 0 ? q0 - W + 1 : 0, j_hi = q0 + kRows - 1 < T - 1 ? q0 + kRows - 1 : T - 1;
   const int64_t k_first = j_lo / kRows * kRows;
-  auto issue = [&](int64_t k0, int bufn) {
-    load_rows<E, D>(Ks + bufn * kRows * ld, k, p.k_stride[2], k0, T);
-    load_rows<E, D>(Vs + bufn * kRows * ld, v, p.v_stride[2], k0, T);
-    load_vector(bias_s + bufn * kRows, bias, k0, T);
+  auto issue = [&](int64_t k0) {
+    load_rows<E, D>(Ks, k, p.k_stride[2], k0, T);
+    load_rows<E, D>(Vs, v, p.v_stride[2], k0, T);
+    load_vector(bias_s, bias, k0, T);
   };
   load_rows<E, D>(Qs, seq<E>(p.q, p.q_stride, b, h), p.q_stride[2], q0, T);
   load_rows<E, D>(dOs, seq<E>(p.dout, p.dout_stride, b, h), p.dout_stride[2], q0, T);
-  load_rows<E, D>(Ks + kRows * ld, seq<E>(p.o, p.o_stride, b, h), p.o_stride[2], q0, T);  // o, for delta
-  issue(k_first, 0);
+  issue(k_first);
   cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-  // delta_i = sum_d dO[i, d] o[i, d]: kVec lanes per row (16 or 8, within a warp), 8 elements each.
+  // delta_i = sum_d dO[i, d] o[i, d]: kVec lanes per row (16 or 8, within a
+  // warp), 8 elements each; o's loads go out while the tiles land.
+  {
+    const E* o = seq<E>(p.o, p.o_stride, b, h);
+    constexpr int kPer = kRows * kVec / kThreads;
+    uint4 ov[kPer];
 #pragma unroll
-  for (int i = threadIdx.x; i < kRows * kVec; i += kThreads) {
-    const int r = i / kVec, c = i % kVec;
-    const E* oe = Ks + kRows * ld + r * ld + c * 8;
-    const E* de = dOs + r * ld + c * 8;
-    float part = 0.f;
-#pragma unroll
-    for (int u = 0; u < 8; ++u) part += to_f(oe[u]) * to_f(de[u]);
-#pragma unroll
-    for (int off = kVec / 2; off >= 1; off /= 2) part += __shfl_xor_sync(0xffffffffu, part, off);
-    if (c == 0) {
-      delta_s[r] = part;
-      if (q0 + r < T) p.delta[(b * p.heads + h) * T + q0 + r] = part;
+    for (int u = 0; u < kPer; ++u) {
+      const int i = threadIdx.x + u * kThreads, r = i / kVec, c = i % kVec;
+      ov[u] = q0 + r < T ? *reinterpret_cast<const uint4*>(o + (q0 + r) * p.o_stride[2] + c * 8) : make_uint4(0, 0, 0, 0);
     }
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int i = threadIdx.x + u * kThreads, r = i / kVec, c = i % kVec;
+      const E* oe = reinterpret_cast<const E*>(&ov[u]);
+      const E* de = dOs + r * ld + c * 8;
+      float part = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) part += to_f(oe[e]) * to_f(de[e]);
+#pragma unroll
+      for (int off = kVec / 2; off >= 1; off /= 2) part += __shfl_xor_sync(0xffffffffu, part, off);
+      if (c == 0) {
+        delta_s[r] = part;
+        if (q0 + r < T) p.delta[(b * p.heads + h) * T + q0 + r] = part;
+      }
+    }
+    __syncthreads();
   }
-  // (The loop's first barrier orders these reads of o before the prefetch overwrites it.)
   const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   const bool row_in[2] = {row[0] < T, row[1] < T};
   float lse[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) lse[r] = row_in[r] ? p.lse[(b * p.heads + h) * T + row[r]] : 0.f;
+  const float delta[2] = {delta_s[warp * 16 + g], delta_s[warp * 16 + g + 8]};
   float acc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   const float sl2 = p.scale * kLog2e;
-  float delta[2] = {0.f, 0.f};
-  int buf = 0;
-  for (int64_t k0 = k_first; k0 <= j_hi; k0 += kRows, buf ^= 1) {
-    cp_async_wait<0>();
-    __syncthreads();  // this tile landed; every warp is done with the other buffers (and delta_s is written)
-    if (k0 == k_first) delta[0] = delta_s[warp * 16 + g], delta[1] = delta_s[warp * 16 + g + 8];
-    if (k0 + kRows <= j_hi) issue(k0 + kRows, buf ^ 1);
-    cp_async_commit();
-    const E* Kt = Ks + buf * kRows * ld;
-    const E* Vt = Vs + buf * kRows * ld;
-    const float* bt = bias_s + buf * kRows;
+  for (int64_t k0 = k_first; k0 <= j_hi; k0 += kRows) {
+    if (k0 != k_first) {
+      cp_async_wait<0>();
+      __syncthreads();  // this tile landed
+    }
     const bool full = tile_all_visible(q0, k0, W, T);
     const int dist0 = int(row[0] - k0) - 2 * t;
 #pragma unroll
@@ -418,8 +425,8 @@ __global__ void __launch_bounds__(kThreads) window_backward_dq_kernel(WindowAtte
       for (int i = 0; i < kNT; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-      mma_abt<E, D, kNT>(s, Qs, warp * 16, Kt, half * kHalf);
-      mma_abt<E, D, kNT>(dp, dOs, warp * 16, Vt, half * kHalf);
+      mma_abt<E, D, kNT>(s, Qs, warp * 16, Ks, half * kHalf);
+      mma_abt<E, D, kNT>(dp, dOs, warp * 16, Vs, half * kHalf);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -427,14 +434,17 @@ __global__ void __launch_bounds__(kThreads) window_backward_dq_kernel(WindowAtte
           const int col = half * kHalf + nt * 8 + 2 * t + (e & 1), r = e >> 1;
           const bool ok =
               full || visible(dist0 + 8 * r - half * kHalf - nt * 8 - (e & 1), row_in[r], unsigned(W));
-          const float pr = ok ? exp2f(fmaf(s[nt][e], sl2, bt[col] * kLog2e) - lse[r]) : 0.f;
+          const float pr = ok ? exp2f(fmaf(s[nt][e], sl2, bias_s[col] * kLog2e) - lse[r]) : 0.f;
           s[nt][e] = pr * (dp[nt][e] - delta[r]);  // dS
         }
-      mma_px<E, D, kNT>(acc, s, Kt, half * kHalf);
+      mma_px<E, D, kNT>(acc, s, Ks, half * kHalf);
+    }
+    __syncthreads();  // every warp is done with this K, V and bias
+    if (k0 + kRows <= j_hi) {
+      issue(k0 + kRows);
+      cp_async_commit();
     }
   }
-  cp_async_wait<0>();
-  __syncthreads();
   stage_acc<E, D>(Qs, warp * 16, acc, p.scale, p.scale);
   __syncthreads();
   store_rows<E, D>(seq_mut<E>(p.dq, p.dq_stride, b, h), p.dq_stride[2], Qs, q0, T);
@@ -575,7 +585,7 @@ void window_attention_backward_cuda(const WindowAttentionParams& p, void* stream
     using E = decltype(e);
     constexpr int D = decltype(d)::value;
     const size_t tile = kRows * (D + 8) * sizeof(E);
-    launch(window_backward_dq_kernel<E, D>, grid_of(p.time, p.heads, p.batch), 6 * tile + 3 * kRows * sizeof(float), p,
+    launch(window_backward_dq_kernel<E, D>, grid_of(p.time, p.heads, p.batch), 4 * tile + 2 * kRows * sizeof(float), p,
            stream, "window_attention backward (dq)");
     launch(window_backward_dkdv_kernel<E, D>, grid_of(p.time, p.kv_heads, p.batch),
            6 * tile + 4 * kRows * sizeof(float), p, stream, "window_attention backward (dk, dv)");
