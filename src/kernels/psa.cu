@@ -69,59 +69,100 @@ __device__ __forceinline__ Coord coord(int64_t idx, int64_t channels, int64_t ti
 // ---- causal depthwise conv1d ----------------------------------------------
 
 // Thread idx's (b, time tile, c), its steps [t0, t1) and its channel's offset
-// in [B, T, C].
+// in [B, T, C]. A thread of the register-window kernels owns V neighbouring
+// channels (q.c is the first): V = 2 for 16-bit storage, so each load moves
+// 4 bytes rather than 2 (the walks are latency-bound: one thread per (b,
+// tile, channel) at 128k x 2048 kept 8 KB in flight per SM, 58% of the copy
+// rate, ncu on the H100).
 struct ConvTile {
   Coord q;
   int64_t t0, t1, off;
 };
+template <int V = 1>
 __device__ __forceinline__ ConvTile conv_tile(int64_t idx, int64_t time, int64_t channels, int64_t tile,
                                               int64_t tiles) {
-  const Coord q = coord(idx, channels, tiles);
+  Coord q = coord(idx, channels / V, tiles);
+  q.c *= V;
   const int64_t t0 = q.tile * tile;
   return {q, t0, min64(time, t0 + tile), q.b * time * channels + q.c};
 }
 
-// KP >= K taps in registers, the first KP - K zero.
-template <typename A, int KP>
-__device__ __forceinline__ void load_taps(const A* __restrict__ w, int64_t c, int K, A (&wr)[KP]) {
+// V consecutive elements of storage type T, loaded or stored in one access.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+template <typename A, typename T, int V>
+__device__ __forceinline__ void load_pack(A (&out)[V], const T* p) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
 #pragma unroll
-  for (int j = 0; j < KP; ++j) wr[j] = j >= KP - K ? w[c * K + j - (KP - K)] : A(0);
+  for (int j = 0; j < V; ++j) out[j] = A(to_f(pk.v[j]));
+}
+template <typename A, typename T, int V>
+__device__ __forceinline__ void store_pack(T* p, const A (&in)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int j = 0; j < V; ++j) pk.v[j] = from_f<T>(in[j]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
+template <typename A, int V>
+__device__ __forceinline__ void fill_pack(A (&out)[V], A x) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) out[j] = x;
 }
 
-template <typename T, int KP>
+// KP >= K taps in registers, the first KP - K zero, for V channels from c.
+template <typename A, int KP, int V>
+__device__ __forceinline__ void load_taps(const A* __restrict__ w, int64_t c, int K, A (&wr)[KP][V]) {
+#pragma unroll
+  for (int j = 0; j < KP; ++j)
+#pragma unroll
+    for (int u = 0; u < V; ++u) wr[j][u] = j >= KP - K ? w[(c + u) * K + j - (KP - K)] : A(0);
+}
+
+template <typename T, int KP, int V>
 __global__ void conv_forward_kernel(const T* __restrict__ x, const acc_t<T>* __restrict__ w,
                                     const acc_t<T>* __restrict__ bias, T* __restrict__ y, int64_t time,
                                     int64_t channels, int K, int64_t tile, int64_t tiles, int64_t threads) {
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
-  const auto [q, t0, t1, off] = conv_tile(idx, time, channels, tile, tiles);
+  const auto [q, t0, t1, off] = conv_tile<V>(idx, time, channels, tile, tiles);
   const T* xc = x + off;
   T* yc = y + off;
-  A wr[KP];
+  A wr[KP][V];
   load_taps(w, q.c, K, wr);
   // win[j] = x[t - KP + 1 + j]; the halo before t0 (zeros before 0).
-  A win[KP];
+  A win[KP][V];
 #pragma unroll
   for (int j = 0; j < KP - 1; ++j) {
     const int64_t t = t0 - (KP - 1) + j;
-    win[j] = t >= 0 ? A(to_f(xc[t * channels])) : A(0);
+    if (t >= 0) load_pack(win[j], xc + t * channels);
+    else fill_pack(win[j], A(0));
   }
-  const A b0 = bias != nullptr ? bias[q.c] : A(0);
-#pragma unroll 4
+  A b0[V];
+#pragma unroll
+  for (int u = 0; u < V; ++u) b0[u] = bias != nullptr ? bias[q.c + u] : A(0);
+#pragma unroll 8
   for (int64_t t = t0; t < t1; ++t) {
-    win[KP - 1] = to_f(xc[t * channels]);
-    A acc = b0;
+    load_pack(win[KP - 1], xc + t * channels);
+    A acc[V];
 #pragma unroll
-    for (int j = 0; j < KP; ++j) acc += wr[j] * win[j];
-    yc[t * channels] = from_f<T>(acc);
+    for (int u = 0; u < V; ++u) {
+      acc[u] = b0[u];
 #pragma unroll
-    for (int j = 0; j < KP - 1; ++j) win[j] = win[j + 1];
+      for (int j = 0; j < KP; ++j) acc[u] += wr[j][u] * win[j][u];
+    }
+    store_pack(yc + t * channels, acc);
+#pragma unroll
+    for (int j = 0; j < KP - 1; ++j)
+#pragma unroll
+      for (int u = 0; u < V; ++u) win[j][u] = win[j + 1][u];
   }
 }
 
-// The backward as two kernels walking time like the forward (unrolled by 4,
-// so four steps' loads are in flight): dx, the anti-causal conv of dy (plus
+// The backward as two kernels walking time like the forward (unrolled by 8,
+// so eight steps' loads are in flight): dx, the anti-causal conv of dy (plus
 // dx_addend), and the per-tile partial sums of dw and dbias. One kernel
 // doing both kept a ring of pending outputs and ran rolled, each step
 // waiting out its own loads: 2.9 ms for a [128k, 2048] bf16 backward with
@@ -129,7 +170,7 @@ __global__ void conv_forward_kernel(const T* __restrict__ x, const acc_t<T>* __r
 //
 // dx_t = sum_{j<K} w_j dy_{t+K-1-j} = sum_{j<KP} wr[j] ahead[KP-1-j] with
 // ahead[i] = dy_{t+i} (zero past T) and wr the taps padded in front.
-template <typename T, int KP>
+template <typename T, int KP, int V>
 __global__ void conv_backward_dx_kernel(const acc_t<T>* __restrict__ w, const T* __restrict__ dy,
                                         T* __restrict__ dx,
                                         const T* __restrict__ dx_addend, int64_t time, int64_t channels, int K,
@@ -137,28 +178,38 @@ __global__ void conv_backward_dx_kernel(const acc_t<T>* __restrict__ w, const T*
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
-  const auto [q, t0, t1, off] = conv_tile(idx, time, channels, tile, tiles);
+  const auto [q, t0, t1, off] = conv_tile<V>(idx, time, channels, tile, tiles);
   const T* dyc = dy + off;
-  A wr[KP], ahead[KP];
+  A wr[KP][V], ahead[KP][V];
   load_taps(w, q.c, K, wr);
 #pragma unroll
-  for (int i = 0; i < KP - 1; ++i) ahead[i] = t0 + i < time ? A(to_f(dyc[(t0 + i) * channels])) : A(0);
-#pragma unroll 4
+  for (int i = 0; i < KP - 1; ++i) {
+    if (t0 + i < time) load_pack(ahead[i], dyc + (t0 + i) * channels);
+    else fill_pack(ahead[i], A(0));
+  }
+#pragma unroll 8
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t la = t + KP - 1;
-    ahead[KP - 1] = la < time ? A(to_f(dyc[la * channels])) : A(0);
-    A acc = dx_addend != nullptr ? A(to_f(dx_addend[off + t * channels])) : A(0);
+    if (la < time) load_pack(ahead[KP - 1], dyc + la * channels);
+    else fill_pack(ahead[KP - 1], A(0));
+    A acc[V];
+    if (dx_addend != nullptr) load_pack(acc, dx_addend + off + t * channels);
+    else fill_pack(acc, A(0));
 #pragma unroll
-    for (int j = 0; j < KP; ++j) acc += wr[j] * ahead[KP - 1 - j];
-    dx[off + t * channels] = from_f<T>(acc);
+    for (int u = 0; u < V; ++u)
 #pragma unroll
-    for (int i = 0; i < KP - 1; ++i) ahead[i] = ahead[i + 1];
+      for (int j = 0; j < KP; ++j) acc[u] += wr[j][u] * ahead[KP - 1 - j][u];
+    store_pack(dx + off + t * channels, acc);
+#pragma unroll
+    for (int i = 0; i < KP - 1; ++i)
+#pragma unroll
+      for (int u = 0; u < V; ++u) ahead[i][u] = ahead[i + 1][u];
   }
 }
 
 // dw_j = sum_t dy_t x_{t-K+1+j} and dbias = sum_t dy_t over the tile (the
 // forward's window of the last KP inputs).
-template <typename T, int KP>
+template <typename T, int KP, int V>
 __global__ void conv_backward_dw_kernel(const T* __restrict__ x, const T* __restrict__ dy,
                                         acc_t<T>* __restrict__ dw_partial, acc_t<T>* __restrict__ db_partial,
                                         int64_t time, int64_t channels, int K, int64_t tile, int64_t tiles,
@@ -166,32 +217,42 @@ __global__ void conv_backward_dw_kernel(const T* __restrict__ x, const T* __rest
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
-  const auto [q, t0, t1, off] = conv_tile(idx, time, channels, tile, tiles);
+  const auto [q, t0, t1, off] = conv_tile<V>(idx, time, channels, tile, tiles);
   const T *xc = x + off, *dyc = dy + off;
-  A win[KP], dw[KP];
+  A win[KP][V], dw[KP][V], db[V];
 #pragma unroll
   for (int j = 0; j < KP; ++j) {
     const int64_t t = t0 - (KP - 1) + j;
-    win[j] = j < KP - 1 && t >= 0 ? A(to_f(xc[t * channels])) : A(0);
-    dw[j] = A(0);
+    if (j < KP - 1 && t >= 0) load_pack(win[j], xc + t * channels);
+    else fill_pack(win[j], A(0));
+    fill_pack(dw[j], A(0));
   }
-  A db = 0;
-#pragma unroll 4
+  fill_pack(db, A(0));
+#pragma unroll 8
   for (int64_t t = t0; t < t1; ++t) {
-    const A d = to_f(dyc[t * channels]);
-    win[KP - 1] = to_f(xc[t * channels]);
-    db += d;
+    A d[V];
+    load_pack(d, dyc + t * channels);
+    load_pack(win[KP - 1], xc + t * channels);
 #pragma unroll
-    for (int j = 0; j < KP; ++j) dw[j] += d * win[j];
+    for (int u = 0; u < V; ++u) {
+      db[u] += d[u];
 #pragma unroll
-    for (int j = 0; j < KP - 1; ++j) win[j] = win[j + 1];
+      for (int j = 0; j < KP; ++j) dw[j][u] += d[u] * win[j][u];
+    }
+#pragma unroll
+    for (int j = 0; j < KP - 1; ++j)
+#pragma unroll
+      for (int u = 0; u < V; ++u) win[j][u] = win[j + 1][u];
   }
-  if (dw_partial != nullptr) {
 #pragma unroll
-    for (int j = 0; j < KP; ++j)
-      if (j >= KP - K) dw_partial[(q.group * K + j - (KP - K)) * channels + q.c] = dw[j];
+  for (int u = 0; u < V; ++u) {
+    if (dw_partial != nullptr) {
+#pragma unroll
+      for (int j = 0; j < KP; ++j)
+        if (j >= KP - K) dw_partial[(q.group * K + j - (KP - K)) * channels + q.c + u] = dw[j][u];
+    }
+    if (db_partial != nullptr) db_partial[q.group * channels + q.c + u] = db[u];
   }
-  if (db_partial != nullptr) db_partial[q.group * channels + q.c] = db;
 }
 
 // Any K (taps beyond 16): the same sums as plain loops over global memory.
@@ -601,7 +662,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   using A = acc_t<T>;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= threads) return;
-  const auto [q, s, e, off, zoff] = scan_chunk(idx, time, channels, chunks);
+  // (Named variables rather than a structured binding: the walks below are lambdas capturing them, C++20 for bindings.)
+  const ScanChunk chunk = scan_chunk(idx, time, channels, chunks);
+  const Coord q = chunk.q;
+  const int64_t s = chunk.s, e = chunk.e, off = chunk.off, zoff = chunk.zoff;
   const A fc = f[q.c];
   const A h_init = h0 != nullptr ? h0[q.b * channels + q.c] : A(0);  // h_{-1}
   const int lane = threadIdx.x & 31;
@@ -685,7 +749,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 namespace {
 // CausalConvParams' pointers, typed, and the launch geometry: one thread per
-// (b, time tile, c).
+// (b, time tile, c), or per V channels in the register-window kernels.
 template <typename T>
 struct ConvLaunch {
   using Elem = T;
@@ -700,15 +764,22 @@ struct ConvLaunch {
   A* dw;
   A* db;
   int64_t tiles, threads;
-  unsigned blocks() const { return blocks_for(threads); }
+  unsigned blocks(int v = 1) const { return blocks_for(threads / v); }
 };
-// fn(ConvLaunch<T>, KP) with the storage type and the register window (0:
-// the plain-loop kernels); nothing for an empty input.
+
+bool aligned4(const void* p) { return reinterpret_cast<uintptr_t>(p) % 4 == 0; }
+
+// fn(ConvLaunch<T>, KP, V) with the storage type, the register window (0:
+// the plain-loop kernels) and the channels per thread (2 for 16-bit storage
+// with an even channel count and 4-byte aligned tensors, else 1); nothing
+// for an empty input.
 template <typename Fn>
 void launch_conv(const CausalConvParams& p, Fn&& fn) {
   const int64_t tiles = (p.time + p.time_tile - 1) / p.time_tile;
   const int64_t threads = p.batch * tiles * p.channels;
   if (threads == 0) return;
+  const bool pairs = p.channels % 2 == 0 && aligned4(p.x) && aligned4(p.y) && aligned4(p.dy) && aligned4(p.dx) &&
+                     aligned4(p.dx_addend);
   dispatch_cuda(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -718,42 +789,47 @@ void launch_conv(const CausalConvParams& p, Fn&& fn) {
                           static_cast<const T*>(p.dx_addend), static_cast<A*>(p.dweight_partial),
                           static_cast<A*>(p.dbias_partial),   tiles,
                           threads};
-    dispatch_window(window_for(p.taps), [&](auto kp) { fn(c, kp); });
+    dispatch_window(window_for(p.taps), [&](auto kp) {
+      if constexpr (sizeof(T) == 2) {
+        if (pairs) return fn(c, kp, std::integral_constant<int, 2>{});
+      }
+      fn(c, kp, std::integral_constant<int, 1>{});
+    });
   });
 }
 }  // namespace
 
 void causal_conv_forward_cuda(const CausalConvParams& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  launch_conv(p, [&](const auto& c, auto kp) {
+  launch_conv(p, [&](const auto& c, auto kp, auto v) {
     using T = typename std::decay_t<decltype(c)>::Elem;
-    constexpr int KP = decltype(kp)::value;
+    constexpr int KP = decltype(kp)::value, V = decltype(v)::value;
     if constexpr (KP == 0)
       conv_forward_any_kernel<T><<<c.blocks(), kThreads, 0, s>>>(c.x, c.w, c.bias, c.y, p.time, p.channels,
                                                                   int(p.taps), p.time_tile, c.tiles, c.threads);
     else
-      conv_forward_kernel<T, KP><<<c.blocks(), kThreads, 0, s>>>(c.x, c.w, c.bias, c.y, p.time, p.channels,
-                                                                  int(p.taps), p.time_tile, c.tiles, c.threads);
+      conv_forward_kernel<T, KP, V><<<c.blocks(V), kThreads, 0, s>>>(
+          c.x, c.w, c.bias, c.y, p.time, p.channels, int(p.taps), p.time_tile, c.tiles, c.threads / V);
   });
   check_launch("causal_conv forward");
 }
 
 void causal_conv_backward_cuda(const CausalConvParams& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  launch_conv(p, [&](const auto& c, auto kp) {
+  launch_conv(p, [&](const auto& c, auto kp, auto v) {
     using T = typename std::decay_t<decltype(c)>::Elem;
-    constexpr int KP = decltype(kp)::value;
+    constexpr int KP = decltype(kp)::value, V = decltype(v)::value;
     if constexpr (KP == 0) {
       conv_backward_any_kernel<T><<<c.blocks(), kThreads, 0, s>>>(c.x, c.w, c.dy, c.dx, c.dx_addend, c.dw, c.db,
                                                                    p.time, p.channels, int(p.taps), p.time_tile,
                                                                    c.tiles, c.threads);
     } else {
       if (c.dx != nullptr)
-        conv_backward_dx_kernel<T, KP><<<c.blocks(), kThreads, 0, s>>>(
-            c.w, c.dy, c.dx, c.dx_addend, p.time, p.channels, int(p.taps), p.time_tile, c.tiles, c.threads);
+        conv_backward_dx_kernel<T, KP, V><<<c.blocks(V), kThreads, 0, s>>>(
+            c.w, c.dy, c.dx, c.dx_addend, p.time, p.channels, int(p.taps), p.time_tile, c.tiles, c.threads / V);
       if (c.dw != nullptr || c.db != nullptr)
-        conv_backward_dw_kernel<T, KP><<<c.blocks(), kThreads, 0, s>>>(
-            c.x, c.dy, c.dw, c.db, p.time, p.channels, int(p.taps), p.time_tile, c.tiles, c.threads);
+        conv_backward_dw_kernel<T, KP, V><<<c.blocks(V), kThreads, 0, s>>>(
+            c.x, c.dy, c.dw, c.db, p.time, p.channels, int(p.taps), p.time_tile, c.tiles, c.threads / V);
     }
   });
   check_launch("causal_conv backward");

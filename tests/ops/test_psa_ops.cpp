@@ -149,9 +149,11 @@ struct ConvShape {
   int64_t B, T, C, K;
 };
 // K = 1; K in the GPU's padded register windows (3 -> 4, 5 -> 8, 16); K > T;
-// K = 20 (the GPU's plain-loop kernel); T across CPU tiles of 256; odd C.
-const std::vector<ConvShape> kConvShapes = {{2, 37, 5, 4},  {1, 1, 3, 1},  {3, 10, 7, 16}, {2, 9, 3, 13},
-                                            {1, 300, 33, 5}, {2, 41, 6, 20}, {1, 530, 3, 3}};
+// K = 20 (the GPU's plain-loop kernel); T across CPU tiles of 256; odd C
+// (one channel per GPU thread) and even C (two per thread in 16 bits).
+const std::vector<ConvShape> kConvShapes = {{2, 37, 5, 4},   {1, 1, 3, 1},   {3, 10, 7, 16}, {2, 9, 3, 13},
+                                            {1, 300, 33, 5}, {2, 41, 6, 20}, {1, 530, 3, 3}, {2, 37, 8, 4},
+                                            {1, 300, 34, 5}, {3, 70, 2, 16}, {1, 1, 4, 1}};
 
 TEST_P(PsaConv, ForwardAndGradientsMatchFloat64) {
   for (auto dtype : kAllDtypes) {
