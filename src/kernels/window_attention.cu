@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "cuda_common.cuh"
+#include "vec8.cuh"
 #include "window_attention.h"
 
 namespace unswag::kernels {
@@ -175,6 +176,71 @@ __device__ __forceinline__ void store_rows(E* dst, int64_t stride, const E* tile
     const int r = i / kVec, c = i % kVec;
     const int64_t t = row0 + r;
     if (t < time) *reinterpret_cast<uint4*>(dst + t * stride + c * 8) = *reinterpret_cast<const uint4*>(tile + r * (D + 8) + c * 8);
+  }
+}
+
+// The gradient rows row0..row0+63 of head `head` (of `heads`) from a padded
+// shared tile into dst, with what WindowAttentionParams' optional fields ask:
+// the packed signal row added (and, with k_tile, its dot with k into dz_part,
+// per kv head), then RoPE's transposed rotation. A thread takes column chunk
+// c and its rotation partner c + D / 2 (8 elements each), so a row's D / 16
+// threads are neighbouring lanes and its dot is their shuffle sum.
+template <typename E, int D>
+__device__ __forceinline__ void store_grad_rows(E* dst, int64_t stride, const E* tile, int64_t row0,
+                                                const WindowAttentionParams& p, int64_t b, int64_t head,
+                                                int64_t heads, const void* sig_grad, const E* k_tile) {
+  constexpr int ld = D + 8, kHalfVec = D / 16, kHalfD = D / 2;
+  static_assert(kRows * kHalfVec % kThreads == 0, "every thread takes part in each round (the shuffles)");
+  const int64_t T = p.time;
+  const E* cos = static_cast<const E*>(p.rope_cos);
+  const E* sin = static_cast<const E*>(p.rope_sin);
+  if (cos != nullptr && p.rope_per_batch) cos += b * T * D, sin += b * T * D;
+#pragma unroll 1
+  for (int i = threadIdx.x; i < kRows * kHalfVec; i += kThreads) {
+    const int r = i / kHalfVec, c = i % kHalfVec;
+    const int64_t t = row0 + r;
+    const bool in = t < T;
+    float x1[8], x2[8];
+    load8<true>(tile + r * ld, c * 8, D, x1);
+    load8<true>(tile + r * ld, kHalfD + c * 8, D, x2);
+    float dot = 0.f;
+    const int64_t n = in && p.sig_rows != nullptr ? p.sig_rows[b * T + t] : -1;
+    if (n >= 0 && sig_grad != nullptr) {
+      const E* g = static_cast<const E*>(sig_grad) + (n * heads + head) * D;
+      float g1[8], g2[8];
+      load8<true>(g, c * 8, D, g1);
+      load8<true>(g, kHalfD + c * 8, D, g2);
+      if (k_tile != nullptr) {
+        float k1[8], k2[8];
+        load8<true>(k_tile + r * ld, c * 8, D, k1);
+        load8<true>(k_tile + r * ld, kHalfD + c * 8, D, k2);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) dot = fmaf(g1[j], k1[j], fmaf(g2[j], k2[j], dot));
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) x1[j] += g1[j], x2[j] += g2[j];
+    }
+    if (k_tile != nullptr && p.dz_part != nullptr) {
+#pragma unroll
+      for (int off = kHalfVec / 2; off >= 1; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      if (in && c == 0) p.dz_part[(b * T + t) * heads + head] = dot;
+    }
+    if (!in) continue;
+    if (cos != nullptr) {
+      float c1[8], c2[8], s1[8], s2[8];
+      load8<true>(cos + t * D, c * 8, D, c1);
+      load8<true>(cos + t * D, kHalfD + c * 8, D, c2);
+      load8<true>(sin + t * D, c * 8, D, s1);
+      load8<true>(sin + t * D, kHalfD + c * 8, D, s2);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float a1 = x1[j], a2 = x2[j];
+        x1[j] = a1 * c1[j] + a2 * s2[j];
+        x2[j] = a2 * c2[j] - a1 * s1[j];
+      }
+    }
+    store8<true>(dst + t * stride, c * 8, D, x1);
+    store8<true>(dst + t * stride, kHalfD + c * 8, D, x2);
   }
 }
 
@@ -447,7 +513,11 @@ __global__ void __launch_bounds__(kThreads, 3) window_backward_dq_kernel(WindowA
   }
   stage_acc<E, D>(Qs, warp * 16, acc, p.scale, p.scale);
   __syncthreads();
-  store_rows<E, D>(seq_mut<E>(p.dq, p.dq_stride, b, h), p.dq_stride[2], Qs, q0, T);
+  if (p.sig_rows != nullptr || p.rope_cos != nullptr)
+    store_grad_rows<E, D>(seq_mut<E>(p.dq, p.dq_stride, b, h), p.dq_stride[2], Qs, q0, p, b, h, p.heads, p.dq_sig,
+                          nullptr);
+  else
+    store_rows<E, D>(seq_mut<E>(p.dq, p.dq_stride, b, h), p.dq_stride[2], Qs, q0, T);
 }
 
 // ---- backward, key pass: dk and dv of 64 keys, over every query head of their kv head ----
@@ -537,7 +607,11 @@ __global__ void __launch_bounds__(kThreads) window_backward_dkdv_kernel(WindowAt
   stage_acc<E, D>(Qs, warp * 16, dk, p.scale, p.scale);
   stage_acc<E, D>(dOs, warp * 16, dv, 1.f, 1.f);
   __syncthreads();
-  store_rows<E, D>(seq_mut<E>(p.dk, p.dk_stride, b, hk), p.dk_stride[2], Qs, k0, T);
+  if (p.sig_rows != nullptr || p.rope_cos != nullptr)
+    store_grad_rows<E, D>(seq_mut<E>(p.dk, p.dk_stride, b, hk), p.dk_stride[2], Qs, k0, p, b, hk, p.kv_heads,
+                          p.dk_sig, p.dk_sig != nullptr ? Ks : nullptr);
+  else
+    store_rows<E, D>(seq_mut<E>(p.dk, p.dk_stride, b, hk), p.dk_stride[2], Qs, k0, T);
   store_rows<E, D>(seq_mut<E>(p.dv, p.dv_stride, b, hk), p.dv_stride[2], dOs, k0, T);
 }
 

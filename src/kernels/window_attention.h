@@ -53,6 +53,25 @@ struct WindowAttentionParams {
   void* dv = nullptr;  // [B, Hkv, T, D]
   int64_t dq_stride[3] = {}, dk_stride[3] = {}, dv_stride[3] = {};
   float* delta = nullptr;  // [B, H, T] contiguous scratch
+  // Optional, backward (the PSA layer's fused node): what else dq and dk take
+  // before they leave, so that no pass over [B, T, heads, D] follows them.
+  //  - The signal attention's packed gradients: row (b, t) of dq (dk) adds
+  //    row sig_rows[b T + t] (< 0: none) of dq_sig [N, H D] (dk_sig [N, Hkv D],
+  //    rows contiguous, 16-byte aligned), and dk's pass writes
+  //    dz_part[(b T + t) Hkv + hk] = sum_d dk_sig[n, hk D + d] k[b, hk, t, d]
+  //    (zero for rows without one): the signal gate's gradient, per kv head.
+  //  - RoPE: with rope_cos/rope_sin ([B or 1, T, D] of q's dtype, contiguous;
+  //    rope_per_batch: one table per sequence), q and k are taken as rotated
+  //    (q = R_t q_lin) and dq, dk leave as the gradients of q_lin, k_lin:
+  //    R_t^T (dq_window + dq_sig) per row, rope.h's transposed rotation
+  //    (dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1) in fp32.
+  const int64_t* sig_rows = nullptr;  // [B T]
+  const void* dq_sig = nullptr;
+  const void* dk_sig = nullptr;
+  float* dz_part = nullptr;  // [B T, Hkv], needs dk_sig
+  const void* rope_cos = nullptr;
+  const void* rope_sin = nullptr;
+  bool rope_per_batch = false;
 };
 
 // Whether the kernels take this shape: D of 64 or 128 (the layouts above are

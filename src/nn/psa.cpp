@@ -596,21 +596,21 @@ Tensor PacketSwitchedAttentionImpl::compute(const Tensor& x, const Tensor& cos, 
                                                           q_proj->bias, k_proj->bias, v_proj->bias);
   const Tensor q_lin = q_flat.view({B, T, H, D});
   const Tensor k_lin = k_flat.view({B, T, Hkv, D});
-  const Tensor q = unswag::rotary_embedding(q_lin, cos, sin).transpose(1, 2);  // [B, H, T, D]
-  const Tensor k = unswag::rotary_embedding(k_lin, cos, sin).transpose(1, 2);  // [B, Hkv, T, D]
   const Tensor v_heads = v.view({B, T, Hkv, D}).transpose(1, 2);
 
-  // Training on CUDA: the value streams, the window and the signal packing
-  // in one autograd node (window_streams_and_signal), then the signal
+  // Training on CUDA: RoPE, the value streams, the window and the signal
+  // packing in one autograd node (window_streams_and_signal), then the signal
   // attention and the combine.
   if (fused_window_pack_ && cache == nullptr && window > 0 && B * T > 0 && config_.summary == "ema" &&
       !config_.all_tokens_read_signal && !config_.joint_softmax && unswag::value_streams_fused(v) &&
-      unswag::window_attention_fused(q, k, v_heads)) {  // (u, the window's values, is laid out as v)
+      unswag::window_attention_fused(q_lin.transpose(1, 2), k_lin.transpose(1, 2), v_heads)) {
     const Tensor rate = torch::sigmoid(-summary_decay.to(acc));  // 1 - sigmoid(theta), [kv_dim]
-    const auto r = window_streams_and_signal(q, k, v, rate, routing);
+    const auto r = window_streams_and_signal(q_lin, k_lin, v, cos, sin, rate, routing);
     return o_proj(unswag::psa_combine_packed(r.signal, r.signal_rows, r.pack_rows, routing.gates.select(-1, kSignal),
                                              r.window, r.local, lambda_local, r.summary, lambda_summary));
   }
+  const Tensor q = unswag::rotary_embedding(q_lin, cos, sin).transpose(1, 2);  // [B, H, T, D]
+  const Tensor k = unswag::rotary_embedding(k_lin, cos, sin).transpose(1, 2);  // [B, Hkv, T, D]
 
   // Local: every non-pruned token writes its value into the conv stream,
   // gated by 1 - z_prune (one in value; the router's straight-through
@@ -718,30 +718,36 @@ Tensor token_rows(const Tensor& t) {
   return t.transpose(1, 2).reshape({t.size(0) * t.size(2), t.size(1) * t.size(3)});
 }
 
-// The value streams, the window read and the signal tokens' packing as one
-// autograd node (CUDA, the window kernels' operands). Forward: u = (1 -
-// z_prune) v, local = conv(u), summary = EMA scan of v (unswag's ops), the
-// window over (q, k, u), and the packed q, k z_sig, v z_sig rows [B * S,
-// heads * D]. Backward: the window's kernels; the packed rows' dq, dk added
-// into the window's in place at the S signal rows (unswag::add_rows_); the
-// conv's backward adding the window's du; the scan's backward (from the
-// saved summary, no replay) adding (1 - z_prune) du' into dv and summing
-// d z_prune; the packed rows' dv added in place. Separate nodes would each
-// write a [B, T, heads, D] gradient of q, k, u and v (the signal side's
-// mostly zero rows) and autograd would sum them: about ten more passes over
-// [T, kv_dim] tensors (docs/psa.md).
+// RoPE, the value streams, the window read and the signal tokens' packing as
+// one autograd node (CUDA, the window kernels' operands). Forward: q, k =
+// RoPE of q_lin, k_lin (unswag::rotary_embedding's pass); u = (1 - z_prune) v,
+// local = conv(u), summary = EMA scan of v (unswag's ops), the window over
+// (q, k, u), and the packed q, k z_sig, v z_sig rows [B * S, heads * D].
+// Backward: the window's kernels, whose dq and dk leave with the packed
+// rows' dq, dk added (and d z_sig's dk part formed) and RoPE's transposed
+// rotation applied (window_attention_cuda_backward's extras): the gradients
+// of q_lin and k_lin, with no pass of their own; the conv's backward adding
+// the window's du; the scan's backward (from the saved summary, no replay)
+// adding (1 - z_prune) du' into dv and summing d z_prune; the packed rows' dv
+// added in place. Separate nodes would each write a [B, T, heads, D]
+// gradient of q, k, u and v (the signal side's mostly zero rows), autograd
+// would sum them, and RoPE's backward would pass over dq and dk again: about
+// a dozen more passes over [T, kv_dim] tensors (docs/psa.md).
 // The gates are one-hot in value (psa_route's straight-through gates, and
 // one_hot in eval and for the random router), so a packed token's z_sig is
 // exactly 1: k z_sig and v z_sig are its own rows, packed as they are, and
 // only the gradient d z_sig = sum_c (dk_packed k + dv_packed v) is formed, as
-// dk and dv take the packed rows (unswag::add_rows_dot_).
+// dk and dv take the packed rows.
 struct WindowStreamsAndPack : public torch::autograd::Function<WindowStreamsAndPack> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
-                                                const Tensor& k, const Tensor& v, const Tensor& gates,
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q_lin,
+                                                const Tensor& k_lin, const Tensor& v, const Tensor& gates,
                                                 const Tensor& rate, const Tensor& conv_weight, const Tensor& bias,
-                                                const Tensor& pack_rows, const Tensor& unpack_rows, double scale,
-                                                int64_t window) {
-    const int64_t B = q.size(0), T = q.size(2), D = q.size(3), Hkv = k.size(1), BT = B * T;
+                                                const Tensor& pack_rows, const Tensor& unpack_rows, const Tensor& cos,
+                                                const Tensor& sin, double scale, int64_t window) {
+    const int64_t B = q_lin.size(0), T = q_lin.size(1), D = q_lin.size(3), Hkv = k_lin.size(2), BT = B * T;
+    // Token-major [B, T, heads, D] storage, [B, heads, T, D] views.
+    const Tensor q = unswag::rotary_embedding(q_lin, cos, sin).transpose(1, 2);
+    const Tensor k = unswag::rotary_embedding(k_lin, cos, sin).transpose(1, 2);
     const Tensor keep = (1 - gates.select(-1, kPrune)).contiguous();  // [B, T] fp32
     const Tensor z_sum = gates.select(-1, kSummary).contiguous();
     const Tensor u = unswag::gate_tokens(v, keep);
@@ -753,7 +759,8 @@ struct WindowStreamsAndPack : public torch::autograd::Function<WindowStreamsAndP
     const Tensor kp = unswag::gather_rows(token_rows(k), pack_rows, unpack_rows);
     const Tensor vp = unswag::gather_rows(v.view({BT, Hkv * D}), pack_rows, unpack_rows);
     // summary is an output, kept for the scan's backward (the combine keeps it too).
-    ctx->save_for_backward({q, k, v, u, keep, z_sum, rate, conv_weight, bias, o, lse, pack_rows, summary});
+    ctx->save_for_backward(
+        {q, k, v, u, keep, z_sum, rate, conv_weight, bias, o, lse, pack_rows, summary, unpack_rows, cos, sin});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window"] = window;
     return {o, qp, kp, vp, local, summary};
@@ -764,32 +771,23 @@ struct WindowStreamsAndPack : public torch::autograd::Function<WindowStreamsAndP
     const auto sv = ctx->get_saved_variables();
     const Tensor &q = sv[0], &k = sv[1], &v = sv[2], &u = sv[3], &keep = sv[4], &z_sum = sv[5], &rate = sv[6],
                  &conv_weight = sv[7], &bias = sv[8], &o = sv[9], &lse = sv[10], &pack_rows = sv[11],
-                 &summary = sv[12];
-    const Tensor &d_o = grads[0], &d_qp = grads[1], &d_kp = grads[2], &d_vp = grads[3], &d_local = grads[4],
-                 &d_summary = grads[5];
+                 &summary = sv[12], &unpack_rows = sv[13], &cos = sv[14], &sin = sv[15];
+    const Tensor &d_qp = grads[1], &d_kp = grads[2], &d_vp = grads[3], &d_local = grads[4], &d_summary = grads[5];
     const int64_t B = q.size(0), T = q.size(2), D = q.size(3), Hkv = k.size(1), C = Hkv * D;
     const Tensor u_heads = u.view({B, T, Hkv, D}).transpose(1, 2);
-    Tensor dq, dk, du;
-    if (d_o.defined()) {
-      std::tie(dq, dk, du) = unswag::window_attention_cuda_backward(
-          d_o, q, k, u_heads, bias, o, lse, ctx->saved_data["scale"].toDouble(), ctx->saved_data["window"].toInt());
-      du = du.transpose(1, 2).reshape({B, T, C});  // token-major storage: a view
-    } else {
-      dq = torch::zeros({B, T, q.size(1), D}, q.options()).transpose(1, 2);
-      dk = torch::zeros({B, T, Hkv, D}, k.options()).transpose(1, 2);
-    }
-    // dq, dk are [B, heads, T, D] views of fresh token-major storage: their
-    // rows are views too. Padding rows (index -1) are skipped.
+    // (Without a window gradient, a zero one: the kernels still add the packed rows and rotate.)
+    const Tensor d_o = grads[0].defined() ? grads[0] : torch::zeros_like(o);
+    WindowGradExtras extras;
+    extras.sig_rows = unpack_rows;
+    if (d_qp.defined()) extras.dq_sig = d_qp;
+    if (d_kp.defined()) extras.dk_sig = d_kp;
+    extras.rope_cos = cos, extras.rope_sin = sin;
+    auto [dq, dk, du, dz_part] = unswag::window_attention_cuda_backward(
+        d_o, q, k, u_heads, bias, o, lse, ctx->saved_data["scale"].toDouble(), ctx->saved_data["window"].toInt(),
+        extras);
+    du = du.transpose(1, 2).reshape({B, T, C});  // token-major storage: a view
     // d z_sig of a signal token: sum_c (dkp k + dvp v) over its row (z_sig = 1, see above).
-    Tensor dz_sig = torch::zeros({B * T}, q.options().dtype(torch::kFloat));
-    if (d_qp.defined()) {
-      Tensor rows = token_rows(dq);
-      unswag::add_rows_(rows, pack_rows, d_qp.contiguous());
-    }
-    if (d_kp.defined()) {
-      Tensor rows = token_rows(dk);
-      unswag::add_rows_dot_(rows, pack_rows, d_kp.contiguous(), token_rows(k), dz_sig);
-    }
+    Tensor dz_sig = dz_part.defined() ? dz_part.sum(1) : torch::zeros({B * T}, q.options().dtype(torch::kFloat));
     auto streams = unswag::value_streams_cuda_backward(v, u, keep, z_sum, rate, conv_weight, du, d_local, d_summary,
                                                        summary);
     if (d_vp.defined()) {
@@ -800,8 +798,9 @@ struct WindowStreamsAndPack : public torch::autograd::Function<WindowStreamsAndP
     const Tensor d_gates = torch::stack(
         {-streams.dgate, torch::zeros_like(streams.dgate), streams.dz, dz_sig.view({B, T}).to(streams.dz.scalar_type())},
         -1);
-    return {dq, dk, streams.dv, d_gates, streams.drate, streams.dweight, Tensor(), Tensor(), Tensor(), Tensor(),
-            Tensor()};
+    // dq, dk: [B, heads, T, D] views of token-major storage, as q_lin and k_lin are laid out.
+    return {dq.transpose(1, 2), dk.transpose(1, 2), streams.dv, d_gates, streams.drate, streams.dweight, Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -810,19 +809,20 @@ struct WindowStreamsAndPack : public torch::autograd::Function<WindowStreamsAndP
 // Training on CUDA (see WindowStreamsAndPack): the window read, the local and
 // summary streams and the signal attention over the packed signal tokens.
 PacketSwitchedAttentionImpl::FusedReads PacketSwitchedAttentionImpl::window_streams_and_signal(
-    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rate, const Routing& routing) {
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
+    const Tensor& q_lin, const Tensor& k_lin, const Tensor& v, const Tensor& cos, const Tensor& sin,
+    const Tensor& rate, const Routing& routing) {
+  const int64_t B = q_lin.size(0), T = q_lin.size(1), H = q_lin.size(2), D = q_lin.size(3), Hkv = k_lin.size(2);
   const double scale = 1.0 / std::sqrt(double(D));
   const Tensor signal = routing.index == kSignal;  // [B, T] bool
   const int64_t S_max = routing.max_signal ? routing.max_signal() : signal.sum(1).max().item<int64_t>();
   const int64_t S = S_max == 0 ? 0 : packed_length(S_max, T);
   const auto [pack_rows, unpack_rows] = signal_packing(signal, S);
   const Tensor bias = (routing.index == kPrune).to(torch::kFloat) * kPrunedKeyBias;  // [B, T]
-  const auto outs = WindowStreamsAndPack::apply(q, k, v, routing.gates, rate, conv_weight, bias, pack_rows,
-                                                unpack_rows, scale, window);
+  const auto outs = WindowStreamsAndPack::apply(q_lin, k_lin, v, routing.gates, rate, conv_weight, bias, pack_rows,
+                                                unpack_rows, cos, sin, scale, window);
   FusedReads r{outs[0], Tensor(), unpack_rows, pack_rows, outs[4], outs[5]};
   if (S == 0) {
-    r.signal = torch::zeros({0, H, D}, q.options());
+    r.signal = torch::zeros({0, H, D}, q_lin.options());
     return r;
   }
   auto packed = [&](const Tensor& rows, int64_t Hx) { return rows.view({B, S, Hx, D}).transpose(1, 2); };

@@ -82,9 +82,10 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cuda_forward(const at::Tenso
   return {o, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_cuda_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_cuda_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-    const at::Tensor& out, const at::Tensor& lse, double scale, int64_t window) {
+    const at::Tensor& out, const at::Tensor& lse, double scale, int64_t window, const WindowGradExtras& extras) {
+  constexpr const char* op = "window_attention_cuda_backward";
   at::Tensor dout = grad_out;
   if (!rows_fit(dout) || dout.scalar_type() != q.scalar_type())
     dout = dout.to(q.scalar_type()).transpose(1, 2).contiguous().transpose(1, 2);
@@ -97,9 +98,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_cuda_backward(
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   set_rows(dq, p.dq_stride), set_rows(dk, p.dk_stride), set_rows(dv, p.dv_stride);
   p.delta = delta.data_ptr<float>();
+  const int64_t B = q.size(0), T = q.size(2), D = q.size(3), H = q.size(1), Hkv = k.size(1);
+  // The packed rows and tables are read by 16-byte vectors at row offsets that are multiples of D.
+  auto rows_of = [&](const at::Tensor& g, int64_t heads, const char* arg) {
+    if (!g.defined()) return at::Tensor();
+    TORCH_CHECK(g.dim() == 2 && g.size(1) == heads * D && g.scalar_type() == q.scalar_type() &&
+                    g.device() == q.device(),
+                op, ": argument '", arg, "' must be [N, ", heads * D, "] ", q.scalar_type(), " on ", q.device(),
+                ", got ", g.scalar_type(), " ", g.sizes(), " on ", g.device());
+    return g.contiguous();
+  };
+  const at::Tensor dq_sig = rows_of(extras.dq_sig, H, "dq_sig"), dk_sig = rows_of(extras.dk_sig, Hkv, "dk_sig");
+  at::Tensor rows, dz_part;
+  if (dq_sig.defined() || dk_sig.defined()) {
+    TORCH_CHECK(extras.sig_rows.defined() && extras.sig_rows.scalar_type() == at::kLong &&
+                    extras.sig_rows.numel() == B * T && extras.sig_rows.device() == q.device(),
+                op, ": argument 'sig_rows' must be int64 with B * T = ", B * T, " values on ", q.device(), ", got ",
+                extras.sig_rows.defined() ? c10::str(extras.sig_rows.scalar_type(), " ", extras.sig_rows.sizes())
+                                          : std::string("an undefined tensor"));
+    rows = extras.sig_rows.contiguous();
+    p.sig_rows = rows.const_data_ptr<int64_t>();
+    if (dq_sig.defined()) p.dq_sig = dq_sig.const_data_ptr();
+    if (dk_sig.defined()) {
+      p.dk_sig = dk_sig.const_data_ptr();
+      dz_part = at::empty({B * T, Hkv}, q.options().dtype(at::kFloat));
+      p.dz_part = dz_part.data_ptr<float>();
+    }
+  }
+  at::Tensor cos, sin;
+  if (extras.rope_cos.defined() || extras.rope_sin.defined()) {
+    auto table = [&](const at::Tensor& t, const char* arg) {
+      const at::Tensor t3 = t.defined() && t.dim() == 4 && t.size(1) == 1 ? t.squeeze(1) : t;
+      TORCH_CHECK(t3.defined() && t3.dim() == 3 && (t3.size(0) == B || t3.size(0) == 1) && t3.size(1) == T &&
+                      t3.size(2) == D && t3.scalar_type() == q.scalar_type() && t3.device() == q.device(),
+                  op, ": argument '", arg, "' must be [", B, " or 1, ", T, ", ", D, "] ", q.scalar_type(), " on ",
+                  q.device(), ", got ", t.defined() ? c10::str(t.scalar_type(), " ", t.sizes()) : "an undefined tensor");
+      return t3.contiguous();
+    };
+    cos = table(extras.rope_cos, "rope_cos"), sin = table(extras.rope_sin, "rope_sin");
+    TORCH_CHECK(cos.size(0) == sin.size(0), op, ": arguments 'rope_cos' and 'rope_sin' must have the same batch, got ",
+                cos.sizes(), " and ", sin.sizes());
+    p.rope_cos = cos.const_data_ptr(), p.rope_sin = sin.const_data_ptr();
+    p.rope_per_batch = cos.size(0) == B && B > 1;
+  }
 #ifdef UNSWAG_WITH_CUDA
   kernels::window_attention_backward_cuda(p, ops::current_cuda_stream(q.device()));
 #endif
+  return {dq, dk, dv, dz_part};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_cuda_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+    const at::Tensor& out, const at::Tensor& lse, double scale, int64_t window) {
+  auto [dq, dk, dv, dz] = window_attention_cuda_backward(grad_out, q, k, v, bias, out, lse, scale, window, {});
   return {dq, dk, dv};
 }
 

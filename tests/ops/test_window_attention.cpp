@@ -178,6 +178,106 @@ TEST_P(WindowAttention, PrunedKeysAreInvisible) {
   }
 }
 
+// The backward's extras (the PSA layer's fused node): dq and dk leave with
+// the packed signal rows added and RoPE's transposed rotation applied, and
+// dz_part holds each added dk row's dot with k per kv head; against the
+// plain backward's dq, dk plus the rows, rotated in float64 (the kernel
+// rounds once, after an fp32 sum and rotation: within a unit of roundoff or
+// so). dv is the plain backward's, bit for bit. CUDA only (the kernels'), so
+// a suite of its own instantiated for "cuda" alone.
+class WindowAttentionExtras : public DeviceTest {};
+INSTANTIATE_TEST_SUITE_P(Devices, WindowAttentionExtras, ::testing::Values("cuda"), test::device_name);
+
+TEST_P(WindowAttentionExtras, BackwardExtrasAddSignalRowsAndRotate) {
+  const std::vector<Case> cases = {{2, 4, 2, 150, 64, 40}, {1, 2, 2, 130, 128, 128}, {2, 2, 1, 64, 128, 7}};
+  for (auto dtype : {torch::kBFloat16, torch::kHalf}) {
+    for (const auto& c : cases) {
+      for (bool per_batch : {false, true}) {
+        SCOPED_TRACE(::testing::Message() << dtype << " B " << c.B << " H " << c.H << " Hkv " << c.Hkv << " T "
+                                          << c.T << " D " << c.D << " W " << c.W << " per-batch tables "
+                                          << per_batch << " seed " << seed_);
+        const auto o16 = opts(dtype);
+        const double scale = 1.0 / std::sqrt(double(c.D));
+        // RoPE tables as transformers builds them (inv_freq, emb = cat(freqs, freqs)), per sequence or shared.
+        const int64_t Bc = per_batch ? c.B : 1;
+        const auto pos = torch::arange(c.T, opts(torch::kFloat)).view({1, c.T, 1}) +
+                         (per_batch ? torch::randint(0, 50, {Bc, 1, 1}, opts(torch::kFloat)) : torch::zeros({1, 1, 1}, opts(torch::kFloat)));
+        const auto inv = torch::pow(10000.0, -torch::arange(0, c.D, 2, opts(torch::kFloat)) / double(c.D));
+        const auto freqs = pos * inv.view({1, 1, -1});
+        const auto emb = torch::cat({freqs, freqs}, -1);
+        const auto cos = emb.cos().to(dtype), sin = emb.sin().to(dtype);
+        const auto q_lin = torch::randn({c.B, c.T, c.H, c.D}, o16), k_lin = torch::randn({c.B, c.T, c.Hkv, c.D}, o16);
+        const auto q = rotary_embedding(q_lin, cos, sin).transpose(1, 2);
+        const auto k = rotary_embedding(k_lin, cos, sin).transpose(1, 2);
+        const auto v = torch::randn({c.B, c.T, c.Hkv, c.D}, o16).transpose(1, 2);
+        const auto bias = make_bias(c.B, c.T, o16);
+        auto [o, lse] = window_attention_cuda_forward(q, k, v, bias, scale, c.W);
+        const auto dy = torch::randn({c.B, c.T, c.H, c.D}, o16).transpose(1, 2);
+        // About a third of the tokens carry a packed row (in a shuffled order, as any packing may).
+        const auto lopt = opts(torch::kLong);
+        const auto chosen = (torch::rand({c.B * c.T}, opts(torch::kFloat)) < 0.35).nonzero().squeeze(1);
+        const int64_t N = chosen.size(0);
+        const auto slots = torch::randperm(N, lopt);
+        auto sig_rows = torch::full({c.B * c.T}, -1, lopt);
+        sig_rows.index_put_({chosen}, slots);
+        const auto dq_sig = torch::randn({N, c.H * c.D}, o16), dk_sig = torch::randn({N, c.Hkv * c.D}, o16);
+        auto [dq0, dk0, dv0] = window_attention_cuda_backward(dy, q, k, v, bias, o, lse, scale, c.W);
+        WindowGradExtras extras;
+        extras.sig_rows = sig_rows, extras.dq_sig = dq_sig, extras.dk_sig = dk_sig;
+        extras.rope_cos = cos, extras.rope_sin = sin;
+        auto [dq1, dk1, dv1, dz] =
+            window_attention_cuda_backward(dy, q, k, v, bias, o, lse, scale, c.W, extras);
+        EXPECT_TRUE(torch::equal(dv1, dv0));
+        // float64 reference: token-major rows + the packed rows at their tokens, then R^T.
+        const auto cpu64 = [](const torch::Tensor& t) { return t.to(torch::kCPU, torch::kDouble); };
+        const auto c64 = cpu64(cos).expand({c.B, c.T, c.D}).unsqueeze(2), s64 = cpu64(sin).expand({c.B, c.T, c.D}).unsqueeze(2);
+        const auto rows_cpu = sig_rows.cpu();
+        auto reference = [&](const torch::Tensor& win, const torch::Tensor& sig, int64_t heads) {
+          auto total = cpu64(win.transpose(1, 2)).reshape({c.B * c.T, heads * c.D}).clone();
+          const auto has = rows_cpu >= 0;
+          total.index_put_({has}, total.index({has}) + cpu64(sig).index({rows_cpu.index({has})}));
+          const auto g = total.view({c.B, c.T, heads, c.D});
+          const int64_t h = c.D / 2;
+          const auto g1 = g.narrow(3, 0, h), g2 = g.narrow(3, h, h);
+          const auto c1 = c64.narrow(3, 0, h), c2 = c64.narrow(3, h, h), s1 = s64.narrow(3, 0, h), s2 = s64.narrow(3, h, h);
+          return torch::cat({g1 * c1 + g2 * s2, g2 * c2 - g1 * s1}, 3);
+        };
+        const double u = test::unit_roundoff(dtype);
+        EXPECT_LE(rel_l2(cpu64(dq1.transpose(1, 2)), reference(dq0, dq_sig, c.H)), 2 * u);
+        EXPECT_LE(rel_l2(cpu64(dk1.transpose(1, 2)), reference(dk0, dk_sig, c.Hkv)), 2 * u);
+        // dz_part[(b, t), hk] = sum_d dk_sig[row, hk D + d] k[b, hk, t, d] (zero where no row).
+        const auto k_rows = cpu64(k.transpose(1, 2)).reshape({c.B * c.T, c.Hkv, c.D});
+        auto dz_ref = torch::zeros({c.B * c.T, c.Hkv}, torch::TensorOptions().dtype(torch::kDouble));
+        const auto has = rows_cpu >= 0;
+        dz_ref.index_put_({has}, (cpu64(dk_sig).index({rows_cpu.index({has})}).view({-1, c.Hkv, c.D}) *
+                                  k_rows.index({has})).sum(-1));
+        ASSERT_TRUE(dz.defined());
+        EXPECT_EQ(dz.sizes(), (std::vector<int64_t>{c.B * c.T, c.Hkv}));
+        EXPECT_LE(rel_l2(cpu64(dz), dz_ref), 1e-5);
+        EXPECT_TRUE(torch::equal(cpu64(dz).index({has.logical_not()}), dz_ref.index({has.logical_not()})));
+      }
+    }
+  }
+  // Argument errors name the argument.
+  const auto x = torch::randn({1, 2, 70, 64}, opts(torch::kBFloat16));
+  const auto b = torch::zeros({1, 70}, opts(torch::kFloat));
+  auto [o, lse] = window_attention_cuda_forward(x, x, x, b, 0.125, 16);
+  WindowGradExtras bad;
+  bad.dq_sig = torch::randn({3, 100}, opts(torch::kBFloat16));
+  bad.sig_rows = torch::full({70}, -1, opts(torch::kLong));
+  test::expect_error([&] { window_attention_cuda_backward(x, x, x, x, b, o, lse, 0.125, 16, bad); },
+                     {"argument 'dq_sig' must be [N, 128]", "[3, 100]"});
+  bad.dq_sig = torch::randn({3, 128}, opts(torch::kBFloat16));
+  bad.sig_rows = torch::full({69}, -1, opts(torch::kLong));
+  test::expect_error([&] { window_attention_cuda_backward(x, x, x, x, b, o, lse, 0.125, 16, bad); },
+                     {"argument 'sig_rows' must be int64 with B * T = 70 values"});
+  WindowGradExtras bad_rope;
+  bad_rope.rope_cos = torch::randn({1, 70, 32}, opts(torch::kBFloat16));
+  bad_rope.rope_sin = bad_rope.rope_cos;
+  test::expect_error([&] { window_attention_cuda_backward(x, x, x, x, b, o, lse, 0.125, 16, bad_rope); },
+                     {"argument 'rope_cos' must be [1 or 1, 70, 64]", "[1, 70, 32]"});
+}
+
 TEST_P(WindowAttention, EmptyAndErrors) {
   auto q = torch::randn({2, 4, 0, 128}, opts(torch::kBFloat16)).requires_grad_(true);
   auto k = torch::randn({2, 2, 0, 128}, opts(torch::kBFloat16));

@@ -273,16 +273,19 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
                                  const Routing& routing, PSACache* cache);
   // Training without a cache on CUDA: the local and summary streams of v
   // [B, T, kv_dim], window_attention (values u) and signal_attention (values
-  // v) with one autograd node for the streams, the window and the packing.
-  // rate = 1 - sigmoid(summary_decay) in fp32.
+  // v) with one autograd node for RoPE, the streams, the window and the
+  // packing: q_lin [B, T, H, D] and k_lin [B, T, Hkv, D] are the projections
+  // before RoPE (cos, sin as rotary_embedding takes them). rate = 1 -
+  // sigmoid(summary_decay) in fp32.
   struct FusedReads {
     torch::Tensor window;                  // [B, H, T, D]
     torch::Tensor signal;                  // packed [B * S, H, D] rows (S = 0: none)
     torch::Tensor signal_rows, pack_rows;  // token row -> packed row (-1: none) [B * T]; its inverse [B * S]
     torch::Tensor local, summary;          // [B, T, kv_dim]
   };
-  FusedReads window_streams_and_signal(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                       const torch::Tensor& rate, const Routing& routing);
+  FusedReads window_streams_and_signal(const torch::Tensor& q_lin, const torch::Tensor& k_lin, const torch::Tensor& v,
+                                       const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& rate,
+                                       const Routing& routing);
   // The fused CUDA decode step (kernels/psa_decode.h) over one token, or an
   // undefined tensor when this layer, dtype or device cannot take it.
   torch::Tensor decode_fused(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,

@@ -196,9 +196,25 @@ bool window_attention_fused(const at::Tensor& q, const at::Tensor& k, const at::
 std::tuple<at::Tensor, at::Tensor> window_attention_cuda_forward(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& v, const at::Tensor& bias,
                                                                  double scale, int64_t window);
+// What else the backward's dq and dk may take before they leave (all
+// optional; kernels::WindowAttentionParams has the math): the signal
+// attention's packed gradients dq_sig [N, H D] and dk_sig [N, Hkv D] (rows
+// contiguous, q's dtype) added at the rows of sig_rows [B T] (int64, the
+// packed row of token (b, t) or -1), with dz_part [B T, Hkv] = the dot of
+// each added dk_sig row with k, per kv head (only when dk_sig is given); and
+// RoPE's cos, sin ([B or 1, T, D] or [B or 1, 1, T, D], q's dtype): q and k
+// are the rotated ones and dq, dk come back as the pre-RoPE gradients.
+struct WindowGradExtras {
+  at::Tensor sig_rows, dq_sig, dk_sig;
+  at::Tensor rope_cos, rope_sin;
+};
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_cuda_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
     const at::Tensor& out, const at::Tensor& lse, double scale, int64_t window);
+// With extras: (dq, dk, dv, dz_part), dz_part undefined without dk_sig.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_cuda_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+    const at::Tensor& out, const at::Tensor& lse, double scale, int64_t window, const WindowGradExtras& extras);
 
 // The router's training step (the math: src/kernels/psa_route.h). logits
 // [B, T, 4] and gumbel [B, T, 4] of one dtype, fp32 or fp64 (the
