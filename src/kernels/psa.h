@@ -148,7 +148,9 @@ void linear_scan_backward_cpu(const LinearScanParams& p, int64_t g0, int64_t g1)
 // is 1, else per query column [B, T, C] (the caller sums each group's heads);
 // dsummary likewise; dlambda_partial [blocks, 2, C] (fp32; summed over blocks:
 // d lambda_local, then d lambda_summary). Any of dsig, dgate, dlocal and
-// dsummary may be null.
+// dsummary may be null. A null lambda is all ones (the read comes scaled):
+// its read is added as it is, its gradient is dy (not written: dlocal or
+// dsummary is then ignored) and its partial sums are zero.
 constexpr int64_t kCombineRows = 64;
 struct PsaCombineParams {
   DType dtype = DType::kFloat32;  // of sig, win, local, summary, y, dy, dsig, dlocal, dsummary

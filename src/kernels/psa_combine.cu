@@ -57,14 +57,25 @@ __device__ __forceinline__ void load_sig(const PsaCombineParams& p, const T* sig
   load8<true>(sig + b * p.sig_stride[0] + col.h * p.sig_stride[1] + t * p.sig_stride[2] + col.d0, 0, 8, s);
 }
 
+// A read's 8 lambdas from column c0, or ones where it has none (null: the
+// caller scaled it already, e.g. into the conv's taps).
+__device__ __forceinline__ void load_lambda(const float* lambda, int64_t c0, float (&out)[8]) {
+  if (lambda != nullptr) {
+    load8<true>(lambda + c0, 0, 8, out);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = 1.f;
+  }
+}
+
 template <typename T>
 __global__ void combine_forward_kernel(PsaCombineParams p) {
   const int64_t C = p.heads * p.head_dim, rows = p.batch * p.time;
   const Columns col = columns(p, threadIdx.x);
   const int64_t Cl = C / p.local_group, Cs = C / p.summary_group;
   float laml[8], lams[8];
-  load8<true>(p.lambda_local + col.c0, 0, 8, laml);
-  load8<true>(p.lambda_summary + col.c0, 0, 8, lams);
+  load_lambda(p.lambda_local, col.c0, laml);
+  load_lambda(p.lambda_summary, col.c0, lams);
   const T* sig = static_cast<const T*>(p.sig);
   const T* win = static_cast<const T*>(p.win);
   const T* local = static_cast<const T*>(p.local);
@@ -99,8 +110,8 @@ __global__ void combine_backward_kernel(PsaCombineParams p) {
   const int64_t Cl = C / p.local_group, Cs = C / p.summary_group;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float laml[8], lams[8], dlaml[8] = {}, dlams[8] = {};
-  load8<true>(p.lambda_local + col.c0, 0, 8, laml);
-  load8<true>(p.lambda_summary + col.c0, 0, 8, lams);
+  load_lambda(p.lambda_local, col.c0, laml);
+  load_lambda(p.lambda_summary, col.c0, lams);
   const T* sig = static_cast<const T*>(p.sig);
   const T* local = static_cast<const T*>(p.local);
   const T* summary = static_cast<const T*>(p.summary);
@@ -134,20 +145,26 @@ __global__ void combine_backward_kernel(PsaCombineParams p) {
       if (lane == 0) row_sums[r - r0][warp] = acc;
     }
     // local and summary: their gradients (per query column; the caller sums a
-    // group's heads when several share one) and their lambdas' partial sums.
-    load8<true>(local + r * Cl + col.local, 0, 8, tmp);
+    // group's heads when several share one) and their lambdas' partial sums;
+    // a read without a lambda (already scaled) has dy itself as its gradient,
+    // which the caller takes without this kernel writing it.
+    if (p.lambda_local != nullptr) {
+      load8<true>(local + r * Cl + col.local, 0, 8, tmp);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) dlaml[j] = fmaf(g[j], tmp[j], dlaml[j]);
-    load8<true>(summary + r * Cs + col.summary, 0, 8, tmp);
+      for (int j = 0; j < 8; ++j) dlaml[j] = fmaf(g[j], tmp[j], dlaml[j]);
+    }
+    if (p.lambda_summary != nullptr) {
+      load8<true>(summary + r * Cs + col.summary, 0, 8, tmp);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) dlams[j] = fmaf(g[j], tmp[j], dlams[j]);
-    if (dlocal != nullptr) {
+      for (int j = 0; j < 8; ++j) dlams[j] = fmaf(g[j], tmp[j], dlams[j]);
+    }
+    if (dlocal != nullptr && p.lambda_local != nullptr) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) tmp[j] = g[j] * laml[j];
       const int64_t at = p.local_group == 1 ? r * Cl + col.local : r * C + col.c0;
       store8<true>(dlocal + at, 0, 8, tmp);
     }
-    if (dsummary != nullptr) {
+    if (dsummary != nullptr && p.lambda_summary != nullptr) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) tmp[j] = g[j] * lams[j];
       const int64_t at = p.summary_group == 1 ? r * Cs + col.summary : r * C + col.c0;

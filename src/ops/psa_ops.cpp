@@ -291,9 +291,9 @@ struct PsaCombineFunction : public torch::autograd::Function<PsaCombineFunction>
     }
     p.gate = gate.const_data_ptr<float>();
     p.local = local.const_data_ptr();
-    p.lambda_local = lam_l.const_data_ptr<float>();
+    p.lambda_local = lam_l.numel() > 0 ? lam_l.const_data_ptr<float>() : nullptr;  // empty: already scaled
     p.summary = summary.const_data_ptr();
-    p.lambda_summary = lam_s.const_data_ptr<float>();
+    p.lambda_summary = lam_s.numel() > 0 ? lam_s.const_data_ptr<float>() : nullptr;
     return p;
   }
 
@@ -339,8 +339,9 @@ struct PsaCombineFunction : public torch::autograd::Function<PsaCombineFunction>
     auto grad_buffer = [&](const at::Tensor& t, int64_t group, bool wanted) {
       return wanted ? at::empty({B, T, group == 1 ? t.size(2) : C}, t.options()) : at::Tensor();
     };
-    at::Tensor dlocal = grad_buffer(local, p.local_group, ctx->needs_input_grad(4));
-    at::Tensor dsummary = grad_buffer(summary, p.summary_group, ctx->needs_input_grad(6));
+    at::Tensor dlocal = grad_buffer(local, p.local_group, ctx->needs_input_grad(4) && p.lambda_local != nullptr);
+    at::Tensor dsummary =
+        grad_buffer(summary, p.summary_group, ctx->needs_input_grad(6) && p.lambda_summary != nullptr);
     const at::Tensor partial = at::empty({kernels::psa_combine_blocks(p), 2, C}, gate.options());
     p.dy = dy.const_data_ptr();
     p.dsig = dsig.defined() ? dsig.data_ptr() : nullptr;
@@ -357,10 +358,22 @@ struct PsaCombineFunction : public torch::autograd::Function<PsaCombineFunction>
       if (!g.defined() || group == 1) return g;
       return g.view({B, T, t.size(2) / D, group, D}).sum(3).view({B, T, t.size(2)});
     };
+    // A read that came scaled (no lambda) has dy as its gradient: no pass
+    // over [B, T, C] for it here (summed over a group's heads where it serves several).
+    if (p.lambda_local == nullptr) dlocal = ctx->needs_input_grad(4) ? dy : at::Tensor();
+    if (p.lambda_summary == nullptr) dsummary = ctx->needs_input_grad(6) ? dy : at::Tensor();
     const at::Tensor dlam = partial.sum(0);  // [2, C]
     const at::Tensor dwin = has_win ? dy.view({B, T, H, D}).transpose(1, 2) : at::Tensor();
-    return {dsig,   at::Tensor(), dgate, dwin,         fold(dlocal, local, p.local_group), dlam[0],
-            fold(dsummary, summary, p.summary_group), dlam[1], at::Tensor(), at::Tensor()};
+    return {dsig,
+            at::Tensor(),
+            dgate,
+            dwin,
+            fold(dlocal, local, p.local_group),
+            p.lambda_local != nullptr ? dlam[0] : at::Tensor(),
+            fold(dsummary, summary, p.summary_group),
+            p.lambda_summary != nullptr ? dlam[1] : at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -790,12 +803,18 @@ void check_combine_args(const char* op, const at::Tensor& sig, int64_t B, int64_
                     H % (t.size(2) / D) == 0,
                 op, ": argument '", arg, "' must be [B, T, Hx * D] = [", B, ", ", T, ", Hx * ", D,
                 "] with Hx dividing H = ", H, ", got ", t.sizes());
+    if (!lam.defined()) return;  // the read comes scaled
     check_parameter(lam, sig, op, lam_arg, "sig");
     TORCH_CHECK(lam.dim() == 1 && lam.size(0) == C, op, ": argument '", lam_arg, "' must be [H * D] = [", C,
                 "], got ", lam.sizes());
   };
   check_read(local, lambda_local, "local", "lambda_local");
   check_read(summary, lambda_summary, "summary", "lambda_summary");
+}
+// The kernels' fp32 lambda, or an empty placeholder for none (autograd
+// functions take defined tensors only).
+at::Tensor lambda_or_empty(const at::Tensor& lambda, const at::Tensor& like) {
+  return lambda.defined() ? lambda.to(at::kFloat).contiguous() : at::empty({0}, like.options().dtype(at::kFloat));
 }
 }  // namespace
 
@@ -813,8 +832,8 @@ at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::
     return PsaCombineFunction::apply(sig, at::empty({0}, gate.options().dtype(at::kLong)),
                                      gate.to(at::kFloat).contiguous(),
                                      win.defined() ? win : at::empty({0}, sig.options()), lc,
-                                     lambda_local.to(at::kFloat).contiguous(), sc,
-                                     lambda_summary.to(at::kFloat).contiguous(), false, win.defined());
+                                     lambda_or_empty(lambda_local, gate), sc, lambda_or_empty(lambda_summary, gate),
+                                     false, win.defined());
   }
   // Elsewhere the composition it fuses, in sig's dtype.
   const auto dt = sig.scalar_type();
@@ -824,8 +843,10 @@ at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::
   };
   at::Tensor heads = sig * gate.to(dt).view({B, 1, T, 1});
   if (win.defined()) heads = heads + win;
-  return heads.transpose(1, 2).reshape({B, T, C}) + lambda_local.to(dt) * expand(local) +
-         lambda_summary.to(dt) * expand(summary);
+  auto scaled = [&](const at::Tensor& lam, const at::Tensor& t) {
+    return lam.defined() ? lam.to(dt) * expand(t) : expand(t);
+  };
+  return heads.transpose(1, 2).reshape({B, T, C}) + scaled(lambda_local, local) + scaled(lambda_summary, summary);
 }
 
 at::Tensor psa_combine_packed(const at::Tensor& sig, const at::Tensor& sig_rows, const at::Tensor& pack_rows,
@@ -855,8 +876,8 @@ at::Tensor psa_combine_packed(const at::Tensor& sig, const at::Tensor& sig_rows,
   }
   return PsaCombineFunction::apply(sig, sig_rows, gate.to(at::kFloat).contiguous(),
                                    win.defined() ? win : at::empty({0}, sig.options()), lc,
-                                   lambda_local.to(at::kFloat).contiguous(), sc,
-                                   lambda_summary.to(at::kFloat).contiguous(), true, win.defined());
+                                   lambda_or_empty(lambda_local, gate), sc, lambda_or_empty(lambda_summary, gate), true,
+                                   win.defined());
 }
 
 at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& index, const at::Tensor& inverse) {

@@ -846,13 +846,16 @@ namespace {
 TEST_F(PSALayer, CudaFusedWindowPackMatchesTwoNodes) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device here";
   SCOPED_TRACE("seed " + std::to_string(seed_));
-  const Shape s{/*d=*/128, /*H=*/4, /*Hkv=*/2, /*D=*/64, /*Kc=*/3, /*window=*/70};
   PSAConfig c;
   c.seed = seed_;
   c.detach_router_input = false;
   c.target_shares = {0.2, 0.3, 0.2, 0.3};
   const torch::Device cuda(torch::kCUDA, 0);
+  // GQA, and one kv head per query head (lambda_local folded into the conv's taps).
+  for (const Shape& s : {Shape{/*d=*/128, /*H=*/4, /*Hkv=*/2, /*D=*/64, /*Kc=*/3, /*window=*/70},
+                         Shape{/*d=*/128, /*H=*/4, /*Hkv=*/4, /*D=*/64, /*Kc=*/4, /*window=*/50}})
   for (auto dtype : {torch::kBFloat16, torch::kFloat16}) {
+    SCOPED_TRACE(::testing::Message() << "H " << s.H << " Hkv " << s.Hkv << " " << dtype);
     auto fused = make_layer(s, torch::kFloat, c);
     auto two = make_layer(s, torch::kFloat, c);
     copy_state(fused, two);  // route_bias included: the same routes

@@ -581,6 +581,42 @@ TEST_P(PsaCombine, ForwardAndGradientsMatchFloat64) {
   }
 }
 
+// A read without its lambda comes scaled: the same output and gradients as
+// with a lambda of ones, bit for bit (the kernels add it as it is and hand dy
+// on as its gradient without writing one; the composition multiplies by
+// nothing), and no gradient for the absent lambda.
+TEST_P(PsaCombine, ReadsWithoutLambdaAreTakenAsScaled) {
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    for (const auto& s : kCombineShapes) {
+      SCOPED_TRACE(::testing::Message() << dtype << " H " << s.H << " D " << s.D << " local heads " << s.local_heads
+                                        << " summary heads " << s.summary_heads << " seed " << seed_);
+      auto in = combine_inputs(s, dtype, opts(dtype), /*with_win=*/true);
+      const auto ones_l = torch::ones_like(in[4]), ones_s = torch::ones_like(in[6]);
+      std::vector<torch::Tensor> a, b;
+      for (const auto& t : in) {
+        a.push_back(t.detach().clone().requires_grad_(true));
+        b.push_back(t.detach().clone().requires_grad_(true));
+      }
+      const auto ya = psa_combine(a[0], a[1], a[2], a[3], ones_l, a[5], torch::Tensor());
+      const auto yb = psa_combine(b[0], b[1], b[2], b[3], torch::Tensor(), b[5], ones_s);
+      const auto yr = psa_combine(in[0], in[1], in[2], in[3], ones_l, in[5], ones_s);
+      EXPECT_TRUE(torch::equal(ya, yr));
+      EXPECT_TRUE(torch::equal(yb, yr));
+      const auto w = torch::randn_like(yr);
+      (ya * w).sum().backward();
+      (yb * w).sum().backward();
+      std::vector<torch::Tensor> r;
+      for (const auto& t : in) r.push_back(t.detach().clone().requires_grad_(true));
+      (psa_combine(r[0], r[1], r[2], r[3], ones_l, r[5], ones_s) * w).sum().backward();
+      for (int i : {0, 1, 2, 3, 5}) {
+        ASSERT_TRUE(a[i].grad().defined() && b[i].grad().defined()) << i;
+        EXPECT_TRUE(torch::equal(a[i].grad(), r[i].grad())) << "input " << i;
+        EXPECT_TRUE(torch::equal(b[i].grad(), r[i].grad())) << "input " << i;
+      }
+    }
+  }
+}
+
 // psa_combine_packed reads the signal rows through the token -> packed row
 // index (the layer's packed attention output, right-padded per batch row):
 // against combine_reference in float64 on rows unpacked by plain indexing,

@@ -276,7 +276,8 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   // v) with one autograd node for RoPE, the streams, the window and the
   // packing: q_lin [B, T, H, D] and k_lin [B, T, Hkv, D] are the projections
   // before RoPE (cos, sin as rotary_embedding takes them). rate = 1 -
-  // sigmoid(summary_decay) in fp32.
+  // sigmoid(summary_decay) in fp32; taps: the conv's weight (conv_weight, or
+  // lambda_local folded into it).
   struct FusedReads {
     torch::Tensor window;                  // [B, H, T, D]
     torch::Tensor signal;                  // packed [B * S, H, D] rows (S = 0: none)
@@ -285,7 +286,7 @@ class PacketSwitchedAttentionImpl : public torch::nn::Module {
   };
   FusedReads window_streams_and_signal(const torch::Tensor& q_lin, const torch::Tensor& k_lin, const torch::Tensor& v,
                                        const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& rate,
-                                       const Routing& routing);
+                                       const torch::Tensor& taps, const Routing& routing);
   // The fused CUDA decode step (kernels/psa_decode.h) over one token, or an
   // undefined tensor when this layer, dtype or device cannot take it.
   torch::Tensor decode_fused(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,

@@ -107,8 +107,10 @@ ValueStreamsGrads value_streams_cuda_backward(const at::Tensor& v, const at::Ten
 // sig and win (optional) [B, H, T, D] in any layout (the attention outputs'
 // transposed views); gate [B, T]; local and summary [B, T, Hx * D] with Hx
 // dividing H (G = H / Hx query heads read each of their heads, as GQA's
-// values); lambdas [H * D]. Returns [B, T, H * D] in sig's dtype; gradients
-// flow to all seven. On CUDA (fp32/fp16/bf16, D % 8 == 0, H * D a multiple of
+// values); lambdas [H * D], or undefined for a read that comes scaled
+// already (ones: its gradient is then dy itself, with no pass to form it,
+// which is why the PSA layer folds lambda_local into the conv's taps).
+// Returns [B, T, H * D] in sig's dtype; gradients flow to all seven. On CUDA (fp32/fp16/bf16, D % 8 == 0, H * D a multiple of
 // 256 up to 8192, 16-byte aligned rows) one kernel each way computing in fp32
 // and rounding once; elsewhere the ATen composition of the formula in sig's
 // dtype.
