@@ -446,7 +446,8 @@ __global__ void __launch_bounds__(kThreads, 3) window_backward_dq_kernel(WindowA
 #pragma unroll
     for (int u = 0; u < kPer; ++u) {
       const int i = threadIdx.x + u * kThreads, r = i / kVec, c = i % kVec;
-      ov[u] = q0 + r < T ? *reinterpret_cast<const uint4*>(o + (q0 + r) * p.o_stride[2] + c * 8) : make_uint4(0, 0, 0, 0);
+      ov[u] = q0 + r < T ? *reinterpret_cast<const uint4*>(o + (q0 + r) * p.o_stride[2] + c * 8)
+                         : make_uint4(0, 0, 0, 0);
     }
     cp_async_wait<0>();
     __syncthreads();

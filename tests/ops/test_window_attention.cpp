@@ -1,12 +1,15 @@
 // Tests of unswag::window_attention (include/unswag/nn/psa_ops.h) on CPU (the
 // chunked_attention composition) and CUDA (its own kernels, asserted to run):
 // output and the q, k, v gradients against a float64 masked-softmax
-// composition (dq and dk against their cancellation-free scale), in fp16/bf16 (and fp32/fp64 on the composition), with GQA,
-// odd lengths (T = 1, T not a multiple of the 64-row tiles, W > T, W = 1, W
-// across tile boundaries), pruned keys (bias -2000: rows whose whole window
-// is pruned average it uniformly), strided operands in the PSA layer's
-// layouts, the kernels' error no more than twice the same-dtype composition's,
-// empty sequences, and argument errors.
+// composition (dq and dk against their cancellation-free scale), in
+// fp16/bf16 (and fp32/fp64 on the composition), with GQA, odd lengths (T =
+// 1, T not a multiple of the 64-row tiles, W > T, W = 1, W across tile
+// boundaries), pruned keys (bias -2000: rows whose whole window is pruned
+// average it uniformly), strided operands in the PSA layer's layouts, the
+// kernels' error no more than twice the same-dtype composition's, empty
+// sequences, and argument errors; the backward's extras (the packed signal
+// rows added into dq and dk, d z_sig's dk part, RoPE's transposed rotation)
+// against the plain backward plus a float64 composition (CUDA).
 #include "test_util.h"
 #include "unswag/nn/functional.h"
 #include "unswag/nn/psa_ops.h"
@@ -200,8 +203,9 @@ TEST_P(WindowAttentionExtras, BackwardExtrasAddSignalRowsAndRotate) {
         const double scale = 1.0 / std::sqrt(double(c.D));
         // RoPE tables as transformers builds them (inv_freq, emb = cat(freqs, freqs)), per sequence or shared.
         const int64_t Bc = per_batch ? c.B : 1;
-        const auto pos = torch::arange(c.T, opts(torch::kFloat)).view({1, c.T, 1}) +
-                         (per_batch ? torch::randint(0, 50, {Bc, 1, 1}, opts(torch::kFloat)) : torch::zeros({1, 1, 1}, opts(torch::kFloat)));
+        const auto offset = per_batch ? torch::randint(0, 50, {Bc, 1, 1}, opts(torch::kFloat))
+                                      : torch::zeros({1, 1, 1}, opts(torch::kFloat));
+        const auto pos = torch::arange(c.T, opts(torch::kFloat)).view({1, c.T, 1}) + offset;
         const auto inv = torch::pow(10000.0, -torch::arange(0, c.D, 2, opts(torch::kFloat)) / double(c.D));
         const auto freqs = pos * inv.view({1, 1, -1});
         const auto emb = torch::cat({freqs, freqs}, -1);
@@ -230,7 +234,8 @@ TEST_P(WindowAttentionExtras, BackwardExtrasAddSignalRowsAndRotate) {
         EXPECT_TRUE(torch::equal(dv1, dv0));
         // float64 reference: token-major rows + the packed rows at their tokens, then R^T.
         const auto cpu64 = [](const torch::Tensor& t) { return t.to(torch::kCPU, torch::kDouble); };
-        const auto c64 = cpu64(cos).expand({c.B, c.T, c.D}).unsqueeze(2), s64 = cpu64(sin).expand({c.B, c.T, c.D}).unsqueeze(2);
+        const auto c64 = cpu64(cos).expand({c.B, c.T, c.D}).unsqueeze(2);
+        const auto s64 = cpu64(sin).expand({c.B, c.T, c.D}).unsqueeze(2);
         const auto rows_cpu = sig_rows.cpu();
         auto reference = [&](const torch::Tensor& win, const torch::Tensor& sig, int64_t heads) {
           auto total = cpu64(win.transpose(1, 2)).reshape({c.B * c.T, heads * c.D}).clone();
@@ -239,7 +244,8 @@ TEST_P(WindowAttentionExtras, BackwardExtrasAddSignalRowsAndRotate) {
           const auto g = total.view({c.B, c.T, heads, c.D});
           const int64_t h = c.D / 2;
           const auto g1 = g.narrow(3, 0, h), g2 = g.narrow(3, h, h);
-          const auto c1 = c64.narrow(3, 0, h), c2 = c64.narrow(3, h, h), s1 = s64.narrow(3, 0, h), s2 = s64.narrow(3, h, h);
+          const auto c1 = c64.narrow(3, 0, h), c2 = c64.narrow(3, h, h);
+          const auto s1 = s64.narrow(3, 0, h), s2 = s64.narrow(3, h, h);
           return torch::cat({g1 * c1 + g2 * s2, g2 * c2 - g1 * s1}, 3);
         };
         const double u = test::unit_roundoff(dtype);

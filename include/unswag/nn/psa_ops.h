@@ -110,10 +110,10 @@ ValueStreamsGrads value_streams_cuda_backward(const at::Tensor& v, const at::Ten
 // values); lambdas [H * D], or undefined for a read that comes scaled
 // already (ones: its gradient is then dy itself, with no pass to form it,
 // which is why the PSA layer folds lambda_local into the conv's taps).
-// Returns [B, T, H * D] in sig's dtype; gradients flow to all seven. On CUDA (fp32/fp16/bf16, D % 8 == 0, H * D a multiple of
-// 256 up to 8192, 16-byte aligned rows) one kernel each way computing in fp32
-// and rounding once; elsewhere the ATen composition of the formula in sig's
-// dtype.
+// Returns [B, T, H * D] in sig's dtype; gradients flow to all seven. On CUDA
+// (fp32/fp16/bf16, D % 8 == 0, H * D a multiple of 256 up to 8192, 16-byte
+// aligned rows) one kernel each way computing in fp32 and rounding once;
+// elsewhere the ATen composition of the formula in sig's dtype.
 at::Tensor psa_combine(const at::Tensor& sig, const at::Tensor& gate, const at::Tensor& win, const at::Tensor& local,
                        const at::Tensor& lambda_local, const at::Tensor& summary, const at::Tensor& lambda_summary);
 
