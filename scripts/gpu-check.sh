@@ -11,7 +11,8 @@
 #   --skip-build   reuse build-cuda/ as it is (it must hold libunswag.so)
 #   --only X       run only the tests or only the benchmarks (after the build)
 # Environment: GPU_CHECK_BUDGET_S (default 570): seconds for the whole script;
-#   GPU_CHECK_BENCHES: which benchmarks (default "bench_activations bench_mlp bench_optim bench_psa bench_train_cli bench_model";
+#   GPU_CHECK_BENCHES: which benchmarks (unset: "bench_activations bench_mlp bench_optim bench_psa bench_train_cli bench_model";
+#     set and empty: none, e.g. for a build-only call before ncu;
 #     also "fewbit_tiles": bench/fewbit_tiles.py, the few-bit kernels' tiles-in-flight sweep);
 #   GPU_CHECK_SECTION_SUFFIX: e.g. -h200: bench_activations, bench_mlp, bench_optim, bench_psa's speed and
 #     fewbit_tiles write docs/BENCHMARKS.md sections named with this suffix (a second device beside the first);
@@ -415,7 +416,8 @@ if [[ "$ONLY" != tests ]] && ((build_ok)); then
   quick_flag=()
   ((QUICK)) && quick_flag=(--quick)
   # bench_optim and bench_train_cli before bench_model, which spends whatever time is left.
-  for bench in ${GPU_CHECK_BENCHES:-bench_activations bench_mlp bench_optim bench_psa bench_train_cli bench_model}; do
+  # (`-`, not `:-`: an empty GPU_CHECK_BENCHES means no benchmark, not the default set.)
+  for bench in ${GPU_CHECK_BENCHES-bench_activations bench_mlp bench_optim bench_psa bench_train_cli bench_model}; do
     t0=$SECONDS
     case "$bench" in
       bench_model)  # whole-model training step vs transformers; spends at most what is left
