@@ -207,11 +207,13 @@ struct GatherRowsParams {
 void gather_rows_cpu(const GatherRowsParams& p, int64_t m0, int64_t m1);
 
 // dst[index[m], :] += src[m, :] for every m whose index lies in [0, dst_rows)
-// (others skipped), each sum in fp32 rounded once: the packed signal rows'
-// gradients added into the window's. The in-range indices must be distinct
-// (no atomics; the caller's contract, as gather_rows' inverse). CUDA only
-// (fp32/fp16/bf16, cols and both row strides multiples of 16 bytes, 16-byte
-// aligned bases; the op uses ATen's index_add_ elsewhere).
+// (others skipped), each sum in fp32 rounded once, and dot[index[m]] +=
+// sum_c src[m, c] other[index[m], c]: the packed signal rows' dv added into
+// the value streams' dv, with the signal gate's gradient. The in-range
+// indices must be distinct (no atomics; the caller's contract, as
+// gather_rows' inverse). CUDA only (fp32/fp16/bf16, cols and the row strides
+// multiples of 16 bytes, 16-byte aligned bases; the op uses ATen's
+// index_add_ elsewhere).
 struct AddRowsParams {
   DType dtype = DType::kFloat32;
   int64_t rows = 0, cols = 0, dst_rows = 0;
@@ -220,10 +222,10 @@ struct AddRowsParams {
   const int64_t* index = nullptr;  // [rows]
   void* dst = nullptr;  // [dst_rows, cols], row stride dst_stride
   int64_t dst_stride = 0;
-  // Optional: also dot[n] += sum_c src[m, c] other[n, c] (fp32, summed in
-  // fp32) for n = index[m]: the PSA layer's gradient of the signal gate,
-  // sum_c (dk_packed k + dv_packed v), formed as the rows are added. other
-  // [dst_rows, cols] of src's dtype, row stride other_stride, aligned as dst.
+  // dot[n] += sum_c src[m, c] other[n, c] (fp32, summed in fp32) for n =
+  // index[m]: the PSA layer's gradient of the signal gate (its dv part; the
+  // dk part comes from the window kernels' epilogue). other [dst_rows, cols]
+  // of src's dtype, row stride other_stride, aligned as dst.
   const void* other = nullptr;
   int64_t other_stride = 0;
   float* dot = nullptr;  // [dst_rows]

@@ -284,27 +284,7 @@ void gather_rows_cuda(const GatherRowsParams& p, void* stream) {
 }
 
 namespace {
-// One thread per 16-byte vector of src.
-template <typename T>
-__global__ void add_rows_kernel(AddRowsParams p, int64_t total) {
-  constexpr int kPer = 16 / int(sizeof(T));
-  const int64_t vecs = p.cols / kPer;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t m = i / vecs, j = i - m * vecs;
-    const int64_t n = p.index[m];
-    if (n < 0 || n >= p.dst_rows) continue;
-    const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.src) + m * p.src_stride + j * kPer);
-    uint4* dp = reinterpret_cast<uint4*>(static_cast<T*>(p.dst) + n * p.dst_stride + j * kPer);
-    uint4 d = *dp;
-    const T* ae = reinterpret_cast<const T*>(&a);
-    T* de = reinterpret_cast<T*>(&d);
-#pragma unroll
-    for (int e = 0; e < kPer; ++e) de[e] = from_f<T>(to_f(de[e]) + to_f(ae[e]));
-    *dp = d;
-  }
-}
-
-// With the dot: one warp per src row (its sum is a warp reduction).
+// One warp per src row (its dot is a warp reduction).
 template <typename T>
 __global__ void add_rows_dot_kernel(AddRowsParams p) {
   constexpr int kPer = 16 / int(sizeof(T));
@@ -341,15 +321,12 @@ __global__ void add_rows_dot_kernel(AddRowsParams p) {
 
 void add_rows_cuda(const AddRowsParams& p, void* stream) {
   const int64_t es = p.dtype == DType::kFloat32 ? 4 : 2;
-  const int64_t total = p.rows * (p.cols * es / 16);
-  if (total == 0) return;
+  if (p.rows * (p.cols * es / 16) == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   dispatch_float(p.dtype, "add_rows", [&](auto tag) {
     using T = decltype(tag);
-    if (p.dot != nullptr)  // 8 warps (rows) per block
-      add_rows_dot_kernel<T><<<unsigned(min(int64_t(1) << 20, (p.rows + 7) / 8)), 256, 0, s>>>(p);
-    else
-      add_rows_kernel<T><<<unsigned(min(int64_t(1) << 20, (total + 255) / 256)), 256, 0, s>>>(p, total);
+    // 8 warps (rows) per block.
+    add_rows_dot_kernel<T><<<unsigned(min(int64_t(1) << 20, (p.rows + 7) / 8)), 256, 0, s>>>(p);
   });
   check_launch("add_rows");
 }

@@ -3,8 +3,10 @@
 // m16n8k16 (fp16/bf16 in, fp32 accumulate), sm_80 and later.
 //
 // Blocks of 64 rows, 4 warps of 16 rows each; tiles of 64 keys (or, in the
-// dk/dv pass, 64 queries) staged in shared memory by cp.async, the next tile
-// in flight while the current one computes, with rows padded by 8 elements
+// dk/dv pass, 64 queries) staged in shared memory by cp.async (in the
+// forward and dk/dv passes the next tile in flight while the current one
+// computes; the dq pass single-buffered, three blocks per SM hiding each
+// other's loads), with rows padded by 8 elements
 // so that the fragment loads below (ldmatrix: eight rows of 16 bytes at a
 // time, 272 bytes apart) fall in 32 distinct banks.
 // Fragment layouts of m16n8k16 (g = lane / 4, t = lane % 4):

@@ -410,34 +410,30 @@ at::Tensor gather_rows_raw(const at::Tensor& src, const at::Tensor& index) {
 
 }  // namespace
 
-namespace {
-// add_rows_ and add_rows_dot_ (other and dot defined).
-void add_rows_impl(const char* op, at::Tensor& dst, const at::Tensor& index, const at::Tensor& src,
-                   const at::Tensor& other, at::Tensor* dot) {
+void add_rows_dot_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, const at::Tensor& other,
+                   at::Tensor& dot) {
+  constexpr const char* op = "add_rows_dot_";
   TORCH_CHECK(dst.dim() == 2 && src.dim() == 2 && src.size(1) == dst.size(1), op,
               ": arguments 'dst' and 'src' must be [N, C] and [M, C], got ", dst.sizes(), " and ", src.sizes());
   TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == src.size(0), op,
               ": argument 'index' must be a 1-dim int64 tensor of ", src.size(0), " entries, got ", index.sizes());
   TORCH_CHECK(src.scalar_type() == dst.scalar_type(), op, ": argument 'src' must have dst's dtype ",
               dst.scalar_type(), ", got ", src.scalar_type());
-  if (dot != nullptr) {
-    TORCH_CHECK(other.sizes() == dst.sizes() && other.scalar_type() == dst.scalar_type() &&
-                    other.device() == dst.device(),
-                op, ": argument 'other' must match dst (", dst.sizes(), " ", dst.scalar_type(), "), got ",
-                other.sizes(), " ", other.scalar_type());
-    TORCH_CHECK(dot->scalar_type() == at::kFloat && dot->dim() == 1 && dot->size(0) == dst.size(0) &&
-                    dot->is_contiguous() && dot->device() == dst.device(),
-                op, ": argument 'dot' must be a contiguous float32 [", dst.size(0), "] tensor on dst's device, got ",
-                dot->sizes(), " ", dot->scalar_type());
-  }
+  TORCH_CHECK(other.sizes() == dst.sizes() && other.scalar_type() == dst.scalar_type() &&
+                  other.device() == dst.device(),
+              op, ": argument 'other' must match dst (", dst.sizes(), " ", dst.scalar_type(), "), got ",
+              other.sizes(), " ", other.scalar_type());
+  TORCH_CHECK(dot.scalar_type() == at::kFloat && dot.dim() == 1 && dot.size(0) == dst.size(0) &&
+                  dot.is_contiguous() && dot.device() == dst.device(),
+              op, ": argument 'dot' must be a contiguous float32 [", dst.size(0), "] tensor on dst's device, got ",
+              dot.sizes(), " ", dot.scalar_type());
   const auto dt = dst.scalar_type();
   const int64_t es = int64_t(dst.element_size());
   auto fits = [&](const at::Tensor& t) {
     return t.stride(1) == 1 && (t.stride(0) * es) % 16 == 0 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
   };
   const bool kernel = dst.is_cuda() && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) &&
-                      (dst.size(1) * es) % 16 == 0 && fits(dst) && fits(src) && index.is_contiguous() &&
-                      (dot == nullptr || fits(other));
+                      (dst.size(1) * es) % 16 == 0 && fits(dst) && fits(src) && index.is_contiguous() && fits(other);
 #ifdef UNSWAG_WITH_CUDA
   if (kernel) {
     kernels::AddRowsParams p;
@@ -446,10 +442,8 @@ void add_rows_impl(const char* op, at::Tensor& dst, const at::Tensor& index, con
     p.src = src.const_data_ptr(), p.src_stride = src.stride(0);
     p.index = index.const_data_ptr<int64_t>();
     p.dst = dst.data_ptr(), p.dst_stride = dst.stride(0);
-    if (dot != nullptr) {
-      p.other = other.const_data_ptr(), p.other_stride = other.stride(0);
-      p.dot = dot->data_ptr<float>();
-    }
+    p.other = other.const_data_ptr(), p.other_stride = other.stride(0);
+    p.dot = dot.data_ptr<float>();
     kernels::add_rows_cuda(p, ops::current_cuda_stream(dst.device()));
     return;
   }
@@ -458,19 +452,8 @@ void add_rows_impl(const char* op, at::Tensor& dst, const at::Tensor& index, con
 #endif
   const at::Tensor valid = index.ge(0).logical_and(index.lt(dst.size(0)));
   const at::Tensor rows = index.masked_select(valid), s = src.index({valid});
-  if (dot != nullptr)
-    dot->index_add_(0, rows, (s.to(at::kFloat) * other.index_select(0, rows).to(at::kFloat)).sum(1));
+  dot.index_add_(0, rows, (s.to(at::kFloat) * other.index_select(0, rows).to(at::kFloat)).sum(1));
   dst.index_add_(0, rows, s);
-}
-}  // namespace
-
-void add_rows_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
-  add_rows_impl("add_rows_", dst, index, src, at::Tensor(), nullptr);
-}
-
-void add_rows_dot_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, const at::Tensor& other,
-                   at::Tensor& dot) {
-  add_rows_impl("add_rows_dot_", dst, index, src, other, &dot);
 }
 
 namespace {

@@ -8,7 +8,7 @@
 // gated_ema_scan against its float64 composition and, bit for bit, its fp32 one;
 // psa_combine against its float64 formula (fused CUDA kernels and composition);
 // gather_rows against index_select, its backward against the float64 adjoint,
-// add_rows_ and add_rows_dot_ against a float64 loop;
+// add_rows_dot_ against a float64 loop;
 // pad_head_dim against zeros + cat (the CUDA kernel and the composition),
 // unpad_head_dim's padded gradient, gate_tokens against its float64 product.
 #include <functional>
@@ -921,9 +921,10 @@ TEST_P(PadHeadDim, UnpadIsAViewWithAZeroPaddedGradient) {
   expect_error([&] { unpad_head_dim(x[0], 8); }, {"argument 'x' must be [B, T, H, D + pad] (4 dims)"});
 }
 
-// add_rows_: dst[index[m]] += src[m] at distinct in-range indices, others
-// skipped, each sum rounded once (the CUDA kernel for 16-byte rows, ATen's
-// index_add_ for the odd width and elsewhere), against float64.
+// add_rows_dot_: dst[index[m]] += src[m] at distinct in-range indices,
+// others skipped, each sum rounded once, and dot[n] += sum_c src[m, c]
+// other[n, c] at the added rows only (the CUDA kernel for 16-byte rows,
+// ATen's index_add_ for the odd width and elsewhere), against float64.
 TEST_P(GatherRows, AddRowsAddsAtDistinctIndicesAndSkipsOutOfRange) {
   for (auto dtype : {torch::kFloat32, torch::kFloat16, torch::kBFloat16}) {
     for (int64_t C : {2048, 24, 5}) {
@@ -934,56 +935,44 @@ TEST_P(GatherRows, AddRowsAddsAtDistinctIndicesAndSkipsOutOfRange) {
       auto index = torch::randperm(N, opts(torch::kLong)).narrow(0, 0, M).clone();
       index.index_put_({3}, -1);
       index.index_put_({40}, N);
-      // src rows as a view with a wider row stride.
+      // src and other as views with wider row strides; dot starts nonzero (it accumulates).
       auto src = torch::randn({M, C + 8}, opts(dtype)).narrow(1, 0, C);
-      if (C % 8 != 0) src = src.contiguous();
-      const auto want_d = dst.to(torch::kCPU, torch::kDouble).clone();
+      auto other = torch::randn({N, C + 16}, opts(dtype)).narrow(1, 8, C);
+      if (C % 8 != 0) src = src.contiguous(), other = other.contiguous();
+      const auto dot0 = torch::randn({N}, opts(torch::kFloat32));
+      auto want_d = dst.to(torch::kCPU, torch::kDouble).clone();
+      auto want_dot = dot0.to(torch::kCPU, torch::kDouble).clone();
       const auto idx = index.cpu(), sd = src.to(torch::kCPU, torch::kDouble);
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t n = idx[m].item<int64_t>();
-        if (n >= 0 && n < N) want_d[n] += sd[m];
-      }
-      auto got = dst.clone();
-      add_rows_(got, index, src);
-      EXPECT_LE(rel_l2(got, want_d), test::unit_roundoff(dtype)) << "rounded once";
-      // Rows no index names are untouched.
+      const auto od = other.to(torch::kCPU, torch::kDouble);
       auto touched = torch::zeros({N}, torch::kBool);
       for (int64_t m = 0; m < M; ++m) {
         const int64_t n = idx[m].item<int64_t>();
-        if (n >= 0 && n < N) touched[n] = true;
+        if (n < 0 || n >= N) continue;
+        want_d[n] += sd[m];
+        want_dot[n] += (sd[m] * od[n]).sum();
+        touched[n] = true;
       }
+      auto got = dst.clone();
+      auto dot = dot0.clone();
+      add_rows_dot_(got, index, src, other, dot);
+      EXPECT_LE(rel_l2(got, want_d), test::unit_roundoff(dtype)) << "rounded once";
+      // The products of 16-bit values are exact in fp32; the sums' order is the kernel's.
+      EXPECT_LE(rel_l2(dot, want_dot), 1e-5) << "dot";
+      // Rows no index names are untouched, in dst and in dot.
       const auto untouched = touched.logical_not().nonzero().squeeze(1);
       EXPECT_TRUE(torch::equal(got.cpu().index_select(0, untouched), dst.cpu().index_select(0, untouched)));
-
-      // add_rows_dot_: the same rows added (bit for bit), and dot[n] +=
-      // sum_c src[m, c] other[n, c] at the added rows only (other a view with
-      // a wider row stride; dot starts nonzero: it accumulates). The products
-      // of 16-bit values are exact in fp32; the sums' order is the kernel's.
-      auto other = torch::randn({N, C + 16}, opts(dtype)).narrow(1, 8, C);
-      if (C % 8 != 0) other = other.contiguous();
-      const auto dot0 = torch::randn({N}, opts(torch::kFloat32));
-      auto want_dot = dot0.to(torch::kCPU, torch::kDouble).clone();
-      const auto od = other.to(torch::kCPU, torch::kDouble);
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t n = idx[m].item<int64_t>();
-        if (n >= 0 && n < N) want_dot[n] += (sd[m] * od[n]).sum();
-      }
-      auto got2 = dst.clone();
-      auto dot = dot0.clone();
-      add_rows_dot_(got2, index, src, other, dot);
-      EXPECT_TRUE(torch::equal(got2, got)) << "the rows as add_rows_ adds them";
-      EXPECT_LE(rel_l2(dot, want_dot), 1e-5) << "dot";
       EXPECT_TRUE(torch::equal(dot.cpu().index_select(0, untouched), dot0.cpu().index_select(0, untouched)));
     }
   }
   auto d = torch::zeros({4, 8}, opts(torch::kFloat32));
-  test::expect_error([&] { add_rows_(d, torch::zeros({2}, opts(torch::kLong)), torch::zeros({3, 8}, opts(torch::kFloat32))); },
-                     {"argument 'index' must be a 1-dim int64 tensor of 3 entries"});
   auto dot = torch::zeros({4}, opts(torch::kFloat32));
-  test::expect_error([&] { add_rows_dot_(d, torch::zeros({3}, opts(torch::kLong)), torch::zeros({3, 8}, opts(torch::kFloat32)), d.narrow(0, 0, 3), dot); },
+  const auto rows3 = torch::zeros({3, 8}, opts(torch::kFloat32));
+  test::expect_error([&] { add_rows_dot_(d, torch::zeros({2}, opts(torch::kLong)), rows3, d, dot); },
+                     {"argument 'index' must be a 1-dim int64 tensor of 3 entries"});
+  test::expect_error([&] { add_rows_dot_(d, torch::zeros({3}, opts(torch::kLong)), rows3, d.narrow(0, 0, 3), dot); },
                      {"argument 'other' must match dst ([4, 8]"});
   auto dot_half = torch::zeros({4}, opts(torch::kHalf));
-  test::expect_error([&] { add_rows_dot_(d, torch::zeros({3}, opts(torch::kLong)), torch::zeros({3, 8}, opts(torch::kFloat32)), d, dot_half); },
+  test::expect_error([&] { add_rows_dot_(d, torch::zeros({3}, opts(torch::kLong)), rows3, d, dot_half); },
                      {"argument 'dot' must be a contiguous float32 [4] tensor"});
 }
 

@@ -33,10 +33,10 @@
 //                             per-key additive bias (the window read; pruned
 //                             keys carry a large negative bias): CUDA kernels
 //                             of its own, chunked_attention elsewhere
-//   add_rows_                 dst[index[m]] += src[m] in place (no autograd;
-//                             C++ only): the packed signal rows' gradients
-//                             added into the window's (add_rows_dot_: with
-//                             each row's dot product against a third tensor)
+//   add_rows_dot_             dst[index[m]] += src[m] in place with each
+//                             row's dot product against a third tensor (no
+//                             autograd; C++ only): the packed signal rows'
+//                             dv added into the value streams' dv
 //   psa_route                 the router's training step: Gumbel-max routes,
 //                             straight-through gates, aux losses and routing
 //                             statistics in two kernels forward, one backward
@@ -44,7 +44,7 @@
 //                             EMA scan over one v in two CUDA passes (no
 //                             autograd; C++ only: the layer's fused node)
 //
-// All but add_rows_, add_rows_dot_ and value_streams_cuda_backward are also
+// All but add_rows_dot_ and value_streams_cuda_backward are also
 // registered as torch.ops.unswag.<name>.
 #pragma once
 
@@ -142,18 +142,14 @@ at::Tensor psa_combine_packed(const at::Tensor& sig, const at::Tensor& sig_rows,
 at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& index, const at::Tensor& inverse);
 
 // dst [N, C], src [M, C] of one dtype, index [M] int64: dst[index[m]] +=
-// src[m] for every index in [0, N) (others skipped), in place, no autograd.
-// The in-range indices must be distinct (not checked). One CUDA pass (no
-// atomics) where rows are 16-byte multiples; ATen's index_add_ elsewhere.
-// (The PSA layer adds the packed signal rows' gradients into the window's.)
-void add_rows_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src);
-
-// add_rows_ that also forms, for each added row, dot[index[m]] +=
-// sum_c src[m, c] other[index[m], c] (float32 dot [N], products and sums in
-// fp32): other [N, C] of dst's dtype. The PSA layer's signal-gate gradient,
-// sum_c (dk_packed k + dv_packed v), formed while dk and dv take the packed
-// rows' gradients. One CUDA pass (a warp per row) where add_rows_'s kernel
-// applies; ATen elsewhere.
+// src[m] for every index in [0, N) (others skipped), in place, no autograd,
+// and for each added row dot[index[m]] += sum_c src[m, c] other[index[m], c]
+// (float32 dot [N], products and sums in fp32; other [N, C] of dst's dtype).
+// The in-range indices must be distinct (not checked). The PSA layer's
+// packed dv rows added into dv with the dv part of the signal gate's
+// gradient (the dk part comes from the window kernels' epilogue:
+// WindowGradExtras). One CUDA pass (a warp per row, no atomics) where rows
+// and strides are 16-byte multiples; ATen's index_add_ elsewhere.
 void add_rows_dot_(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, const at::Tensor& other,
                    at::Tensor& dot);
 
