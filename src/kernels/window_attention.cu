@@ -181,68 +181,101 @@ __device__ __forceinline__ void store_rows(E* dst, int64_t stride, const E* tile
   }
 }
 
+// The packed signal row (sig_rows, < 0: none) of row row0 + threadIdx.x, for
+// threads < 64; -1 for the others, rows past T, or no sig_rows. Read at the
+// kernel's start, its latency hidden behind the first tiles' loads, and kept
+// in shared memory for store_grad_rows.
+__device__ __forceinline__ int64_t sig_row_of(const WindowAttentionParams& p, int64_t b, int64_t row0) {
+  const int64_t t = row0 + threadIdx.x;
+  return p.sig_rows != nullptr && threadIdx.x < kRows && t < p.time ? p.sig_rows[b * p.time + t] : -1;
+}
+
+template <typename E>
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&v)[8]) {
+  const E* e = reinterpret_cast<const E*>(&raw);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = to_f(e[j]);
+}
+
 // The gradient rows row0..row0+63 of head `head` (of `heads`) from a padded
 // shared tile into dst, with what WindowAttentionParams' optional fields ask:
-// the packed signal row added (and, with k_tile, its dot with k into dz_part,
-// per kv head), then RoPE's transposed rotation. A thread takes column chunk
-// c and its rotation partner c + D / 2 (8 elements each), so a row's D / 16
-// threads are neighbouring lanes and its dot is their shuffle sum.
+// the packed signal row (rows_s[r], shared, from sig_row_of) added (and, with
+// k_tile, its dot with k into dz_part, per kv head), then RoPE's transposed
+// rotation. A thread takes column chunk c and its rotation partner c + D / 2
+// (8 elements each), so a row's D / 16 threads are neighbouring lanes and its
+// dot is their shuffle sum. The global reads (signal rows, cos, sin) of two
+// chunks go out together before any is used: one memory round trip per two
+// chunks, where reading them chunk by chunk waited on each in turn (measured
+// at 00926bc: the dk/dv pass 2.89 -> 3.74 ms with that epilogue).
 template <typename E, int D>
 __device__ __forceinline__ void store_grad_rows(E* dst, int64_t stride, const E* tile, int64_t row0,
-                                                const WindowAttentionParams& p, int64_t b, int64_t head,
-                                                int64_t heads, const void* sig_grad, const E* k_tile) {
+                                                const int64_t* rows_s, const WindowAttentionParams& p, int64_t b,
+                                                int64_t head, int64_t heads, const void* sig_grad, const E* k_tile) {
   constexpr int ld = D + 8, kHalfVec = D / 16, kHalfD = D / 2;
+  constexpr int kPer = kRows * kHalfVec / kThreads, kBatch = 2;  // chunks per thread, per round
   static_assert(kRows * kHalfVec % kThreads == 0, "every thread takes part in each round (the shuffles)");
+  static_assert(kPer % kBatch == 0, "rounds of kBatch chunks");
   const int64_t T = p.time;
   const E* cos = static_cast<const E*>(p.rope_cos);
   const E* sin = static_cast<const E*>(p.rope_sin);
   if (cos != nullptr && p.rope_per_batch) cos += b * T * D, sin += b * T * D;
+  const E* sg = static_cast<const E*>(sig_grad);
+  const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll 1
-  for (int i = threadIdx.x; i < kRows * kHalfVec; i += kThreads) {
-    const int r = i / kHalfVec, c = i % kHalfVec;
-    const int64_t t = row0 + r;
-    const bool in = t < T;
-    float x1[8], x2[8];
-    load8<true>(tile + r * ld, c * 8, D, x1);
-    load8<true>(tile + r * ld, kHalfD + c * 8, D, x2);
-    float dot = 0.f;
-    const int64_t n = in && p.sig_rows != nullptr ? p.sig_rows[b * T + t] : -1;
-    if (n >= 0 && sig_grad != nullptr) {
-      const E* g = static_cast<const E*>(sig_grad) + (n * heads + head) * D;
-      float g1[8], g2[8];
-      load8<true>(g, c * 8, D, g1);
-      load8<true>(g, kHalfD + c * 8, D, g2);
-      if (k_tile != nullptr) {
-        float k1[8], k2[8];
+  for (int u0 = 0; u0 < kPer; u0 += kBatch) {
+    uint4 g_raw[kBatch][2], c_raw[kBatch][2], s_raw[kBatch][2];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = threadIdx.x + (u0 + u) * kThreads, r = i / kHalfVec, c = i % kHalfVec;
+      const int64_t t = row0 + r, n = sg != nullptr ? rows_s[r] : -1;
+      const E* g = sg + (n * heads + head) * D;
+      g_raw[u][0] = n >= 0 ? *reinterpret_cast<const uint4*>(g + c * 8) : zero;
+      g_raw[u][1] = n >= 0 ? *reinterpret_cast<const uint4*>(g + kHalfD + c * 8) : zero;
+      const bool rot = cos != nullptr && t < T;
+      c_raw[u][0] = rot ? *reinterpret_cast<const uint4*>(cos + t * D + c * 8) : zero;
+      c_raw[u][1] = rot ? *reinterpret_cast<const uint4*>(cos + t * D + kHalfD + c * 8) : zero;
+      s_raw[u][0] = rot ? *reinterpret_cast<const uint4*>(sin + t * D + c * 8) : zero;
+      s_raw[u][1] = rot ? *reinterpret_cast<const uint4*>(sin + t * D + kHalfD + c * 8) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = threadIdx.x + (u0 + u) * kThreads, r = i / kHalfVec, c = i % kHalfVec;
+      const int64_t t = row0 + r;
+      const bool in = t < T;
+      float x1[8], x2[8], g1[8], g2[8];
+      load8<true>(tile + r * ld, c * 8, D, x1);
+      load8<true>(tile + r * ld, kHalfD + c * 8, D, x2);
+      unpack8<E>(g_raw[u][0], g1);  // zeros where the row has no signal row
+      unpack8<E>(g_raw[u][1], g2);
+      if (k_tile != nullptr && p.dz_part != nullptr) {
+        float k1[8], k2[8], dot = 0.f;
         load8<true>(k_tile + r * ld, c * 8, D, k1);
         load8<true>(k_tile + r * ld, kHalfD + c * 8, D, k2);
 #pragma unroll
         for (int j = 0; j < 8; ++j) dot = fmaf(g1[j], k1[j], fmaf(g2[j], k2[j], dot));
+#pragma unroll
+        for (int off = kHalfVec / 2; off >= 1; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        if (in && c == 0) p.dz_part[(b * T + t) * heads + head] = dot;
       }
+      if (!in) continue;
 #pragma unroll
       for (int j = 0; j < 8; ++j) x1[j] += g1[j], x2[j] += g2[j];
-    }
-    if (k_tile != nullptr && p.dz_part != nullptr) {
+      if (cos != nullptr) {
+        float c1[8], c2[8], s1[8], s2[8];
+        unpack8<E>(c_raw[u][0], c1);
+        unpack8<E>(c_raw[u][1], c2);
+        unpack8<E>(s_raw[u][0], s1);
+        unpack8<E>(s_raw[u][1], s2);
 #pragma unroll
-      for (int off = kHalfVec / 2; off >= 1; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-      if (in && c == 0) p.dz_part[(b * T + t) * heads + head] = dot;
-    }
-    if (!in) continue;
-    if (cos != nullptr) {
-      float c1[8], c2[8], s1[8], s2[8];
-      load8<true>(cos + t * D, c * 8, D, c1);
-      load8<true>(cos + t * D, kHalfD + c * 8, D, c2);
-      load8<true>(sin + t * D, c * 8, D, s1);
-      load8<true>(sin + t * D, kHalfD + c * 8, D, s2);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float a1 = x1[j], a2 = x2[j];
-        x1[j] = a1 * c1[j] + a2 * s2[j];
-        x2[j] = a2 * c2[j] - a1 * s1[j];
+        for (int j = 0; j < 8; ++j) {
+          const float a1 = x1[j], a2 = x2[j];
+          x1[j] = a1 * c1[j] + a2 * s2[j];
+          x2[j] = a2 * c2[j] - a1 * s1[j];
+        }
       }
+      store8<true>(dst + t * stride, c * 8, D, x1);
+      store8<true>(dst + t * stride, kHalfD + c * 8, D, x2);
     }
-    store8<true>(dst + t * stride, c * 8, D, x1);
-    store8<true>(dst + t * stride, kHalfD + c * 8, D, x2);
   }
 }
 
@@ -402,9 +435,10 @@ __global__ void __launch_bounds__(kThreads) window_forward_kernel(WindowAttentio
 
 // ---- backward, query pass: delta = rowsum(dO o) and dq ---------------------
 //
-// Shared: Q, dO, one tile each of K and V and the keys' biases: 70 KB at D =
-// 128, so three blocks share an SM (with at most 170 registers a thread,
-// __launch_bounds__ below) and hide each other's tile loads. Double-buffered
+// Shared: Q, dO, one tile each of K and V, the keys' biases, the rows'
+// delta and packed signal rows: 70 KB at D = 128, so three blocks share an
+// SM (with at most 170 registers a thread, __launch_bounds__ below) and hide
+// each other's tile loads. Double-buffered
 // K and V (104 KB) kept two blocks per SM, whose warps, stalled on the
 // dependent tensor-core and exp chains, issued once every 5.3 cycles (ncu,
 // H100: 37% of issue slots). o, needed only for delta, is read straight
@@ -421,6 +455,7 @@ __global__ void __launch_bounds__(kThreads, 3) window_backward_dq_kernel(WindowA
   E* Vs = Ks + kRows * ld;
   float* bias_s = reinterpret_cast<float*>(Vs + kRows * ld);
   float* delta_s = bias_s + kRows;
+  int64_t* rows_s = reinterpret_cast<int64_t*>(delta_s + kRows);  // the rows' packed signal rows
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t T = p.time, W = p.window, b = blockIdx.z, h = blockIdx.y, q0 = int64_t(blockIdx.x) * kRows;
@@ -451,6 +486,7 @@ __global__ void __launch_bounds__(kThreads, 3) window_backward_dq_kernel(WindowA
       ov[u] = q0 + r < T ? *reinterpret_cast<const uint4*>(o + (q0 + r) * p.o_stride[2] + c * 8)
                          : make_uint4(0, 0, 0, 0);
     }
+    const int64_t sig_row = sig_row_of(p, b, q0);
     cp_async_wait<0>();
     __syncthreads();
 #pragma unroll
@@ -468,6 +504,7 @@ __global__ void __launch_bounds__(kThreads, 3) window_backward_dq_kernel(WindowA
         if (q0 + r < T) p.delta[(b * p.heads + h) * T + q0 + r] = part;
       }
     }
+    if (threadIdx.x < kRows) rows_s[threadIdx.x] = sig_row;
     __syncthreads();
   }
   const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
@@ -489,6 +526,11 @@ __global__ void __launch_bounds__(kThreads, 3) window_backward_dq_kernel(WindowA
     const int dist0 = int(row[0] - k0) - 2 * t;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
+      // The warp's 16 rows and this half's 32 keys: nothing to add when no
+      // pair is visible (at W = 128, 4 of the 24 warp-halves of a block's
+      // three tiles). Warp-uniform.
+      const int64_t r_lo = q0 + warp * 16, c_lo = k0 + half * kHalf;
+      if (!(r_lo < T && r_lo + 15 - c_lo >= 0 && r_lo - (c_lo + kHalf - 1) < W)) continue;
       float s[kNT][4], dp[kNT][4];
 #pragma unroll
       for (int i = 0; i < kNT; ++i)
@@ -517,8 +559,8 @@ __global__ void __launch_bounds__(kThreads, 3) window_backward_dq_kernel(WindowA
   stage_acc<E, D>(Qs, warp * 16, acc, p.scale, p.scale);
   __syncthreads();
   if (p.sig_rows != nullptr || p.rope_cos != nullptr)
-    store_grad_rows<E, D>(seq_mut<E>(p.dq, p.dq_stride, b, h), p.dq_stride[2], Qs, q0, p, b, h, p.heads, p.dq_sig,
-                          nullptr);
+    store_grad_rows<E, D>(seq_mut<E>(p.dq, p.dq_stride, b, h), p.dq_stride[2], Qs, q0, rows_s, p, b, h, p.heads,
+                          p.dq_sig, nullptr);
   else
     store_rows<E, D>(seq_mut<E>(p.dq, p.dq_stride, b, h), p.dq_stride[2], Qs, q0, T);
 }
@@ -539,14 +581,16 @@ __global__ void __launch_bounds__(kThreads) window_backward_dkdv_kernel(WindowAt
   E* dOs = Qs + 2 * kRows * ld;  // two tiles
   float* lse_s = reinterpret_cast<float*>(dOs + 2 * kRows * ld);  // two vectors
   float* delta_s = lse_s + 2 * kRows;                               // two vectors
+  int64_t* rows_s = reinterpret_cast<int64_t*>(delta_s + 2 * kRows);  // the keys' packed signal rows
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t T = p.time, W = p.window, b = blockIdx.z, hk = blockIdx.y, k0 = int64_t(blockIdx.x) * kRows;
   const int64_t G = p.heads / p.kv_heads;
   const int64_t i_hi = k0 + kRows - 1 + W - 1 < T - 1 ? k0 + kRows - 1 + W - 1 : T - 1;
-  const int64_t tiles = (i_hi - k0) / kRows + 1;  // query tiles per head
-  // Step n: head hk * G + n / tiles, query tile k0 + 64 (n % tiles).
-  auto issue = [&](int64_t n, int bufn) {
+  // Step n: head hk * G + n / tiles, query tile k0 + 64 (n % tiles); 32-bit
+  // step arithmetic (W + 63 rows, a head group's worth) keeps registers free.
+  const int tiles = int((i_hi - k0) / kRows) + 1;  // query tiles per head
+  auto issue = [&](int n, int bufn) {
     const int64_t h = hk * G + n / tiles, q0 = k0 + (n % tiles) * kRows;
     load_rows<E, D>(Qs + bufn * kRows * ld, seq<E>(p.q, p.q_stride, b, h), p.q_stride[2], q0, T);
     load_rows<E, D>(dOs + bufn * kRows * ld, seq<E>(p.dout, p.dout_stride, b, h), p.dout_stride[2], q0, T);
@@ -557,6 +601,7 @@ __global__ void __launch_bounds__(kThreads) window_backward_dkdv_kernel(WindowAt
   load_rows<E, D>(Vs, seq<E>(p.v, p.v_stride, b, hk), p.v_stride[2], k0, T);
   issue(0, 0);
   cp_async_commit();
+  if (threadIdx.x < kRows) rows_s[threadIdx.x] = sig_row_of(p, b, k0);  // seen after the loop's first barrier
   const int64_t key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
   float bias2[2];
 #pragma unroll
@@ -567,14 +612,15 @@ __global__ void __launch_bounds__(kThreads) window_backward_dkdv_kernel(WindowAt
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
   const float sl2 = p.scale * kLog2e;
-  const int64_t steps = G * tiles;
-  for (int64_t n = 0; n < steps; ++n) {
+  const int steps = int(G) * tiles;
+  for (int n = 0; n < steps; ++n) {
     const int buf = int(n & 1);
     cp_async_wait<0>();
     __syncthreads();  // this step's tiles landed; every warp is done with the other buffers
     if (n + 1 < steps) issue(n + 1, buf ^ 1);
     cp_async_commit();
-    const int64_t q0 = k0 + (n % tiles) * kRows;
+    const int qoff = (n % tiles) * kRows;  // q0 - k0
+    const int64_t q0 = k0 + qoff;
     const E* Qt = Qs + buf * kRows * ld;
     const E* dOt = dOs + buf * kRows * ld;
     const float* lt = lse_s + buf * kRows;
@@ -611,8 +657,8 @@ __global__ void __launch_bounds__(kThreads) window_backward_dkdv_kernel(WindowAt
   stage_acc<E, D>(dOs, warp * 16, dv, 1.f, 1.f);
   __syncthreads();
   if (p.sig_rows != nullptr || p.rope_cos != nullptr)
-    store_grad_rows<E, D>(seq_mut<E>(p.dk, p.dk_stride, b, hk), p.dk_stride[2], Qs, k0, p, b, hk, p.kv_heads,
-                          p.dk_sig, p.dk_sig != nullptr ? Ks : nullptr);
+    store_grad_rows<E, D>(seq_mut<E>(p.dk, p.dk_stride, b, hk), p.dk_stride[2], Qs, k0, rows_s, p, b, hk,
+                          p.kv_heads, p.dk_sig, p.dk_sig != nullptr ? Ks : nullptr);
   else
     store_rows<E, D>(seq_mut<E>(p.dk, p.dk_stride, b, hk), p.dk_stride[2], Qs, k0, T);
   store_rows<E, D>(seq_mut<E>(p.dv, p.dv_stride, b, hk), p.dv_stride[2], dOs, k0, T);
@@ -662,10 +708,11 @@ void window_attention_backward_cuda(const WindowAttentionParams& p, void* stream
     using E = decltype(e);
     constexpr int D = decltype(d)::value;
     const size_t tile = kRows * (D + 8) * sizeof(E);
-    launch(window_backward_dq_kernel<E, D>, grid_of(p.time, p.heads, p.batch), 4 * tile + 2 * kRows * sizeof(float), p,
-           stream, "window_attention backward (dq)");
+    launch(window_backward_dq_kernel<E, D>, grid_of(p.time, p.heads, p.batch),
+           4 * tile + 2 * kRows * sizeof(float) + kRows * sizeof(int64_t), p, stream, "window_attention backward (dq)");
     launch(window_backward_dkdv_kernel<E, D>, grid_of(p.time, p.kv_heads, p.batch),
-           6 * tile + 4 * kRows * sizeof(float), p, stream, "window_attention backward (dk, dv)");
+           6 * tile + 4 * kRows * sizeof(float) + kRows * sizeof(int64_t), p, stream,
+           "window_attention backward (dk, dv)");
   });
 }
 
