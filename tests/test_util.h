@@ -17,8 +17,11 @@
 
 namespace unswag::test {
 
-// A fresh seed per call (logged on failure by the caller through SCOPED_TRACE).
+// A fresh seed per call (logged on failure by the caller through SCOPED_TRACE);
+// UNSWAG_TEST_SEED=<seed> replays a logged one (every call then returns it).
 inline uint64_t fresh_seed() {
+  if (const char* env = std::getenv("UNSWAG_TEST_SEED"); env != nullptr && *env != '\0')
+    return std::stoull(env);
   static std::random_device rd;
   return (uint64_t(rd()) << 32) ^ rd();
 }
