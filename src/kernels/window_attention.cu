@@ -92,11 +92,9 @@ __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const E* tile, int ld, in
 
 // C[16 x 8 * NT] += A[rows row0.., D] B^T, B^T's columns being rows n0.. of a
 // second row-major tile (S = Q K^T and its relatives: both operands are read
-// along their stored rows). NT even. Only the 16-column blocks p with bit p of
-// `blocks` set are computed (the others are left as they are).
+// along their stored rows). NT even.
 template <typename E, int D, int NT>
-__device__ __forceinline__ void mma_abt(float c[NT][4], const E* a_tile, int a_row0, const E* b_tile, int b_row0,
-                                        unsigned blocks) {
+__device__ __forceinline__ void mma_abt(float c[NT][4], const E* a_tile, int a_row0, const E* b_tile, int b_row0) {
   static_assert(NT % 2 == 0, "n-tiles come in pairs (one ldmatrix.x4 each)");
   constexpr int ld = D + 8;
 #pragma unroll
@@ -105,7 +103,6 @@ __device__ __forceinline__ void mma_abt(float c[NT][4], const E* a_tile, int a_r
     ldsm_x4<false>(a, a_tile, ld, a_row0, kk * 16);
 #pragma unroll
     for (int nt = 0; nt < NT; nt += 2) {
-      if (!(blocks >> (nt / 2) & 1u)) continue;
       uint32_t b[4];
       ldsm_x4<false>(b, b_tile, ld, b_row0 + nt * 8, kk * 16);
       Mma<E>::run(c[nt], a, b[0], b[2]);
@@ -115,15 +112,12 @@ __device__ __forceinline__ void mma_abt(float c[NT][4], const E* a_tile, int a_r
 }
 
 // acc[16 x D] += P[16 x 16 KS] X, P given as C fragments (NT = 2 KS tiles of
-// 8 columns), X rows x_row0..x_row0 + 16 KS - 1 of a row-major [k][D] tile;
-// only the k blocks ks with bit ks of `blocks` set (the others' P is zero).
+// 8 columns), X rows x_row0..x_row0 + 16 KS - 1 of a row-major [k][D] tile.
 template <typename E, int D, int NT>
-__device__ __forceinline__ void mma_px(float acc[D / 8][4], const float p[NT][4], const E* x_tile, int x_row0,
-                                       unsigned blocks) {
+__device__ __forceinline__ void mma_px(float acc[D / 8][4], const float p[NT][4], const E* x_tile, int x_row0) {
   constexpr int ld = D + 8;
 #pragma unroll
   for (int ks = 0; ks < NT / 2; ++ks) {
-    if (!(blocks >> ks & 1u)) continue;
     const uint32_t a[4] = {Mma<E>::pack(p[2 * ks][0], p[2 * ks][1]), Mma<E>::pack(p[2 * ks][2], p[2 * ks][3]),
                            Mma<E>::pack(p[2 * ks + 1][0], p[2 * ks + 1][1]),
                            Mma<E>::pack(p[2 * ks + 1][2], p[2 * ks + 1][3])};
@@ -319,25 +313,6 @@ __device__ __forceinline__ bool tile_all_visible(int64_t r0, int64_t k0, int64_t
   return r0 + kRows <= time && r0 - (k0 + kRows - 1) >= 0 && r0 + kRows - 1 - k0 < window;
 }
 
-// The 16 x 16 blocks of a warp's 16 rows against N blocks of 16 columns that
-// hold a visible pair: bit p set iff some query i and key j of block p have
-// 0 <= i - j < W, where d0 + step p is block p's first query minus its first
-// key (step -16 when the columns are keys, +16 when they are queries). A
-// window of W = 128 over 64-row tiles leaves a quarter of the blocks of a
-// query tile's three key tiles without a visible pair: their products are
-// skipped (the masking below zeroes them in any case). Rows and columns past
-// T are left to that masking.
-template <int N>
-__device__ __forceinline__ unsigned visible_blocks(int d0, int step, int window) {
-  unsigned m = 0;
-#pragma unroll
-  for (int p = 0; p < N; ++p) {
-    const int d = d0 + step * p;
-    if (d >= -15 && d < window + 15) m |= 1u << p;
-  }
-  return m;
-}
-
 template <typename E>
 __device__ __forceinline__ const E* seq(const void* base, const int64_t stride[3], int64_t b, int64_t h) {
   return static_cast<const E*>(base) + b * stride[0] + h * stride[1];
@@ -395,8 +370,7 @@ __global__ void __launch_bounds__(kThreads) window_forward_kernel(WindowAttentio
     float s[kNT][4];
 #pragma unroll
     for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    const unsigned blocks = visible_blocks<kNT / 2>(int(q0 - k0) + warp * 16, -16, int(W));
-    mma_abt<E, D, kNT>(s, Qs, warp * 16, Kt, 0, blocks);
+    mma_abt<E, D, kNT>(s, Qs, warp * 16, Kt, 0);
     const bool more = k0 + kRows <= j_hi;
     if (more) {
       load_rows<E, D>(Ks + (buf ^ 1) * kRows * ld, k, p.k_stride[2], k0 + kRows, T);
@@ -440,7 +414,7 @@ __global__ void __launch_bounds__(kThreads) window_forward_kernel(WindowAttentio
     }
     cp_async_wait<1>();  // this V
     __syncthreads();
-    mma_px<E, D, kNT>(acc, s, Vs, 0, blocks);
+    mma_px<E, D, kNT>(acc, s, Vs, 0);
     __syncthreads();  // every warp is done with V
     if (more) load_rows<E, D>(Vs, v, p.v_stride[2], k0 + kRows, T);
     cp_async_commit();
@@ -552,17 +526,18 @@ __global__ void __launch_bounds__(kThreads, 3) window_backward_dq_kernel(WindowA
     const int dist0 = int(row[0] - k0) - 2 * t;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      // The warp's 16 rows against this half's two blocks of 16 keys;
-      // nothing to add when neither holds a visible pair. Warp-uniform.
-      const unsigned blocks = visible_blocks<kNT / 2>(int(q0 - k0) + warp * 16 - half * kHalf, -16, int(W));
-      if (blocks == 0 || q0 + warp * 16 >= T) continue;
+      // The warp's 16 rows and this half's 32 keys: nothing to add when no
+      // pair is visible (at W = 128, 4 of the 24 warp-halves of a block's
+      // three tiles). Warp-uniform.
+      const int64_t r_lo = q0 + warp * 16, c_lo = k0 + half * kHalf;
+      if (!(r_lo < T && r_lo + 15 - c_lo >= 0 && r_lo - (c_lo + kHalf - 1) < W)) continue;
       float s[kNT][4], dp[kNT][4];
 #pragma unroll
       for (int i = 0; i < kNT; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-      mma_abt<E, D, kNT>(s, Qs, warp * 16, Ks, half * kHalf, blocks);
-      mma_abt<E, D, kNT>(dp, dOs, warp * 16, Vs, half * kHalf, blocks);
+      mma_abt<E, D, kNT>(s, Qs, warp * 16, Ks, half * kHalf);
+      mma_abt<E, D, kNT>(dp, dOs, warp * 16, Vs, half * kHalf);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -573,7 +548,7 @@ __global__ void __launch_bounds__(kThreads, 3) window_backward_dq_kernel(WindowA
           const float pr = ok ? exp2f(fmaf(s[nt][e], sl2, bias_s[col] * kLog2e) - lse[r]) : 0.f;
           s[nt][e] = pr * (dp[nt][e] - delta[r]);  // dS
         }
-      mma_px<E, D, kNT>(acc, s, Ks, half * kHalf, blocks);
+      mma_px<E, D, kNT>(acc, s, Ks, half * kHalf);
     }
     __syncthreads();  // every warp is done with this K, V and bias
     if (k0 + kRows <= j_hi) {
@@ -660,10 +635,8 @@ __global__ void __launch_bounds__(kThreads) window_backward_dkdv_kernel(WindowAt
       for (int i = 0; i < kNT; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-      // The warp's 16 keys against this half's two blocks of 16 queries.
-      const unsigned blocks = visible_blocks<kNT / 2>(qoff + half * kHalf - warp * 16, 16, int(W));
-      mma_abt<E, D, kNT>(s, Ks, warp * 16, Qt, half * kHalf, blocks);    // S^T = K Q^T
-      mma_abt<E, D, kNT>(dp, Vs, warp * 16, dOt, half * kHalf, blocks);  // dP^T = V dO^T
+      mma_abt<E, D, kNT>(s, Ks, warp * 16, Qt, half * kHalf);    // S^T = K Q^T
+      mma_abt<E, D, kNT>(dp, Vs, warp * 16, dOt, half * kHalf);  // dP^T = V dO^T
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -674,8 +647,8 @@ __global__ void __launch_bounds__(kThreads) window_backward_dkdv_kernel(WindowAt
           s[nt][e] = pr;                           // P^T
           dp[nt][e] = pr * (dp[nt][e] - dt[col]);  // dS^T
         }
-      mma_px<E, D, kNT>(dv, s, dOt, half * kHalf, blocks);  // dV += P^T dO
-      mma_px<E, D, kNT>(dk, dp, Qt, half * kHalf, blocks);  // dK += dS^T Q
+      mma_px<E, D, kNT>(dv, s, dOt, half * kHalf);  // dV += P^T dO
+      mma_px<E, D, kNT>(dk, dp, Qt, half * kHalf);  // dK += dS^T Q
     }
   }
   cp_async_wait<0>();
