@@ -240,10 +240,36 @@ void profile_call(const torch::Device& device, const std::string& label, const s
     cpu_count[name] = {double(c.second), c.second};
     cpu_ops += c.second;
   }
+  // Where the GPU idled: the span from the first device event's start to the
+  // last one's end, and the longest gaps between consecutive events (named by
+  // the op whose kernel came after the gap: what the device waited for).
+  std::vector<const torch::autograd::profiler::KinetoEvent*> device_events;
+  for (const auto& e : result->events())
+    if (e.deviceType() == c10::DeviceType::CUDA) device_events.push_back(&e);
+  std::sort(device_events.begin(), device_events.end(),
+            [](const auto* a, const auto* b) { return a->startNs() < b->startNs(); });
+  std::map<std::string, std::pair<double, int>> gaps;
+  double span_ms = 0, idle_ms = 0;
+  uint64_t reach = 0;  // the latest end so far
+  for (size_t n = 0; n < device_events.size(); ++n) {
+    const auto* e = device_events[n];
+    if (n > 0 && e->startNs() > reach) {
+      const double gap = double(e->startNs() - reach) / 1e6;
+      idle_ms += gap;
+      const auto op = op_of.find(e->linkedCorrelationId());
+      auto& g = gaps[op == op_of.end() ? e->name() : op->second];
+      g.first += gap;
+      g.second += 1;
+    }
+    reach = std::max(reach, e->endNs());
+  }
+  if (!device_events.empty()) span_ms = double(reach - device_events.front()->startNs()) / 1e6;
   std::printf("{\"mode\": \"profile\", \"what\": \"%s\", \"wall_ms\": %.3f, \"gpu_ms\": %.3f, \"gpu_events\": %ld, "
+              "\"gpu_span_ms\": %.3f, \"gpu_idle_ms\": %.3f, \"idle_before\": %s, "
               "\"cpu_ops\": %ld, \"gpu_top\": %s, \"gpu_by_op\": %s, \"cpu_top\": %s, \"cpu_by_count\": %s}\n",
-              json_escape(label).c_str(), wall_ms, gpu_ms, long(kernels), long(cpu_ops), top(gpu, 15, 90).c_str(),
-              top(gpu_by_op, 30, 160).c_str(), top(cpu, 15, 90).c_str(), top(cpu_count, 40, 90).c_str());
+              json_escape(label).c_str(), wall_ms, gpu_ms, long(kernels), span_ms, idle_ms, top(gaps, 15, 120).c_str(),
+              long(cpu_ops), top(gpu, 15, 90).c_str(), top(gpu_by_op, 30, 160).c_str(), top(cpu, 15, 90).c_str(),
+              top(cpu_count, 40, 90).c_str());
   std::fflush(stdout);
 }
 
