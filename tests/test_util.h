@@ -20,8 +20,13 @@ namespace unswag::test {
 // A fresh seed per call (logged on failure by the caller through SCOPED_TRACE);
 // UNSWAG_TEST_SEED=<seed> replays a logged one (every call then returns it).
 inline uint64_t fresh_seed() {
-  if (const char* env = std::getenv("UNSWAG_TEST_SEED"); env != nullptr && *env != '\0')
-    return std::stoull(env);
+  if (const char* env = std::getenv("UNSWAG_TEST_SEED"); env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const unsigned long long seed = std::strtoull(env, &end, 10);
+    if (*end != '\0')
+      throw std::invalid_argument(std::string("UNSWAG_TEST_SEED must be a decimal seed, got '") + env + "'");
+    return seed;
+  }
   static std::random_device rd;
   return (uint64_t(rd()) << 32) ^ rd();
 }

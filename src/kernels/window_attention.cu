@@ -438,12 +438,11 @@ __global__ void __launch_bounds__(kThreads) window_forward_kernel(WindowAttentio
 // Shared: Q, dO, one tile each of K and V, the keys' biases, the rows'
 // delta and packed signal rows: 70 KB at D = 128, so three blocks share an
 // SM (with at most 170 registers a thread, __launch_bounds__ below) and hide
-// each other's tile loads. Double-buffered
-// K and V (104 KB) kept two blocks per SM, whose warps, stalled on the
-// dependent tensor-core and exp chains, issued once every 5.3 cycles (ncu,
-// H100: 37% of issue slots). o, needed only for delta, is read straight
-// from global memory. Keys in two halves of 32 per tile: fewer registers
-// for S and dP.
+// each other's tile loads. Double-buffered K and V (104 KB) kept two blocks
+// per SM, whose warps, stalled on the dependent tensor-core and exp chains,
+// issued once every 5.3 cycles (ncu, H100: 37% of issue slots). o, needed
+// only for delta, is read straight from global memory. Keys in two halves of
+// 32 per tile: fewer registers for S and dP.
 
 template <typename E, int D>
 __global__ void __launch_bounds__(kThreads, 3) window_backward_dq_kernel(WindowAttentionParams p) {
